@@ -1,0 +1,185 @@
+"""Config loading, overrides, and every error path of trainers/config.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+import yaml
+
+from trainers import config as C
+from trainers.config import Config, config_from_dict, dump_yaml, load_config
+from trainers.errors import ConfigError, UserError
+
+
+def write(tmp_path, text: str, name: str = "c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_validate():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert cfg.ppo.kl_coef == 0.02  # InstructGPT's beta
+    assert cfg.ppo.lam == 0.95 and cfg.ppo.gamma == 1.0 and cfg.ppo.clip_eps == 0.2
+
+
+def test_yaml_then_override_wins(tmp_path):
+    p = write(tmp_path, "ppo:\n  kl_coef: 0.05\n  iterations: 3\nmodel:\n  path: /x\n")
+    cfg = load_config(p, ["ppo.kl_coef=0.1", "model.dropout=0.2"])
+    assert cfg.ppo.kl_coef == 0.1
+    assert cfg.ppo.iterations == 3
+    assert cfg.model.path == "/x"
+    assert cfg.model.dropout == 0.2
+
+
+def test_override_types_parse_like_yaml():
+    cfg = config_from_dict(
+        {}, ["ppo.adaptive_kl=true", "model.path=null", "rm.lr=3e-5", "logging.wandb_project=proj"]
+    )
+    assert cfg.ppo.adaptive_kl is True
+    assert cfg.model.path is None
+    assert cfg.rm.lr == pytest.approx(3e-5)  # YAML 1.1 alone would read "3e-5" as a string
+    assert load_config(None, ["sft.lr=1E-3"]).sft.lr == pytest.approx(1e-3)
+    assert cfg.logging.wandb_project == "proj"
+
+
+def test_int_widens_to_float_but_not_back():
+    assert config_from_dict({"ppo": {"kl_coef": 1}}).ppo.kl_coef == 1.0
+    assert isinstance(config_from_dict({"ppo": {"kl_coef": 1}}).ppo.kl_coef, float)
+    with pytest.raises(ConfigError, match=r"'ppo.iterations': expected int, got 2.5"):
+        config_from_dict({"ppo": {"iterations": 2.5}})
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match="ppo.iterations"):
+        config_from_dict({"ppo": {"iterations": True}})
+
+
+def test_optional_string_accepts_none_and_str_rejects_number():
+    assert config_from_dict({"model": {"path": None}}).model.path is None
+    with pytest.raises(ConfigError, match=r"'model.path': expected str or null, got 5"):
+        config_from_dict({"model": {"path": 5}})
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({}, ["ppo.kl_cof=0.1"])
+    msg = str(err.value)
+    assert "kl_cof" in msg and "did you mean 'ppo.kl_coef'" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = write(tmp_path, "sft:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'sft.epoch'; did you mean 'sft.epochs'\?"):
+        load_config(p)
+
+
+def test_unknown_section_suggests():
+    with pytest.raises(ConfigError, match=r"unknown config section 'rollouts'; did you mean 'rollout'\?"):
+        config_from_dict({"rollouts": {}})
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'rollouts.num_engines'; did you mean 'rollout.num_engines'"
+    ):
+        config_from_dict({}, ["rollouts.num_engines=2"])
+
+
+def test_out_of_range_and_choices():
+    with pytest.raises(ConfigError, match=r"'ppo.kl_coef': -1.0 is out of range \(must be >= 0\)"):
+        config_from_dict({}, ["ppo.kl_coef=-1"])
+    with pytest.raises(ConfigError, match=r"'rollout.top_p': 1.5 is out of range \(must be <= 1\)"):
+        config_from_dict({}, ["rollout.top_p=1.5"])
+    with pytest.raises(ConfigError, match=r"'ppo.clip_eps': 0.0 is out of range \(must be > 0\)"):
+        config_from_dict({}, ["ppo.clip_eps=0"])
+    with pytest.raises(ConfigError, match=r"'ppo.kl_estimator': 'k4' is not one of 'k1', 'k2', 'k3'"):
+        config_from_dict({}, ["ppo.kl_estimator=k4"])
+
+
+def test_malformed_overrides():
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        config_from_dict({}, ["ppo.kl_coef"])
+    with pytest.raises(ConfigError, match="must be section.key"):
+        config_from_dict({}, ["kl_coef=0.1"])
+    with pytest.raises(ConfigError, match="must be section.key"):
+        config_from_dict({}, ["ppo.kl.coef=0.1"])
+
+
+def test_section_must_be_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="config section 'ppo' must be a mapping"):
+        load_config(write(tmp_path, "ppo: 3\n"))
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+' is not valid YAML"):
+        load_config(write(tmp_path, "ppo:\n  kl_coef: [1\n"))
+    with pytest.raises(ConfigError, match="must hold a mapping of sections, got list"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+    assert load_config(write(tmp_path, "")).ppo.kl_coef == 0.02  # empty file = defaults
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["sft.global_batch_size=30", "sft.micro_batch_size=8", "sft.num_workers=2"],
+            "sft.global_batch_size=30 is not a multiple",
+        ),
+        (
+            ["ppo.prompts_per_iteration=10", "ppo.mini_batch_size=4"],
+            r"= 10 is not a multiple of ppo.mini_batch_size=4",
+        ),
+        (
+            ["ppo.mini_batch_size=16", "ppo.micro_batch_size=3"],
+            "ppo.mini_batch_size=16 is not a multiple of ppo.micro_batch_size x ppo.policy_workers",
+        ),
+        (["ppo.critic_workers=3"], "ppo.critic_workers = 24"),
+        (["rollout.top_k=5"], "top_k -1 for PPO"),
+        (["rollout.max_new_tokens=300", "model.max_len=256"], "must be below model.max_len"),
+    ],
+)
+def test_validate_batch_arithmetic(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({}, overrides)
+
+
+def test_errors_are_user_errors_with_one_line():
+    with pytest.raises(UserError) as err:
+        config_from_dict({}, ["ppo.kl_coef=abc"])
+    assert err.value.lines == [str(err.value)]
+    assert "\n" not in str(err.value)
+
+
+def test_every_field_is_documented():
+    for f in dataclasses.fields(Config):
+        section = typing.get_type_hints(Config)[f.name]
+        assert section.__doc__, f.name
+        for sf in dataclasses.fields(section):
+            assert sf.metadata.get("doc"), f"{f.name}.{sf.name} has no documentation"
+
+
+def test_dump_roundtrips(tmp_path):
+    cfg = config_from_dict({}, ["ppo.kl_coef=0.1", "model.path=/m"])
+    again = load_config(write(tmp_path, dump_yaml(cfg)))
+    assert again == cfg
+    documented = dump_yaml(cfg, with_docs=True)
+    assert "  kl_coef: 0.1  # KL penalty coefficient" in documented
+    assert yaml.safe_load(documented)["ppo"]["kl_coef"] == 0.1  # comments keep it valid YAML
+
+
+def test_section_dict_only_named_sections():
+    d = C.section_dict(load_config(None), "rollout")
+    assert list(d) == ["rollout"] and "temperature" in d["rollout"]
+
+
+def test_shipped_presets_load():
+    from pathlib import Path
+
+    configs = sorted((Path(C.__file__).parent / "configs").glob("*.yaml"))
+    assert configs, "no shipped config presets"
+    for p in configs:
+        assert isinstance(load_config(p), Config), p

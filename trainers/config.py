@@ -1,0 +1,488 @@
+"""Typed configuration: one dataclass per section, loaded from YAML plus dotted overrides.
+
+Every field is declared with :func:`opt`, which carries its one-line documentation and its allowed
+range or choices, so type checks, range checks and ``rlhf config show --doc`` all read one place.
+
+    cfg = load_config("trainers/configs/tiny.yaml", ["ppo.kl_coef=0.05"])
+    cfg.ppo.kl_coef  # 0.05
+
+Errors are :class:`trainers.errors.ConfigError` (exit code 2, one line): an unknown key names the
+closest valid key, a wrong type or out-of-range value names the key, the value and what is allowed.
+Derived batch arithmetic is checked in :meth:`Config.validate`, the only place that does it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainers.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-5`` (no dot) as a string; users type learning rates that way, so it is a float here."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def opt(
+    default: Any,
+    doc: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: tuple | None = None,
+) -> Any:
+    """Declare a config field with its documentation and allowed values."""
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "choices": choices}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterConfig:
+    """Where the run executes and how roles are placed."""
+
+    ray_address: str | None = opt(
+        None, "Ray cluster to join ('auto', 'ray://host:10001', ...); None starts a local Ray."
+    )
+    num_cpus: int | None = opt(
+        None, "Logical CPUs for a local Ray (None: detect; more than cores lets small actors coexist).", ge=1
+    )
+    device: str = opt(
+        "auto",
+        "Accelerator to use: 'auto' (CUDA if present), 'cpu' or 'cuda'.",
+        choices=("auto", "cpu", "cuda"),
+    )
+    placement: str = opt(
+        "dedicated",
+        "PPO role placement: 'dedicated' bundles per role, or 'colocated' (share GPUs; vLLM sleeps during training).",
+        choices=("dedicated", "colocated"),
+    )
+    placement_timeout_s: float = opt(
+        600.0,
+        "Seconds to wait for placement groups (e.g. while an autoscaler adds nodes) before giving up.",
+        gt=0,
+    )
+    cpus_per_actor: float = opt(1.0, "Logical CPUs reserved by each actor on a CPU-only cluster.", gt=0)
+    torch_threads: int = opt(
+        1, "torch intra-op threads per actor on CPU (1 avoids oversubscription on small machines).", ge=1
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The model a stage starts from."""
+
+    path: str | None = opt(
+        None, "Hugging Face model directory to start from (SFT: the base model; PPO: the SFT model)."
+    )
+    preset: str = opt(
+        "tiny", "Architecture preset used when pretraining from scratch (see trainers/presets.py)."
+    )
+    tokenizer: str | None = opt(None, "Tokenizer directory (default: model.path, else data.dir/tokenizer).")
+    max_len: int = opt(256, "Longest prompt + response in tokens; longer examples are a data error.", ge=8)
+    dropout: float = opt(
+        0.0,
+        "Residual/attention dropout while training (InstructGPT SFT used 0.2; always 0 during RL).",
+        ge=0,
+        le=0.9,
+    )
+    dtype: str = opt(
+        "auto",
+        "Training dtype: 'auto' (fp32 on CPU, bf16 on GPU), 'fp32' or 'bf16'.",
+        choices=("auto", "fp32", "bf16"),
+    )
+    trust_remote_code: bool = opt(
+        False, "Allow model code shipped with a checkpoint to run (off: only built-in architectures)."
+    )
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+
+
+@dataclass
+class DataConfig:
+    """Input data, laid out as `rlhf data synth` writes it: DIR/<kind>/<split>.parquet."""
+
+    dir: str | None = opt(
+        None, "Data directory with demonstrations/, comparisons/, prompts/, pretrain/ sub-directories."
+    )
+    synth_scale: float = opt(1.0, "Size multiplier of the synthetic world (demo and tests).", gt=0)
+    seed: int = opt(0, "Seed of the synthetic world and of data shuffling.", ge=0)
+
+
+@dataclass
+class TrainStageConfig:
+    """Shared knobs of the Ray Train stages (pretrain, SFT, RM)."""
+
+    num_workers: int = opt(2, "Ray Train workers (data-parallel ranks).", ge=1)
+    epochs: int = opt(1, "Passes over the training data.", ge=1)
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run all epochs).", ge=-1)
+    micro_batch_size: int = opt(8, "Examples per worker per forward/backward.", ge=1)
+    global_batch_size: int = opt(
+        32, "Examples per optimizer step over all workers (= micro x workers x accumulation).", ge=1
+    )
+    lr: float = opt(1e-4, "Peak learning rate.", gt=0)
+    min_lr_ratio: float = opt(0.1, "Cosine decay floor as a fraction of lr.", ge=0, le=1)
+    warmup_ratio: float = opt(0.05, "Fraction of steps spent in linear warm-up.", ge=0, le=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this (0: off).", ge=0)
+    zero_stage: int = opt(3, "DeepSpeed ZeRO stage (0-3).", choices=(0, 1, 2, 3))
+    checkpoint_every: int = opt(
+        0, "Save a resumable checkpoint every N optimizer steps (0: each epoch end only).", ge=0
+    )
+    keep_checkpoints: int = opt(2, "How many of the newest checkpoints to keep.", ge=1)
+    seed: int = opt(0, "Seed for initialisation and data order.", ge=0)
+
+
+@dataclass
+class PretrainConfig(TrainStageConfig):
+    """Stage 0: next-token prediction on the pretraining corpus (tiny base model, or continued pretraining)."""
+
+    lr: float = opt(1e-3, "Peak learning rate.", gt=0)
+
+
+@dataclass
+class SFTConfig(TrainStageConfig):
+    """Stage 1: supervised fine-tuning on demonstrations, loss on response tokens only."""
+
+    epochs: int = opt(
+        3, "Passes over the demonstrations (InstructGPT: 16 with early stopping on RM score).", ge=1
+    )
+
+
+@dataclass
+class RMConfig(TrainStageConfig):
+    """Stage 2: reward model on K-way rankings; one batch element = one prompt with all its K responses."""
+
+    micro_batch_size: int = opt(
+        4, "Prompts (each with all K responses) per worker per forward/backward.", ge=1
+    )
+    global_batch_size: int = opt(16, "Prompts per optimizer step over all workers.", ge=1)
+    lr: float = opt(5e-5, "Peak learning rate.", gt=0)
+    normalize: bool = opt(
+        True, "After training, set the head bias so the demonstrations' mean score is 0 (InstructGPT 3.5)."
+    )
+
+
+@dataclass
+class RolloutConfig:
+    """vLLM rollout engines."""
+
+    num_engines: int = opt(1, "Number of vLLM engines (each one Ray actor, tensor-parallel inside).", ge=1)
+    tensor_parallel_size: int = opt(1, "GPUs per engine.", ge=1)
+    gpu_memory_utilization: float = opt(
+        0.25, "Fraction of device memory for vLLM (on CPU: of host memory for the KV cache).", gt=0, le=1
+    )
+    enforce_eager: bool = opt(True, "Skip CUDA graphs/compilation (faster start, slower decode).")
+    max_new_tokens: int = opt(48, "Longest sampled response.", ge=1)
+    temperature: float = opt(
+        1.0, "Sampling temperature; log-probs everywhere divide logits by it (PPO_DETAILS 3).", gt=0
+    )
+    top_p: float = opt(
+        1.0, "Nucleus sampling; must stay 1.0 for PPO so log-probs match the sampler.", gt=0, le=1
+    )
+    top_k: int = opt(-1, "Top-k sampling; must stay -1 (off) for PPO.", ge=-1)
+
+
+@dataclass
+class RewardConfig:
+    """The frozen reward model (also the critic's initialisation)."""
+
+    path: str | None = opt(None, "Reward model directory (output of `rlhf rm`, its model/ folder).")
+    score_clip: float = opt(0.0, "Clip RM scores to +-this before shaping (0: off).", ge=0)
+
+
+@dataclass
+class PPOConfig:
+    """Stage 3: PPO-ptx against the reward model with a per-token KL penalty to the SFT model."""
+
+    iterations: int = opt(20, "PPO iterations (rollout -> experience -> train -> weight sync).", ge=1)
+    prompts_per_iteration: int = opt(32, "Prompts sampled per iteration.", ge=1)
+    samples_per_prompt: int = opt(1, "Responses sampled per prompt.", ge=1)
+    ppo_epochs: int = opt(2, "Passes over each iteration's experience, reshuffled each time.", ge=1)
+    mini_batch_size: int = opt(16, "Sequences per optimizer step over all policy ranks.", ge=1)
+    micro_batch_size: int = opt(8, "Sequences per rank per forward/backward.", ge=1)
+    policy_lr: float = opt(1e-5, "Policy learning rate.", gt=0)
+    critic_lr: float = opt(5e-5, "Critic learning rate.", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (policy and critic).", ge=0)
+    grad_clip: float = opt(1.0, "Global gradient-norm clip (0: off).", ge=0)
+    zero_stage: int = opt(3, "DeepSpeed ZeRO stage for policy, critic and reference.", choices=(0, 1, 2, 3))
+    kl_coef: float = opt(0.02, "KL penalty coefficient beta (InstructGPT: 0.02).", ge=0)
+    kl_estimator: str = opt(
+        "k1", "Per-token KL estimator for the reward penalty.", choices=("k1", "k2", "k3")
+    )
+    adaptive_kl: bool = opt(False, "Adapt beta toward kl_target (Ziegler et al.); fixed beta by default.")
+    kl_target: float = opt(6.0, "Target per-sequence KL for the adaptive controller.", gt=0)
+    kl_horizon: int = opt(10000, "Adaptive controller horizon in samples.", ge=1)
+    gamma: float = opt(1.0, "GAE discount.", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda.", ge=0, le=1)
+    clip_eps: float = opt(0.2, "Policy ratio clip epsilon.", gt=0)
+    value_clip_eps: float = opt(0.2, "Value clip epsilon around the old values.", gt=0)
+    ptx_coef: float = opt(
+        0.0, "gamma of PPO-ptx: weight of the pretraining LM loss in the same step (0: plain PPO).", ge=0
+    )
+    ptx_batch_size: int = opt(8, "Pretraining sequences per rank per optimizer step for the ptx term.", ge=1)
+    policy_workers: int = opt(2, "Policy ranks (one ZeRO-3 world).", ge=1)
+    critic_workers: int = opt(1, "Critic ranks.", ge=1)
+    reference_workers: int = opt(1, "Reference (frozen SFT) ranks.", ge=1)
+    reward_workers: int = opt(1, "Reward model ranks.", ge=1)
+    checkpoint_every: int = opt(
+        5, "Save a resumable checkpoint every N iterations (0: only at the end).", ge=0
+    )
+    keep_checkpoints: int = opt(2, "How many of the newest checkpoints to keep.", ge=1)
+    seed: int = opt(0, "Seed for sampling, shuffling and prompt order.", ge=0)
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics and progress."""
+
+    log_every: int = opt(1, "Log metrics every N steps/iterations.", ge=1)
+    tensorboard: bool = opt(True, "Write TensorBoard events next to metrics.jsonl.")
+    wandb_project: str | None = opt(None, "Weights & Biases project (None: off).")
+    progress: bool = opt(True, "Show progress lines while stages run.")
+
+
+@dataclass
+class Config:
+    """The whole run: one field per section."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> Config:
+        """Check derived batch arithmetic and cross-field rules; the one place that does so."""
+        for name in ("pretrain", "sft", "rm"):
+            st: TrainStageConfig = getattr(self, name)
+            per_step = st.micro_batch_size * st.num_workers
+            if st.global_batch_size % per_step:
+                raise ConfigError(
+                    f"{name}.global_batch_size={st.global_batch_size} is not a multiple of "
+                    f"{name}.micro_batch_size x {name}.num_workers = {per_step}"
+                )
+        p = self.ppo
+        rollout_batch = p.prompts_per_iteration * p.samples_per_prompt
+        if rollout_batch % p.mini_batch_size:
+            raise ConfigError(
+                f"ppo.prompts_per_iteration x ppo.samples_per_prompt = {rollout_batch} is not a multiple of "
+                f"ppo.mini_batch_size={p.mini_batch_size}"
+            )
+        for role, workers in (("policy", p.policy_workers), ("critic", p.critic_workers)):
+            per_step = p.micro_batch_size * workers
+            if p.mini_batch_size % per_step:
+                raise ConfigError(
+                    f"ppo.mini_batch_size={p.mini_batch_size} is not a multiple of ppo.micro_batch_size x "
+                    f"ppo.{role}_workers = {per_step}"
+                )
+        if rollout_batch % p.policy_workers:
+            raise ConfigError(
+                f"rollout batch {rollout_batch} does not split evenly over ppo.policy_workers={p.policy_workers}"
+            )
+        if self.rollout.top_p != 1.0 or self.rollout.top_k != -1:
+            raise ConfigError(
+                "rollout.top_p must be 1.0 and rollout.top_k -1 for PPO: log-probs must match the sampler"
+            )
+        if self.rollout.max_new_tokens >= self.model.max_len:
+            raise ConfigError(
+                f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be below model.max_len={self.model.max_len}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> typed dataclasses
+# --------------------------------------------------------------------------------------------------
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to float, nothing else converts."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _check_range(key: str, value: Any, meta: typing.Mapping) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(repr, choices))}")
+    bounds = (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+    )
+    for name, ok, sym in bounds:
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"config key '{key}': {value!r} is out of range (must be {sym} {bound})")
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{name}' must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{name}.{key}"
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{dotted}'" + _suggest(dotted, [f"{name}.{k}" for k in fields])
+            )
+        value = _coerce(dotted, value, hints[key])
+        _check_range(dotted, value, fields[key].metadata)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    key, _, text = item.partition("=")
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override key '{key}' must be section.key (e.g. ppo.kl_coef=0.05)")
+    try:
+        value = _yaml_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return path, value
+
+
+def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a nested dict and ``section.key=value`` overrides."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
+    sections = _section_types()
+    for item in overrides or []:
+        (section, key), value = _parse_override(item)
+        if section not in sections:
+            raise ConfigError(
+                f"unknown config key '{section}.{key}'" + _suggest(f"{section}.{key}", _all_keys())
+            )
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"config section '{section}' must be a mapping")
+        raw[section][key] = value
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(f"unknown config section '{name}'" + _suggest(name, list(sections)))
+    built = {name: _build_section(name, cls, raw.get(name)) for name, cls in sections.items()}
+    return Config(**built).validate()
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML ``path`` (None: defaults only), apply overrides, validate."""
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            raw = _yaml_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"config file '{p}{where}' is not valid YAML: {getattr(err, 'problem', err)}"
+            ) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides)
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in _section_types().items() for f in dataclasses.fields(cls)]
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of the resolved config (for YAML output and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, with_docs: bool = False) -> str:
+    """The resolved config as YAML, optionally with each field's documentation as a comment."""
+    if not with_docs:
+        return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    lines = []
+    for name, cls in _section_types().items():
+        lines.append(f"{name}:  # {cls.__doc__.strip().splitlines()[0]}")
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(cls):
+            value = yaml.safe_dump(getattr(section, f.name), default_flow_style=True).strip()
+            value = value.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"  {f.name}: {value}  # {f.metadata.get('doc', '')}")
+    return "\n".join(lines) + "\n"
+
+
+def section_dict(cfg: Config, *names: str) -> dict:
+    """Only the named sections, as a dict: each actor gets just its own part of the config."""
+    return {n: dataclasses.asdict(getattr(cfg, n)) for n in names}

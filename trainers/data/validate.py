@@ -1,0 +1,229 @@
+"""Validation of data files, and the validated readers every stage uses.
+
+Every problem is one self-contained line, in one of three forms:
+
+- ``PATH:RECORD: field 'NAME': what is wrong`` -- a field of one record (RECORD is 1-based: the row
+  number in Parquet, the line number in JSON Lines);
+- ``PATH:RECORD: what is wrong`` -- a record as a whole (a line that is not JSON, not an object);
+- ``PATH: what is wrong`` -- a whole file (missing, unreadable, unsupported extension, not Parquet,
+  a Parquet column of the wrong type or missing: ``PATH: field 'NAME': ...``).
+
+At most ``max_problems`` (20) lines are kept, followed by ``... and N more problems``. Unknown
+fields are warnings, not problems (``PATH:RECORD: field 'NAME': unknown field (ignored)``, once per
+file and field; for Parquet ``PATH: field 'NAME': ...`` since a column spans every row).
+A dataset without a single record is a problem too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from trainers.data.io import (
+    FileProblem,
+    file_format,
+    iter_jsonl,
+    iter_parquet,
+    parquet_schema,
+    records_to_table,
+)
+from trainers.data.schema import (
+    KINDS,
+    REQUIRED,
+    check_column_type,
+    check_record,
+    clean_record,
+    json_type_name,
+    known_fields,
+    unknown_fields,
+)
+from trainers.errors import DataError
+
+MAX_PROBLEMS = 20
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidationReport:
+    """What :func:`validate_files` found. ``problems`` holds the first ``max_problems`` lines only."""
+
+    problems: list[str] = field(default_factory=list)
+    """The first ``max_problems`` problem lines, in file and record order."""
+    warnings: list[str] = field(default_factory=list)
+    """The first ``max_problems`` warning lines (unknown fields, empty files)."""
+    n_records: int = 0
+    """Records read (valid or not): Parquet rows plus non-blank JSON Lines lines."""
+    n_files: int = 0
+    """Input files looked at."""
+    n_problems: int = 0
+    """All problems found, including those beyond ``problems``."""
+    n_warnings: int = 0
+    """All warnings found, including those beyond ``warnings``."""
+    max_problems: int = MAX_PROBLEMS
+    """How many problem (and warning) lines are kept."""
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return self.n_problems == 0
+
+    def add_problem(self, line: str) -> None:
+        """Count a problem; keep its line if fewer than ``max_problems`` are kept."""
+        self.n_problems += 1
+        if len(self.problems) < self.max_problems:
+            self.problems.append(line)
+
+    def add_warning(self, line: str) -> None:
+        """Count a warning; keep its line if fewer than ``max_problems`` are kept."""
+        self.n_warnings += 1
+        if len(self.warnings) < self.max_problems:
+            self.warnings.append(line)
+
+    def problem_lines(self) -> list[str]:
+        """The kept problem lines plus ``... and N more problems`` when some were left out."""
+        more = self.n_problems - len(self.problems)
+        return self.problems + ([f"... and {more} more problems"] if more > 0 else [])
+
+    def warning_lines(self) -> list[str]:
+        """The kept warning lines plus ``... and N more warnings`` when some were left out."""
+        more = self.n_warnings - len(self.warnings)
+        return self.warnings + ([f"... and {more} more warnings"] if more > 0 else [])
+
+
+def check_kind(kind: str) -> None:
+    """Raise :class:`DataError` for a kind that is not one of :data:`KINDS`."""
+    if kind not in KINDS:
+        raise DataError(f"unknown data kind '{kind}'; expected one of: {', '.join(KINDS)}")
+
+
+class _FileChecker:
+    """Checks the records of one file into a report; collects clean records into ``sink`` if given."""
+
+    def __init__(self, kind: str, path: str, report: ValidationReport, sink: list[dict] | None):
+        self.kind, self.path, self.report, self.sink = kind, path, report, sink
+        self.skip: frozenset[str] = frozenset()  # fields already reported for the whole file
+        self.warned: set[str] = set()  # unknown fields already warned about in this file
+        self.n_records = 0
+
+    def record(self, rec_no: int, record: object) -> None:
+        """Check one parsed record (any JSON value) and keep it if valid."""
+        self.n_records += 1
+        if not isinstance(record, dict):
+            self.report.add_problem(
+                f"{self.path}:{rec_no}: expected a JSON object, got {json_type_name(record)}"
+            )
+            return
+        problems = check_record(self.kind, record, self.skip)
+        for name, message in problems:
+            self.report.add_problem(f"{self.path}:{rec_no}: field '{name}': {message}")
+        for name in unknown_fields(self.kind, record):
+            if name not in self.warned:
+                self.warned.add(name)
+                self.report.add_warning(f"{self.path}:{rec_no}: field '{name}': unknown field (ignored)")
+        # Once anything is wrong the records will not be returned: stop holding them in memory.
+        if self.sink is not None and self.report.ok:
+            self.sink.append(clean_record(self.kind, record))
+
+    def jsonl(self) -> None:
+        """Check every line of a JSON Lines file."""
+        for line_no, value, problem in iter_jsonl(self.path):
+            if problem is not None:
+                self.n_records += 1
+                self.report.add_problem(f"{self.path}:{line_no}: {problem}")
+            else:
+                self.record(line_no, value)
+
+    def parquet(self) -> None:
+        """Check the column types of a Parquet file once, then every row."""
+        schema = parquet_schema(self.path)
+        known = known_fields(self.kind)
+        skip = set()
+        for column in schema:
+            if column.name not in known:
+                self.warned.add(column.name)
+                self.report.add_warning(f"{self.path}: field '{column.name}': unknown field (ignored)")
+            elif (message := check_column_type(column.name, column.type)) is not None:
+                self.report.add_problem(f"{self.path}: field '{column.name}': {message}")
+                skip.add(column.name)
+        for name in REQUIRED[self.kind]:
+            if name not in schema.names:
+                self.report.add_problem(f"{self.path}: field '{name}': missing column")
+                skip.add(name)
+        self.skip = frozenset(skip)
+        columns = [name for name in schema.names if name in known and name not in skip]
+        for row_no, record in iter_parquet(self.path, columns):
+            self.record(row_no, record)
+
+    def run(self) -> None:
+        """Check the file; a whole-file problem becomes one ``PATH: ...`` line."""
+        try:
+            if file_format(self.path) == "parquet":
+                self.parquet()
+            else:
+                self.jsonl()
+        except FileProblem as problem:
+            self.report.add_problem(f"{self.path}: {problem}")
+            return
+        if self.n_records == 0:
+            self.report.add_warning(f"{self.path}: no records")
+
+
+def _check_files(
+    kind: str, paths: Sequence[str | os.PathLike], max_problems: int, sink: list[dict] | None
+) -> ValidationReport:
+    """Validate every file in order into one report; fill ``sink`` with clean records if given."""
+    check_kind(kind)
+    report = ValidationReport(max_problems=max_problems)
+    if not paths:
+        report.add_problem("no input files given")
+        return report
+    for path in paths:
+        checker = _FileChecker(kind, str(path), report, sink)
+        checker.run()
+        report.n_files += 1
+        report.n_records += checker.n_records
+    if report.ok and report.n_records == 0:
+        shown = ", ".join(str(p) for p in paths)
+        report.add_problem(f"{shown}: no records" if len(paths) == 1 else f"no records in any of: {shown}")
+    return report
+
+
+def validate_files(
+    kind: str, paths: Sequence[str | os.PathLike], *, max_problems: int = MAX_PROBLEMS
+) -> ValidationReport:
+    """Check data files of ``kind`` (see :mod:`trainers.data.schema`) without keeping the records.
+
+    Never raises for bad data: every problem is a line in the report (an unknown ``kind`` raises
+    :class:`DataError`).
+    """
+    return _check_files(kind, paths, max_problems, sink=None)
+
+
+def read_records(
+    kind: str, paths: Sequence[str | os.PathLike], *, max_problems: int = MAX_PROBLEMS
+) -> list[dict]:
+    """Read and validate data files of ``kind``; the records in file order, known fields only.
+
+    Raises :class:`DataError` whose ``lines`` are the problem lines (first ``max_problems``, then
+    ``... and N more problems``) if anything is wrong. Warnings go to the log.
+    """
+    records: list[dict] = []
+    report = _check_files(kind, paths, max_problems, sink=records)
+    for line in report.warning_lines():
+        log.warning("%s", line)
+    if not report.ok:
+        lines = report.problem_lines()
+        raise DataError(lines[0], lines=lines)
+    return records
+
+
+def read_table(
+    kind: str, paths: Sequence[str | os.PathLike], *, max_problems: int = MAX_PROBLEMS
+) -> pa.Table:
+    """:func:`read_records` as one Arrow table (columns in schema order, see ``output_schema``)."""
+    return records_to_table(kind, read_records(kind, paths, max_problems=max_problems))
