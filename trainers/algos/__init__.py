@@ -1,0 +1,79 @@
+"""Pure RLHF maths: KL estimates, reward shaping, GAE, whitening, PPO/value/LM/ranking losses, KL control.
+
+Imports only torch and the standard library (no Ray, DeepSpeed, vLLM or transformers), so every function
+is unit-testable in isolation. Tensors are ``(B, T)`` over response tokens unless stated otherwise;
+``mask`` is 1 on real response tokens (up to and including EOS) and 0 on padding.
+
+Equations, sources and the PPO_DETAILS items each function implements: docs/algorithms.md.
+"""
+
+from __future__ import annotations
+
+from trainers.algos._common import AlgoConfigError
+from trainers.algos.advantages import gae
+from trainers.algos.controllers import (
+    ADAPTIVE_ERROR_CLIP,
+    KL_CONTROLLER_KINDS,
+    AdaptiveKLController,
+    FixedKLController,
+    make_kl_controller,
+)
+from trainers.algos.kl import KL_KINDS, kl_estimate, mean_sequence_kl
+from trainers.algos.logprobs import entropy_from_logits, logprobs_from_logits, shift_for_lm
+from trainers.algos.losses import (
+    LOG_RATIO_CLAMP,
+    aggregate,
+    lm_loss,
+    loss_normaliser,
+    policy_loss,
+    value_loss,
+)
+from trainers.algos.masked import (
+    WHITEN_EPS,
+    last_token_index,
+    masked_count,
+    masked_mean,
+    masked_moments,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    moments_to_mean_var,
+    whiten_with,
+)
+from trainers.algos.ranking import ranking_loss
+from trainers.algos.rewards import normalize_scores, shape_rewards
+
+__all__ = [
+    "ADAPTIVE_ERROR_CLIP",
+    "KL_CONTROLLER_KINDS",
+    "KL_KINDS",
+    "LOG_RATIO_CLAMP",
+    "WHITEN_EPS",
+    "AdaptiveKLController",
+    "AlgoConfigError",
+    "FixedKLController",
+    "aggregate",
+    "entropy_from_logits",
+    "gae",
+    "kl_estimate",
+    "last_token_index",
+    "lm_loss",
+    "logprobs_from_logits",
+    "loss_normaliser",
+    "make_kl_controller",
+    "masked_count",
+    "masked_mean",
+    "masked_moments",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "mean_sequence_kl",
+    "moments_to_mean_var",
+    "normalize_scores",
+    "policy_loss",
+    "ranking_loss",
+    "shape_rewards",
+    "shift_for_lm",
+    "value_loss",
+    "whiten_with",
+]
