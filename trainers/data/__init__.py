@@ -30,4 +30,6 @@ __all__ = [
     "write_parquet",
 ]
 
-# --- synthetic world, templates, tokenizer, collation (see world.py etc.) ---
+# The synthetic world, templates, gold labeler, tokenizer and collation are imported by module path
+# (trainers.data.world, .templates, .gold, .tokenizer, .collate) so that `rlhf data validate` does not
+# pay for torch and tokenizers.

@@ -1,0 +1,150 @@
+"""The synthetic world: determinism, schemas, user splits, held-out cluster, comparisons, summary."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from trainers.data import gold, world
+from trainers.data.templates import HELDOUT_CLUSTERS, TASKS, USE_CASE_MIX
+
+SCALE = 0.1
+KIND_FILES = [(kind, split) for kind in world.KINDS for split in world.SPLITS]
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    """Two worlds with seed 0 (for determinism) and one with seed 1."""
+    out = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        path = tmp_path_factory.mktemp(f"world_{name}")
+        out[name] = (path, world.synthesize(path, seed=seed, scale=SCALE))
+    return out
+
+
+def _rows(root, kind, split):
+    return pq.read_table(root / kind / f"{split}.parquet").to_pylist()
+
+
+def test_same_seed_gives_byte_identical_files_and_other_seed_differs(worlds):
+    (a, summary_a), (b, summary_b), (c, _) = worlds["a"], worlds["b"], worlds["c"]
+    files = [f"{kind}/{split}.parquet" for kind, split in KIND_FILES]
+    files += ["heldout/test.parquet", "tokenizer/tokenizer.json", "world.json"]
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert summary_a == summary_b == json.loads((a / "world.json").read_text())
+    for name in ("demonstrations/train.parquet", "comparisons/train.parquet", "pretrain/train.parquet"):
+        assert (a / name).read_bytes() != (c / name).read_bytes(), name
+
+
+def test_every_file_has_its_schema(worlds):
+    root = worlds["a"][0]
+    list_str, list_int = pa.list_(pa.string()), pa.list_(pa.int64())
+    expected = {
+        "demonstrations": {
+            "prompt": pa.string(),
+            "response": pa.string(),
+            "user_id": pa.string(),
+            "task": pa.string(),
+        },
+        "comparisons": {
+            "prompt": pa.string(),
+            "responses": list_str,
+            "ranking": list_int,
+            "user_id": pa.string(),
+        },
+        "prompts": {"prompt": pa.string(), "user_id": pa.string(), "task": pa.string(), "options": list_str},
+        "pretrain": {"text": pa.string()},
+    }
+    for kind, split in KIND_FILES:
+        schema = pq.read_schema(root / kind / f"{split}.parquet")
+        for column, arrow_type in expected[kind].items():
+            assert schema.field(column).type == arrow_type, (kind, column)
+        assert pq.read_metadata(root / kind / f"{split}.parquet").num_rows == world.scaled(
+            world.SIZES[kind][split], SCALE
+        )
+    heldout = pq.read_schema(root / "heldout" / "test.parquet")
+    assert heldout.names == ["prompt", "task", "options", "answer"]
+
+
+def test_no_user_is_in_two_splits(worlds):
+    root = worlds["a"][0]
+    users = {split: set() for split in world.SPLITS}
+    for kind in ("demonstrations", "comparisons", "prompts"):
+        for split in world.SPLITS:
+            users[split] |= {r["user_id"] for r in _rows(root, kind, split)}
+    assert all(users.values())
+    assert not users["train"] & users["valid"] and not users["train"] & users["test"]
+    assert not users["valid"] & users["test"]
+
+
+def test_heldout_cluster_only_in_the_heldout_file(worlds):
+    root = worlds["a"][0]
+    heldout_tasks = {t.name for t in TASKS.values() if t.cluster in HELDOUT_CLUSTERS}
+    for kind in ("demonstrations", "comparisons", "prompts"):
+        for split in world.SPLITS:
+            assert not {r["task"] for r in _rows(root, kind, split)} & heldout_tasks, (kind, split)
+    rows = _rows(root, "heldout", "test")
+    assert {r["task"] for r in rows} == heldout_tasks
+    for r in rows:
+        assert r["answer"] in r["options"] and gold.answer(r["prompt"]) == r["answer"]
+
+
+def test_comparisons_have_k_in_4_to_9_and_gold_rankings(worlds):
+    root = worlds["a"][0]
+    for split in world.SPLITS:
+        for r in _rows(root, "comparisons", split):
+            assert 4 <= len(r["responses"]) <= 9
+            assert len(set(r["responses"])) == len(r["responses"])
+            assert len(set(r["ranking"])) >= 2 and min(r["ranking"]) == 0
+            assert r["ranking"] == gold.rank(r["prompt"], r["responses"])
+
+
+def test_demonstrations_and_prompts_are_world_prompts(worlds):
+    root = worlds["a"][0]
+    for r in _rows(root, "demonstrations", "train"):
+        parsed = gold.parse_prompt(r["prompt"])
+        assert parsed is not None and parsed.task.name == r["task"]
+        assert r["response"].strip()
+    for r in _rows(root, "prompts", "train"):
+        assert r["answer"] == gold.answer(r["prompt"])
+        assert (r["options"] is None) == (TASKS[r["task"]].options is None)
+
+
+def test_summary_reports_sizes_mix_and_the_room(worlds):
+    summary = worlds["a"][1]
+    assert summary["rows"]["demonstrations"]["train"] == world.scaled(
+        world.SIZES["demonstrations"]["train"], SCALE
+    )
+    for kind, shares in summary["use_case_achieved"].items():
+        assert set(shares) == set(USE_CASE_MIX) and sum(shares.values()) == pytest.approx(1.0, abs=1e-3), kind
+    assert summary["gold"]["best"] == 1.0
+    assert summary["gold"]["room"] >= 0.15
+    assert summary["gold"]["comparisons_model"] < summary["gold"]["comparisons_demo"]
+    assert summary["tokens"]["pretrain_train"] > 10_000
+    assert summary["heldout_tasks"] == ["sentiment_review", "sentiment_said"]
+
+
+def test_every_file_passes_the_data_validator(worlds):
+    validate = pytest.importorskip("trainers.data.validate")
+    root = worlds["a"][0]
+    for kind, split in KIND_FILES:
+        report = validate.validate_files(kind, [root / kind / f"{split}.parquet"])
+        assert report.ok and report.n_records > 0, (kind, split, report.problem_lines())
+    report = validate.validate_files("prompts", [root / "heldout" / "test.parquet"])
+    assert report.ok, report.problem_lines()
+
+
+def test_world_tokenizer_covers_the_world_compactly(worlds):
+    from trainers.data.tokenizer import load_tokenizer
+
+    root, summary = worlds["a"]
+    tok = load_tokenizer(root / "tokenizer")
+    assert len(tok) == summary["vocab_size"] == world.DEFAULT_VOCAB_SIZE
+    text = _rows(root, "pretrain", "valid")[0]["text"]
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert len(ids) < 1.6 * len(text.split())  # world words are mostly single tokens

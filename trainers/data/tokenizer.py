@@ -1,0 +1,129 @@
+"""The world's tokenizer: a byte-level BPE trained offline, saved in Hugging Face format.
+
+Nothing is downloaded: ``train_tokenizer`` learns merges from the synthetic world's text with the
+``tokenizers`` library (about a second) and saves a ``PreTrainedTokenizerFast`` that both
+transformers (``AutoTokenizer.from_pretrained``) and vLLM load as is.
+
+Special tokens (ids fixed by their order): ``<pad>`` = 0, ``<s>`` = 1 (BOS), ``</s>`` = 2 (EOS),
+``<|user|>`` = 3, ``<|assistant|>`` = 4. PAD is distinct from EOS so masks built from ids never
+hide a real EOS (PPO_DETAILS item 2). Like Llama's, the tokenizer adds BOS when called with
+``add_special_tokens=True``; :mod:`trainers.data.collate` adds BOS/EOS itself and always encodes
+with ``add_special_tokens=False``.
+
+Chat format (the saved Jinja chat template renders exactly this)::
+
+    <s><|user|>\\n{prompt}\\n<|assistant|>\\n{response}</s>
+
+so ``apply_chat_template([user], add_generation_prompt=True, tokenize=False)`` equals
+``"<s>" + format_prompt(prompt)``, and a conversation with the assistant's answer equals
+``"<s>" + format_prompt(prompt) + response + "</s>"``. The byte-level pre-tokenizer splits at the
+newline before the response, so encoding prompt and response separately gives the same ids as
+encoding them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trainers.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # transformers and tokenizers are imported where used: format_prompt stays cheap
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+USER_TAG, ASSISTANT_TAG = "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, USER_TAG, ASSISTANT_TAG)
+"""In id order: PAD = 0, BOS = 1, EOS = 2, then the chat role markers."""
+DEFAULT_VOCAB_SIZE = 1024
+MIN_VOCAB_SIZE = 300
+"""256 byte symbols + the special tokens + a few merges."""
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "<|user|>\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}"
+    "<|assistant|>\n{{ message['content'] }}{{ eos_token }}"
+    "{% else %}"
+    "{{ raise_exception('only user and assistant roles are supported') }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""Jinja chat template saved with the tokenizer; renders :func:`format_prompt` after BOS."""
+
+
+def format_prompt(prompt: str) -> str:
+    """The chat wrapping of a user prompt, ending where the assistant's response begins."""
+    return f"{USER_TAG}\n{prompt}\n{ASSISTANT_TAG}\n"
+
+
+def _bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE with the special tokens first (so their ids are 0..4)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # BOS on `tok(text)` like Llama's tokenizer (vLLM encodes text prompts this way).
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    return tok
+
+
+def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer around a trained ``tokenizers.Tokenizer`` (specials, chat template)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[USER_TAG, ASSISTANT_TAG],
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def train_tokenizer(
+    texts: list[str], out_dir: str | Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE
+) -> PreTrainedTokenizerFast:
+    """Train the world's BPE on ``texts`` (deterministic: same texts, same ``tokenizer.json``).
+
+    Saves with ``save_pretrained`` into ``out_dir`` when given.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(f"tokenizer vocab_size {vocab_size} is too small; use at least {MIN_VOCAB_SIZE}")
+    fast = wrap(_bpe(texts, vocab_size))
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load a tokenizer saved by :func:`train_tokenizer` (or any HF fast tokenizer directory)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise DataError(
+            f"{path}: no tokenizer.json (expected a tokenizer directory written by save_pretrained)"
+        )
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        raise DataError(f"{path}: the tokenizer needs a PAD token distinct from EOS")
+    return tok
