@@ -83,6 +83,9 @@ class ClusterConfig:
         "PPO role placement: 'dedicated' bundles per role, or 'colocated' (share GPUs; vLLM sleeps during training).",
         choices=("dedicated", "colocated"),
     )
+    autoscaling: bool = opt(
+        False, "The cluster has an autoscaler: a request larger than today's nodes waits instead of failing."
+    )
     placement_timeout_s: float = opt(
         600.0,
         "Seconds to wait for placement groups (e.g. while an autoscaler adds nodes) before giving up.",
@@ -196,6 +199,11 @@ class RolloutConfig:
     tensor_parallel_size: int = opt(1, "GPUs per engine.", ge=1)
     gpu_memory_utilization: float = opt(
         0.25, "Fraction of device memory for vLLM (on CPU: of host memory for the KV cache).", gt=0, le=1
+    )
+    kv_cache_mb: int = opt(
+        256,
+        "KV-cache size per engine in MiB on CPU (vLLM's CPU build sizes it from host memory otherwise).",
+        ge=16,
     )
     enforce_eager: bool = opt(True, "Skip CUDA graphs/compilation (faster start, slower decode).")
     max_new_tokens: int = opt(48, "Longest sampled response.", ge=1)

@@ -1,0 +1,179 @@
+"""N Ray actors of one role, placed by a placement group and joined into one torch.distributed world.
+
+    placements = place_roles(role_bundles(cfg, gpu), colocated=False, timeout_s=600)
+    policy = ActorGroup(PolicyActor, placements["policy"], run_name="ppo", backend="gloo",
+                        init_kwargs={"cfg": section_dict(cfg, "model", "ppo")})
+    refs = policy.map(lambda actor, rank: actor.logprobs.remote(shards[rank]))   # fan out
+    logprobs = merge_from_ranks(ray.get(refs))                                    # one ray.get per phase
+
+Fan-out goes through typed lambdas over the actor handles (``map``/``map_split``), never through
+method names as strings. Actors are named ``{run_name}-{role}-{rank}`` so the dashboard and
+``ray.get_actor`` find them. Every actor gets ``OMP_NUM_THREADS`` (and friends) = ``torch_threads``.
+
+Actor classes that need the world subclass :class:`DistributedWorker`; rank 0 reports its IP and a
+free port, and every rank joins ``tcp://ip:port`` with gloo (CPU) or NCCL (GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ray
+from ray.actor import ActorClass, ActorHandle
+
+from cluster.connect import runtime_env_vars
+from cluster.placement import RolePlacement
+
+
+class DistributedWorker:
+    """Mixin for a role's actor class: joining the role's torch.distributed world."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def get_master_addr_port(self) -> tuple[str, int]:
+        """This node's IP and a port free right now (rank 0 hosts the rendezvous there)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup_distributed(
+        self, master_addr: str, master_port: int, world_size: int, rank: int, backend: str
+    ) -> None:
+        """Join the world; also export the torchrun-style variables DeepSpeed reads.
+
+        LOCAL_RANK is 0: Ray gives each GPU actor its own ``CUDA_VISIBLE_DEVICES``.
+        """
+        import torch.distributed as dist
+
+        os.environ.update(
+            {
+                "MASTER_ADDR": master_addr,
+                "MASTER_PORT": str(master_port),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": "1",
+            }
+        )
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            world_size=world_size,
+            rank=rank,
+        )
+        self.rank, self.world_size = rank, world_size
+
+
+def default_backend(gpu: bool) -> str:
+    """torch.distributed backend: NCCL between GPUs, gloo on CPU."""
+    return "nccl" if gpu else "gloo"
+
+
+class ActorGroup:
+    """The ranks of one role: Ray actors pinned to their bundles, optionally one torch.distributed world."""
+
+    def __init__(
+        self,
+        actor_cls: type | ActorClass,
+        placement: RolePlacement,
+        *,
+        run_name: str = "rlhf",
+        init_args: Sequence[Any] = (),
+        init_kwargs: Mapping[str, Any] | None = None,
+        rank_kwargs: Callable[[int], Mapping[str, Any]] | None = None,
+        env: Mapping[str, str] | None = None,
+        torch_threads: int = 1,
+        backend: str | None = None,
+    ):
+        """Start ``placement.num_ranks`` actors of ``actor_cls`` (a plain class or a ``ray.remote`` one).
+
+        ``rank_kwargs(rank)`` adds per-rank constructor arguments (e.g. a seed per rollout engine).
+        ``backend`` ('gloo'/'nccl') forms the torch.distributed world; None leaves the ranks apart.
+        """
+        self.role = placement.role
+        remote_cls = actor_cls if isinstance(actor_cls, ActorClass) else ray.remote(actor_cls)
+        env_vars = {**runtime_env_vars(torch_threads), **(env or {})}
+        self.names = [f"{run_name}-{self.role}-{rank}" for rank in range(placement.num_ranks)]
+        self.actors: list[ActorHandle] = [
+            remote_cls.options(
+                name=name, runtime_env={"env_vars": env_vars}, **placement.actor_options(rank)
+            ).remote(*init_args, **(init_kwargs or {}), **(rank_kwargs(rank) if rank_kwargs else {}))
+            for rank, name in enumerate(self.names)
+        ]
+        if backend is not None:
+            self.init_world(backend)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def init_world(self, backend: str) -> None:
+        """Form one torch.distributed world over the ranks (actors must subclass DistributedWorker)."""
+        addr, port = ray.get(self.actors[0].get_master_addr_port.remote())
+        n = len(self.actors)
+        ray.get(
+            [a.setup_distributed.remote(addr, port, n, rank, backend) for rank, a in enumerate(self.actors)]
+        )
+
+    def map(self, fn: Callable[[ActorHandle, int], ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """``fn(actor, rank)`` for every rank, e.g. ``lambda a, r: a.train.remote(batch)``; refs in rank order."""
+        return [fn(actor, rank) for rank, actor in enumerate(self.actors)]
+
+    def map_split(self, fn: Callable[[ActorHandle, Any], ray.ObjectRef], batch: Any) -> list[ray.ObjectRef]:
+        """Split ``batch`` over the ranks (:func:`split_for_ranks`) and call ``fn(actor, shard)`` on each."""
+        shards = split_for_ranks(batch, len(self.actors))
+        return [fn(actor, shard) for actor, shard in zip(self.actors, shards, strict=True)]
+
+    def kill(self) -> None:
+        """Stop every actor of the group now."""
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def shard_bounds(size: int, n: int) -> list[tuple[int, int]]:
+    """[start, end) of n contiguous shards of ``size`` items; sizes differ by at most one, larger first."""
+    if n < 1:
+        raise ValueError(f"need at least one rank, got {n}")
+    base, extra = divmod(size, n)
+    bounds, start = [], 0
+    for rank in range(n):
+        end = start + base + (1 if rank < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, Mapping):
+        sizes = {len(v) for v in batch.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"batch fields have different lengths: {sorted(sizes)}")
+        return sizes.pop()
+    return len(batch)
+
+
+def split_for_ranks(batch: Any, n: int) -> list[Any]:
+    """Split a batch along its first dimension into n contiguous shards (rank order).
+
+    ``batch`` is a sequence or tensor of B items, or a dict of such fields, each (B, ...).
+    """
+    bounds = shard_bounds(_batch_size(batch), n)
+    if isinstance(batch, Mapping):
+        return [{k: v[s:e] for k, v in batch.items()} for s, e in bounds]
+    return [batch[s:e] for s, e in bounds]
+
+
+def merge_from_ranks(shards: Sequence[Any]) -> Any:
+    """Inverse of :func:`split_for_ranks`: concatenate lists, tensors, or dicts of them, in rank order."""
+    first = shards[0]
+    if isinstance(first, Mapping):
+        return {k: merge_from_ranks([s[k] for s in shards]) for k in first}
+    if isinstance(first, list | tuple):
+        return [item for shard in shards for item in shard]
+    import torch
+
+    return torch.cat(list(shards), dim=0)

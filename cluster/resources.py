@@ -1,0 +1,200 @@
+"""What the cluster has and what each PPO role asks for; pure functions except :func:`detect_resources`.
+
+A *bundle* is a Ray resource dict (``{"GPU": 1, "CPU": 1}``). :func:`role_bundles` gives one bundle
+per rank (actor) of every role:
+
+| placement | GPU cluster | CPU-only cluster |
+|---|---|---|
+| dedicated | 1 GPU per rank; ``tensor_parallel_size`` GPUs per rollout engine | ``cluster.cpus_per_actor`` CPUs per actor |
+| colocated | every role's rank r shares GPU r: a GPU fraction each (vLLM sleeps while others train) | same as dedicated |
+
+:func:`check_feasible` turns a request that can never be met (more GPUs than the cluster has and no
+autoscaler that could add them, or one bundle larger than any node) into a one-line
+:class:`~trainers.errors.UserError` before any actor starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+
+from trainers.errors import UserError
+
+ROLES = ("policy", "critic", "reference", "reward", "rollout")
+Bundle = dict[str, float]
+EPS = 1e-9
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterResources:
+    """Totals now, per-node shapes, and (with an autoscaler) the most the cluster can grow to."""
+
+    total: dict[str, float]
+    """Resources of the live nodes together (``ray.cluster_resources()``)."""
+    node_shapes: list[dict[str, float]]
+    """Resources of each live node and of each node type an autoscaler may add."""
+    max_total: dict[str, float] | None = None
+    """Largest totals the autoscaler may reach; None when no autoscaler is known."""
+    unbounded: bool = False
+    """An autoscaler is assumed (the user says so) but its limits are unknown: nothing is infeasible."""
+
+    @property
+    def autoscaling(self) -> bool:
+        """Whether an autoscaler may add nodes."""
+        return self.max_total is not None or self.unbounded
+
+    def limit(self, resource: str) -> float:
+        """The most of ``resource`` the cluster can ever offer (now, or after autoscaling)."""
+        if self.unbounded:
+            return math.inf
+        source = self.max_total if self.max_total is not None else self.total
+        return max(source.get(resource, 0.0), self.total.get(resource, 0.0))
+
+
+def detect_resources(assume_autoscaling: bool = False) -> ClusterResources:
+    """Read the connected Ray cluster: live nodes, and the autoscaler's node types if it published them.
+
+    An autoscaler that publishes its cluster config to the GCS (Ray Train reads the same record for
+    the same check) gives known limits. ``assume_autoscaling`` covers one that does not: limits are
+    then unknown and only the placement timeout bounds a request. Otherwise ``max_total = None``.
+    """
+    import ray
+    from ray._private.state import state
+
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    max_total = None
+    config = state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        max_total = {k: float(v) for k, v in (state.get_max_resources_from_cluster_config() or {}).items()}
+        nodes += [
+            {k: float(v) for k, v in g.resources.items()}
+            for g in config.node_group_configs
+            if g.max_count != 0
+        ]
+    return ClusterResources(
+        total=dict(ray.cluster_resources()),
+        node_shapes=nodes,
+        max_total=max_total,
+        unbounded=assume_autoscaling and max_total is None,
+    )
+
+
+def use_gpu(device: str, cluster: ClusterResources) -> bool:
+    """Resolve ``cluster.device`` ('auto', 'cpu', 'cuda'); 'cuda' without any GPU is a user error."""
+    if device == "cpu":
+        return False
+    known = cluster.max_total if cluster.max_total is not None else cluster.total
+    has_gpu = max(known.get("GPU", 0.0), cluster.total.get("GPU", 0.0)) > 0
+    if device == "cuda" and not has_gpu:
+        raise UserError(
+            "cluster.device=cuda but the Ray cluster has no GPU and no autoscaler that can add one"
+        )
+    return has_gpu
+
+
+def role_ranks(cfg) -> dict[str, int]:
+    """Number of actors (ranks) of each role: ``ppo.*_workers`` and ``rollout.num_engines``."""
+    p = cfg.ppo
+    return {
+        "policy": p.policy_workers,
+        "critic": p.critic_workers,
+        "reference": p.reference_workers,
+        "reward": p.reward_workers,
+        "rollout": cfg.rollout.num_engines,
+    }
+
+
+def role_bundles(cfg, gpu: bool) -> dict[str, list[Bundle]]:
+    """Resources of each rank of each role (one bundle per actor), from the config's placement mode.
+
+    ``cfg`` is a :class:`trainers.config.Config` (sections ``cluster``, ``rollout``, ``ppo``).
+    """
+    ranks = role_ranks(cfg)
+    cpus = float(cfg.cluster.cpus_per_actor)
+    if not gpu:
+        return {role: [{"CPU": cpus} for _ in range(n)] for role, n in ranks.items()}
+    tp = cfg.rollout.tensor_parallel_size
+    if cfg.cluster.placement == "dedicated":
+        out = {
+            role: [{"GPU": 1.0, "CPU": cpus} for _ in range(n)]
+            for role, n in ranks.items()
+            if role != "rollout"
+        }
+        out["rollout"] = [{"GPU": float(tp), "CPU": cpus} for _ in range(ranks["rollout"])]
+        return out
+    if tp != 1:
+        raise UserError(
+            f"cluster.placement=colocated needs rollout.tensor_parallel_size=1, got {tp}: "
+            "each engine shares one GPU with the training ranks"
+        )
+    # Every role's rank r lands on shared GPU r; fractions are rounded down so they never sum above 1.
+    share = int(1e4 / len(ranks)) / 1e4
+    return {role: [{"GPU": share, "CPU": cpus} for _ in range(n)] for role, n in ranks.items()}
+
+
+def colocated_bundles(bundles: Mapping[str, list[Bundle]]) -> list[Bundle]:
+    """Shared bundles for colocated placement: bundle r holds rank r of every role (1 GPU each on GPU)."""
+    size = max(len(b) for b in bundles.values())
+    shared: list[Bundle] = [{} for _ in range(size)]
+    for role_list in bundles.values():
+        for r, bundle in enumerate(role_list):
+            for key, value in bundle.items():
+                shared[r][key] = shared[r].get(key, 0.0) + value
+    for bundle in shared:
+        if "GPU" in bundle:
+            bundle["GPU"] = 1.0
+    return shared
+
+
+def format_resources(resources: Mapping[str, float]) -> str:
+    """``{CPU: 2, GPU: 1}``: a resource dict for one-line messages."""
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def sum_bundles(bundles: Iterable[Bundle]) -> Bundle:
+    """Resource-wise sum of bundles."""
+    total: Bundle = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def check_feasible(
+    bundles: Mapping[str, list[Bundle]], cluster: ClusterResources, colocated: bool = False
+) -> None:
+    """Raise a one-line UserError for a request this cluster can never satisfy; otherwise return.
+
+    Checks, in order: each bundle fits some node (or node type); each role alone fits the cluster's
+    limit; all roles together fit (dedicated), or the shared bundles do (colocated). "Limit" means
+    the current totals, or the autoscaler's maximum when one exists. Requests that fit but are busy
+    now are left to the placement wait (``cluster/placement.py``).
+    """
+    if cluster.unbounded:
+        return
+    grow = "an autoscaler may grow it to" if cluster.autoscaling else "no autoscaler can add more"
+    for role, role_list in bundles.items():
+        for bundle in role_list:
+            if not any(
+                all(node.get(k, 0.0) + EPS >= v for k, v in bundle.items()) for node in cluster.node_shapes
+            ):
+                raise UserError(
+                    f"role '{role}' needs {format_resources(bundle)} per actor, but no node has that much "
+                    f"(nodes: {', '.join(format_resources(n) for n in cluster.node_shapes) or 'none'})"
+                )
+        _check_total(f"role '{role}' ({len(role_list)} actors)", sum_bundles(role_list), cluster, grow)
+    together = colocated_bundles(bundles) if colocated else [b for bl in bundles.values() for b in bl]
+    mode = "colocated" if colocated else "dedicated"
+    _check_total(
+        f"roles {', '.join(bundles)} together ({mode} placement)", sum_bundles(together), cluster, grow
+    )
+
+
+def _check_total(who: str, asked: Bundle, cluster: ClusterResources, grow: str) -> None:
+    for resource, amount in sorted(asked.items()):
+        limit = cluster.limit(resource)
+        if amount > limit + EPS:
+            has = f"{cluster.total.get(resource, 0.0):g}"
+            extra = f", {grow} {limit:g}" if cluster.autoscaling else f" and {grow}"
+            raise UserError(f"{who} needs {amount:g} {resource} but the cluster has {has} {resource}{extra}")

@@ -1,0 +1,138 @@
+"""Placement groups and actor groups on a real local Ray (CPU): worlds, names, threads, infeasible requests."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+from cluster.actor_group import ActorGroup, DistributedWorker, default_backend, merge_from_ranks
+from cluster.connect import connect
+from cluster.placement import place_roles, release
+from cluster.resources import detect_resources
+from trainers.errors import UserError
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+# Ray workers cannot import this test module by name: ship its classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class Summer(DistributedWorker):
+    """A minimal role: one tensor per rank, summed over the world."""
+
+    def __init__(self, scale: float, offset: float = 0.0):
+        self.scale, self.offset = scale, offset
+
+    def all_reduce_rank(self) -> float:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([self.scale * (self.rank + 1) + self.offset])
+        dist.all_reduce(t)
+        return t.item()
+
+    def facts(self) -> dict:
+        import torch
+
+        return {
+            "rank": self.rank,
+            "world": self.world_size,
+            "omp": os.environ.get("OMP_NUM_THREADS"),
+            "threads": torch.get_num_threads(),
+            "extra": os.environ.get("RLHF_TEST_ENV"),
+        }
+
+    def double(self, items: list[int]) -> list[int]:
+        return [2 * x for x in items]
+
+
+@pytest.fixture(scope="module")
+def ray_cpu(request):
+    """The session's Ray (``ray_local`` from conftest when there is one), else a local Ray of 8 CPUs."""
+    try:
+        request.getfixturevalue("ray_local")
+    except pytest.FixtureLookupError:
+        connect(num_cpus=8)
+    return ray
+
+
+def live_groups() -> int:
+    return sum(1 for g in placement_group_table().values() if g["state"] != "REMOVED")
+
+
+def test_two_ranks_form_a_gloo_world_with_role_names(ray_cpu):
+    placements = place_roles({"critic": [{"CPU": 1.0}] * 2}, colocated=False, timeout_s=60, name="t1")
+    group = ActorGroup(
+        Summer,
+        placements["critic"],
+        run_name="t1",
+        init_args=(10.0,),
+        rank_kwargs=lambda r: {"offset": r},
+        env={"RLHF_TEST_ENV": "yes"},
+        torch_threads=1,
+        backend=default_backend(gpu=False),
+    )
+    try:
+        sums = ray.get(group.map(lambda actor, rank: actor.all_reduce_rank.remote()))
+        assert sums == [10.0 * (1 + 2) + (0 + 1)] * 2  # every rank sees the world's sum
+        facts = ray.get(group.map(lambda actor, rank: actor.facts.remote()))
+        assert [f["rank"] for f in facts] == [0, 1] and {f["world"] for f in facts} == {2}
+        assert {f["omp"] for f in facts} == {"1"} and {f["threads"] for f in facts} == {1}
+        assert {f["extra"] for f in facts} == {"yes"}
+        assert group.names == ["t1-critic-0", "t1-critic-1"]
+        found = ray.get_actor("t1-critic-1")
+        assert ray.get(found.facts.remote())["rank"] == 1
+        halves = ray.get(group.map_split(lambda actor, shard: actor.double.remote(shard), list(range(5))))
+        assert halves == [[0, 2, 4], [6, 8]] and merge_from_ranks(halves) == [0, 2, 4, 6, 8]
+    finally:
+        group.kill()
+        release(placements)
+
+
+def test_colocated_roles_share_one_placement_group(ray_cpu):
+    placements = place_roles(
+        {"policy": [{"CPU": 0.5}] * 2, "reference": [{"CPU": 0.5}]}, colocated=True, timeout_s=60, name="t2"
+    )
+    try:
+        assert placements["policy"].group.id == placements["reference"].group.id
+        assert placements["policy"].bundle_indices == [0, 1] and placements["reference"].bundle_indices == [0]
+        table = placement_group_table(placements["policy"].group)
+        assert [b["CPU"] for b in table["bundles"].values()] == [1.0, 0.5]  # bundle r = rank r of every role
+    finally:
+        release(placements)
+
+
+def test_infeasible_request_fails_before_anything_starts(ray_cpu):
+    before = live_groups()
+    assert detect_resources().autoscaling is False  # a local Ray has no autoscaler
+    with pytest.raises(UserError) as err:
+        place_roles({"rollout": [{"GPU": 4.0, "CPU": 1.0}]}, colocated=False, timeout_s=60, name="t3")
+    assert "'rollout'" in str(err.value) and "GPU: 4" in str(err.value)
+    assert live_groups() == before
+
+
+def test_busy_cluster_waits_visibly_then_times_out(ray_cpu):
+    # Everything but half a CPU is taken (once earlier tests' actors are gone): 1 CPU fits the
+    # cluster on paper but not now.
+    hog = placement_group([{"CPU": ray.cluster_resources()["CPU"] - 0.5}], strategy="PACK")
+    ray.get(hog.ready(), timeout=60)
+    messages = []
+    try:
+        before = live_groups()
+        with pytest.raises(UserError, match="timed out after 2.5 s waiting for resources for role.s. policy"):
+            place_roles(
+                {"policy": [{"CPU": 1.0}]},
+                colocated=False,
+                timeout_s=2.5,
+                name="t4",
+                notify=messages.append,
+                every_s=1.0,
+            )
+        assert live_groups() == before  # the waiting group was removed
+        assert messages and all("waiting for resources for role(s) policy" in m for m in messages)
+        assert "timeout in" in messages[0] and "CPU: 1" in messages[0]
+    finally:
+        remove_placement_group(hog)

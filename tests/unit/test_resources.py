@@ -1,0 +1,173 @@
+"""Role -> bundle mapping, feasibility checks, and splitting batches over ranks (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.actor_group import merge_from_ranks, shard_bounds, split_for_ranks
+from cluster.resources import ClusterResources, check_feasible, colocated_bundles, role_bundles, use_gpu
+from trainers.config import config_from_dict
+from trainers.errors import UserError
+
+
+def make_cfg(placement="dedicated", engines=2, tp=1, cpus=1.0, policy=2, critic=1):
+    return config_from_dict(
+        {
+            "cluster": {"placement": placement, "cpus_per_actor": cpus},
+            "rollout": {"num_engines": engines, "tensor_parallel_size": tp},
+            "ppo": {
+                "policy_workers": policy,
+                "critic_workers": critic,
+                "mini_batch_size": 16,
+                "micro_batch_size": 8,
+            },
+        }
+    )
+
+
+def gpu_cluster(gpus_per_node=8, nodes=1, cpus=32, max_total=None, extra_shapes=()):
+    shape = {"CPU": float(cpus), "GPU": float(gpus_per_node)}
+    total = {"CPU": float(cpus * nodes), "GPU": float(gpus_per_node * nodes)}
+    return ClusterResources(
+        total=total, node_shapes=[dict(shape)] * nodes + list(extra_shapes), max_total=max_total
+    )
+
+
+def cpu_cluster(cpus=4):
+    return ClusterResources(total={"CPU": float(cpus)}, node_shapes=[{"CPU": float(cpus)}])
+
+
+# --- role_bundles -------------------------------------------------------------------------------
+
+
+def test_dedicated_gpu_one_gpu_per_rank_and_tp_gpus_per_engine():
+    bundles = role_bundles(make_cfg(engines=2, tp=2, cpus=2), gpu=True)
+    assert bundles["policy"] == [{"GPU": 1.0, "CPU": 2.0}] * 2
+    assert bundles["critic"] == [{"GPU": 1.0, "CPU": 2.0}]
+    assert bundles["reference"] == [{"GPU": 1.0, "CPU": 2.0}]
+    assert bundles["reward"] == [{"GPU": 1.0, "CPU": 2.0}]
+    assert bundles["rollout"] == [{"GPU": 2.0, "CPU": 2.0}] * 2
+
+
+def test_colocated_gpu_roles_share_gpus_by_fraction():
+    cfg = make_cfg(placement="colocated", engines=2, policy=2)
+    bundles = role_bundles(cfg, gpu=True)
+    assert set(bundles) == {"policy", "critic", "reference", "reward", "rollout"}
+    fractions = {b["GPU"] for role in bundles.values() for b in role}
+    assert fractions == {0.2}  # five roles on one GPU
+    shared = colocated_bundles(bundles)
+    assert len(shared) == 2  # max ranks of any role
+    assert shared[0] == {"GPU": 1.0, "CPU": 5.0}  # rank 0 of all five roles
+    assert shared[1] == {"GPU": 1.0, "CPU": 2.0}  # rank 1 of policy and rollout only
+
+
+def test_colocated_rejects_tensor_parallel_engines():
+    with pytest.raises(UserError, match="tensor_parallel_size=1"):
+        role_bundles(make_cfg(placement="colocated", tp=2), gpu=True)
+
+
+@pytest.mark.parametrize("placement", ["dedicated", "colocated"])
+def test_cpu_bundles_are_cpus_per_actor_for_every_rank(placement):
+    bundles = role_bundles(make_cfg(placement=placement, engines=3, cpus=0.5), gpu=False)
+    assert bundles["rollout"] == [{"CPU": 0.5}] * 3
+    assert bundles["policy"] == [{"CPU": 0.5}] * 2
+    assert all("GPU" not in b for role in bundles.values() for b in role)
+
+
+# --- check_feasible ------------------------------------------------------------------------------
+
+
+def test_feasible_request_passes():
+    check_feasible(role_bundles(make_cfg(), gpu=True), gpu_cluster(gpus_per_node=8))
+
+
+def test_too_many_gpus_without_autoscaler_names_role_and_amounts():
+    bundles = {"rollout": [{"GPU": 4.0, "CPU": 1.0}]}
+    with pytest.raises(UserError) as err:
+        check_feasible(bundles, gpu_cluster(gpus_per_node=1))
+    msg = str(err.value)
+    assert "'rollout'" in msg and "GPU: 4" in msg and "\n" not in msg
+
+
+def test_role_total_exceeding_cluster_names_role():
+    bundles = {"policy": [{"GPU": 1.0}] * 3}
+    with pytest.raises(UserError, match=r"role 'policy' \(3 actors\) needs 3 GPU but the cluster has 2 GPU"):
+        check_feasible(bundles, gpu_cluster(gpus_per_node=1, nodes=2))
+
+
+def test_all_roles_together_exceeding_cluster_mentions_dedicated():
+    cfg = make_cfg(engines=2, policy=2)  # 2 + 1 + 1 + 1 + 2 = 7 GPUs
+    with pytest.raises(
+        UserError, match="together .dedicated placement. needs 7 GPU but the cluster has 4 GPU"
+    ):
+        check_feasible(role_bundles(cfg, gpu=True), gpu_cluster(gpus_per_node=4))
+
+
+def test_colocated_fits_where_dedicated_does_not():
+    cfg = make_cfg(placement="colocated", engines=2, policy=2)
+    check_feasible(role_bundles(cfg, gpu=True), gpu_cluster(gpus_per_node=2), colocated=True)
+
+
+def test_autoscaler_maximum_makes_request_feasible():
+    bundles = {"policy": [{"GPU": 1.0, "CPU": 1.0}] * 8}
+    growing = gpu_cluster(
+        gpus_per_node=0,
+        cpus=4,
+        max_total={"GPU": 16.0, "CPU": 64.0},
+        extra_shapes=[{"GPU": 8.0, "CPU": 32.0}],
+    )
+    check_feasible(bundles, growing)
+    small = gpu_cluster(
+        gpus_per_node=0, cpus=4, max_total={"GPU": 4.0, "CPU": 64.0}, extra_shapes=[{"GPU": 8.0, "CPU": 32.0}]
+    )
+    with pytest.raises(UserError, match="an autoscaler may grow it to 4"):
+        check_feasible(bundles, small)
+
+
+def test_assumed_autoscaler_with_unknown_limits_accepts_anything():
+    cluster = ClusterResources(total={"CPU": 4.0}, node_shapes=[{"CPU": 4.0}], unbounded=True)
+    check_feasible({"rollout": [{"GPU": 8.0}] * 4}, cluster)
+    assert cluster.autoscaling and use_gpu("auto", cluster) is False  # auto follows the GPUs it can see
+
+
+def test_bundle_larger_than_any_node_is_infeasible_even_if_total_suffices():
+    with pytest.raises(UserError, match="role 'rollout' needs .* per actor, but no node has that much"):
+        check_feasible({"rollout": [{"GPU": 4.0}]}, gpu_cluster(gpus_per_node=2, nodes=2))
+
+
+def test_cpu_request_beyond_cpus():
+    bundles = role_bundles(make_cfg(engines=1), gpu=False)  # 2 + 1 + 1 + 1 + 1 = 6 actors
+    check_feasible(bundles, cpu_cluster(cpus=6))
+    with pytest.raises(UserError, match="needs 6 CPU but the cluster has 4 CPU"):
+        check_feasible(bundles, cpu_cluster(cpus=4))
+
+
+def test_use_gpu_resolution():
+    assert use_gpu("auto", gpu_cluster()) is True
+    assert use_gpu("auto", cpu_cluster()) is False
+    assert use_gpu("cpu", gpu_cluster()) is False
+    with pytest.raises(UserError, match="cluster.device=cuda"):
+        use_gpu("cuda", cpu_cluster())
+
+
+# --- splitting batches over ranks ----------------------------------------------------------------
+
+
+def test_shard_bounds_cover_everything_in_order():
+    assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert shard_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
+
+
+def test_split_and_merge_round_trip_dict_of_tensors_and_lists():
+    batch = {"ids": torch.arange(14).view(7, 2), "text": [f"t{i}" for i in range(7)]}
+    shards = split_for_ranks(batch, 3)
+    assert [len(s["text"]) for s in shards] == [3, 2, 2]
+    assert shards[1]["ids"].tolist() == [[6, 7], [8, 9]]
+    merged = merge_from_ranks(shards)
+    assert torch.equal(merged["ids"], batch["ids"]) and merged["text"] == batch["text"]
+
+
+def test_split_rejects_ragged_dict():
+    with pytest.raises(ValueError, match="different lengths"):
+        split_for_ranks({"a": [1, 2], "b": [1]}, 2)
