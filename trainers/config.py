@@ -143,7 +143,11 @@ class TrainStageConfig:
 
     num_workers: int = opt(2, "Ray Train workers (data-parallel ranks).", ge=1)
     epochs: int = opt(1, "Passes over the training data.", ge=1)
-    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run all epochs).", ge=-1)
+    max_steps: int = opt(
+        -1,
+        "Stop after this many optimizer steps (-1: all epochs); the LR schedule still spans all epochs, so raising it and rerunning continues the run.",
+        ge=-1,
+    )
     micro_batch_size: int = opt(8, "Examples per worker per forward/backward.", ge=1)
     global_batch_size: int = opt(
         32, "Examples per optimizer step over all workers (= micro x workers x accumulation).", ge=1
@@ -159,6 +163,11 @@ class TrainStageConfig:
     )
     keep_checkpoints: int = opt(2, "How many of the newest checkpoints to keep.", ge=1)
     seed: int = opt(0, "Seed for initialisation and data order.", ge=0)
+    max_failures: int = opt(
+        0,
+        "Ray Train restarts the worker group from the newest checkpoint this many times after a worker failure (-1: unlimited).",
+        ge=-1,
+    )
 
 
 @dataclass

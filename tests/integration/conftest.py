@@ -1,0 +1,146 @@
+"""Session fixtures of the integration tests: one local Ray, a small synthetic world, trained tiny models.
+
+Everything is real: Ray Train workers, DeepSpeed ZeRO-3 over gloo, transformers models, on CPU.
+The trained models are session-scoped so later tests (PPO) reuse them:
+
+- ``ray_local``: the one Ray instance of the session (8 logical CPUs on this 2-core machine, so
+  small actors can coexist); shut down at the end;
+- ``world_dir``: ``trainers.data.world.synthesize`` at :data:`SYNTH_SCALE`;
+- ``base_run`` / ``sft_run`` / ``rm_run``: the three stages run by ``trainers.stages`` with the tiny
+  preset (``trainers/configs/tiny.yaml`` + :data:`TEST_OVERRIDES`); each is ``StageRun(out, summary,
+  cfg)``; ``base_model_dir``, ``sft_model_dir``, ``rm_model_dir`` are their ``model/`` folders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO / "trainers" / "configs" / "tiny.yaml"
+SYNTH_SCALE = 0.3
+"""World size for the tests: ~1,000 pretraining documents, ~900 demonstrations, ~360 comparisons."""
+TEST_OVERRIDES: dict[str, list[str]] = {
+    "pretrain": ["pretrain.epochs=2"],
+    "sft": ["sft.epochs=2"],
+    "rm": ["rm.epochs=3", "rm.lr=5e-4"],
+}
+"""Per-stage overrides on top of tiny.yaml: a few more epochs over the smaller world."""
+COMMON_OVERRIDES = ["logging.log_every=1"]
+"""Every step in metrics.jsonl (the equivalence and resume tests compare steps one by one)."""
+
+
+@dataclass
+class StageRun:
+    """One finished stage run: its output directory, summary and the config it ran with."""
+
+    out: Path
+    summary: dict
+    cfg: object
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out / "model"
+
+
+def stage_overrides(
+    stage: str, world_dir: Path, model_path: Path | None = None, extra: list[str] = ()
+) -> list[str]:
+    """The overrides a test run of ``stage`` uses (the fixtures' and any variant of them)."""
+    out = [f"data.dir={world_dir}", *COMMON_OVERRIDES, *TEST_OVERRIDES[stage]]
+    if model_path is not None:
+        out.append(f"model.path={model_path}")
+    return out + list(extra)
+
+
+def load_stage_config(stage: str, world_dir: Path, model_path: Path | None = None, extra: list[str] = ()):
+    """tiny.yaml + the test overrides, as a validated Config."""
+    from trainers.config import load_config
+
+    return load_config(TINY_CONFIG, stage_overrides(stage, world_dir, model_path, extra))
+
+
+def run_stage_for_test(
+    stage: str,
+    out: Path,
+    world_dir: Path,
+    model_path: Path | None = None,
+    extra: list[str] = (),
+    max_failures: int | None = None,
+    **kwargs,
+) -> StageRun:
+    """Run ``stage`` (pretrain/sft/rm) in this process, on the session's Ray.
+
+    ``max_failures`` sets Ray Train's FailureConfig for the run (read by the stage with ``getattr``
+    until it is a config field); ``kwargs`` go to ``run_<stage>`` (``fresh``, ``fail_at_step``).
+    """
+    from trainers.stages import run_pretrain, run_rm, run_sft
+
+    cfg = load_stage_config(stage, world_dir, model_path, extra)
+    if max_failures is not None:
+        getattr(cfg, stage).max_failures = max_failures
+    runner = {"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm}[stage]
+    summary = runner(cfg, out, **kwargs)
+    return StageRun(out=out, summary=summary, cfg=cfg)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """The session's local Ray (8 logical CPUs, 1 torch thread per actor)."""
+    import ray
+
+    from cluster.connect import connect
+
+    connect(None, num_cpus=8, torch_threads=1)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory) -> Path:
+    """The synthetic world at SYNTH_SCALE (seed 0): data kinds, splits, tokenizer."""
+    from trainers.data.world import synthesize
+
+    out = tmp_path_factory.mktemp("world")
+    synthesize(out, seed=0, scale=SYNTH_SCALE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stages")
+
+
+@pytest.fixture(scope="session")
+def base_run(ray_local, world_dir, stage_root) -> StageRun:
+    """Stage 0: the tiny base model pretrained from scratch by 2 Ray Train workers (ZeRO-3)."""
+    return run_stage_for_test("pretrain", stage_root / "base", world_dir)
+
+
+@pytest.fixture(scope="session")
+def sft_run(base_run, world_dir, stage_root) -> StageRun:
+    """Stage 1: SFT of the base model (2 workers, ZeRO-3)."""
+    return run_stage_for_test("sft", stage_root / "sft", world_dir, base_run.model_dir)
+
+
+@pytest.fixture(scope="session")
+def rm_run(sft_run, world_dir, stage_root) -> StageRun:
+    """Stage 2: the reward model from the SFT model (2 workers, ZeRO-3), normalised."""
+    return run_stage_for_test("rm", stage_root / "rm", world_dir, sft_run.model_dir)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(base_run) -> Path:
+    return base_run.model_dir
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(sft_run) -> Path:
+    return sft_run.model_dir
+
+
+@pytest.fixture(scope="session")
+def rm_model_dir(rm_run) -> Path:
+    return rm_run.model_dir

@@ -1,0 +1,88 @@
+"""`rlhf pretrain|sft|rm` as a subprocess: user errors exit 2 with their lines before any worker starts.
+
+No Ray is needed: every case fails in validation, and the output directory must not be created.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.integration.conftest import REPO, TINY_CONFIG
+from trainers.data import validate_files
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m trainers.stages.cli ARGS`` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "trainers.stages.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def bad_world(world_dir, tmp_path):
+    """A copy of the world whose pretrain/train.parquet has a non-string text in row 3."""
+    copy = tmp_path / "world"
+    shutil.copytree(world_dir, copy)
+    path = copy / "pretrain" / "train.parquet"
+    rows = pq.read_table(path).to_pylist()
+    rows[2]["text"] = ""
+    rows[4]["text"] = None
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return copy
+
+
+def test_bad_data_row_exits_2_with_the_validation_lines_and_writes_nothing(bad_world, tmp_path):
+    out = tmp_path / "runs" / "base"
+    result = run_cli("pretrain", "--config", str(TINY_CONFIG), f"data.dir={bad_world}", "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    expected = validate_files("pretrain", [bad_world / "pretrain" / "train.parquet"]).problem_lines()
+    assert expected  # the corruption is a validation problem
+    assert result.stderr.strip().splitlines() == expected  # the same lines `rlhf data validate` prints
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not out.parent.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["pretrain.global_batch_size=30"], "pretrain.global_batch_size=30 is not a multiple"),
+        (["pretrain.learning_rate=0.1"], "unknown config key 'pretrain.learning_rate'"),
+        (["model.preset=huge"], "unknown model preset 'huge'"),
+    ],
+)
+def test_bad_config_exits_2_before_anything_runs(world_dir, tmp_path, overrides, message):
+    out = tmp_path / "out"
+    result = run_cli(
+        "pretrain", "--config", str(TINY_CONFIG), f"data.dir={world_dir}", *overrides, "--out", str(out)
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_sft_without_a_safetensors_model_exits_2(world_dir, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    result = run_cli(
+        "sft", "--config", str(TINY_CONFIG), f"data.dir={world_dir}", f"model.path={model}", "--out", str(out)
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"rlhf: error: model.path='{model}' holds no .safetensors weights (only safetensors are loaded)"
+    )
+    assert not out.exists()

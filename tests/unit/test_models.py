@@ -1,0 +1,176 @@
+"""trainers.models on CPU without Ray or DeepSpeed: building, dropout, left padding, reward scores, saving."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from trainers.engine import save_hf
+from trainers.errors import ConfigError
+from trainers.models import (
+    REWARD_BIAS_KEY,
+    build_causal_lm,
+    build_reward_model,
+    build_value_model,
+    check_model_dir,
+    forward_logits,
+    no_dropout_updates,
+    reward_scores,
+    set_dropout,
+    token_scores,
+    tokenizer_path,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from trainers.data.tokenizer import train_tokenizer
+
+    texts = [f"The cat number {i} sits on the mat and eats {i % 7} red apples." for i in range(200)]
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory, tokenizer):
+    """A tiny causal LM saved with save_hf (no distributed group: GatheredParameters is a no-op)."""
+    model = build_causal_lm(preset="tiny", tokenizer=tokenizer, seed=0)
+    out = tmp_path_factory.mktemp("lm") / "model"
+    save_hf(model, tokenizer, out, config_updates=no_dropout_updates(model.config))
+    return out
+
+
+def _cfg(**sections):
+    base = {"model": {"tokenizer": None, "path": None}, "data": {"dir": None}}
+    for name, values in sections.items():
+        base[name] |= values
+    return types.SimpleNamespace(**{k: types.SimpleNamespace(**v) for k, v in base.items()})
+
+
+def test_tokenizer_path_precedence(tmp_path, lm_dir):
+    assert tokenizer_path(_cfg(model={"tokenizer": "/t"}, data={"dir": "/d"})) == type(lm_dir)("/t")
+    assert tokenizer_path(_cfg(model={"path": str(lm_dir)}, data={"dir": "/d"})) == lm_dir
+    assert tokenizer_path(_cfg(model={"path": str(tmp_path)}, data={"dir": "/d"})) == type(lm_dir)(
+        "/d/tokenizer"
+    )
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        tokenizer_path(_cfg())
+
+
+def test_check_model_dir_requires_config_and_safetensors(tmp_path, lm_dir):
+    assert check_model_dir(lm_dir) == lm_dir
+    with pytest.raises(ConfigError, match="not set"):
+        check_model_dir(None)
+    with pytest.raises(ConfigError, match="not a directory"):
+        check_model_dir(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="no config.json"):
+        check_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no .safetensors"):
+        check_model_dir(tmp_path)
+
+
+def test_set_dropout_touches_only_dropout_fields(tokenizer):
+    from trainers.presets import build_config
+
+    config = build_config("tiny", tokenizer)
+    assert set_dropout(config, 0.2) == ["attention_dropout"]  # Llama has no residual dropout field
+    assert config.attention_dropout == 0.2
+    assert no_dropout_updates(config) == {"attention_dropout": 0.0}
+
+
+def test_random_init_is_seeded(tokenizer):
+    a = build_causal_lm(preset="tiny", tokenizer=tokenizer, seed=1)
+    b = build_causal_lm(preset="tiny", tokenizer=tokenizer, seed=1)
+    c = build_causal_lm(preset="tiny", tokenizer=tokenizer, seed=2)
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.config.vocab_size == len(tokenizer) and a.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_saved_lm_loads_with_transformers_and_matches(lm_dir, tokenizer):
+    assert (lm_dir / "model.safetensors").is_file() and (lm_dir / "tokenizer.json").is_file()
+    assert not lm_dir.with_name("model.tmp").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(lm_dir, use_safetensors=True)
+    again = build_causal_lm(path=lm_dir, dropout=0.3)
+    assert again.config.attention_dropout == 0.3
+    for (name, p), q in zip(loaded.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_forward_logits_left_padding_matches_unpadded(lm_dir):
+    model = build_causal_lm(path=lm_dir).eval()
+    ids = torch.tensor([[11, 12, 13, 14, 15]])
+    alone = forward_logits(model, ids, torch.ones_like(ids))  # (1, 5, V)
+    padded = torch.tensor([[0, 0, 11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26, 27]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    both = forward_logits(model, padded, mask)  # (2, 7, V)
+    torch.testing.assert_close(both[0, 2:], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_reward_model_keeps_the_sft_trunk_and_starts_a_small_head(lm_dir, tokenizer):
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir)
+    rm = build_reward_model(lm_dir, tokenizer.pad_token_id, seed=0)
+    torch.testing.assert_close(rm.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    torch.testing.assert_close(
+        rm.model.layers[1].mlp.down_proj.weight, lm.model.layers[1].mlp.down_proj.weight
+    )
+    assert not hasattr(rm, "lm_head")
+    w = rm.score.weight  # (1, d)
+    d = w.shape[-1]
+    assert w.shape == (1, d) and rm.score.bias is None
+    assert float(w.detach().std()) == pytest.approx(1 / (d + 1) ** 0.5, rel=0.25)  # PPO_DETAILS 10, not 0.02
+    assert getattr(rm.config, REWARD_BIAS_KEY) == 0.0
+    again = build_reward_model(lm_dir, tokenizer.pad_token_id, seed=0)
+    assert torch.equal(again.score.weight, w)
+
+
+def test_reward_scores_read_the_last_real_token_and_add_the_bias(lm_dir, tokenizer):
+    rm = build_reward_model(lm_dir, tokenizer.pad_token_id).eval()
+    ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        scores = reward_scores(rm, ids, mask)  # (2,)
+        alone = reward_scores(rm, torch.tensor([[11, 12, 13]]), torch.ones(1, 3, dtype=torch.long))
+        pooled = rm(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits
+        setattr(rm.config, REWARD_BIAS_KEY, 1.5)
+        shifted = reward_scores(rm, ids, mask)
+    torch.testing.assert_close(scores[0], alone[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores, pooled.squeeze(-1))  # same as transformers' own pooling here
+    torch.testing.assert_close(shifted, scores + 1.5)
+
+
+def test_reward_scores_use_the_mask_not_pad_ids(lm_dir, tokenizer):
+    """A real last token that happens to equal the PAD id: transformers' pooling would skip it."""
+    rm = build_reward_model(lm_dir, tokenizer.pad_token_id).eval()
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad, 11, 12, pad]])
+    mask = torch.tensor([[0, 1, 1, 1]])
+    with torch.no_grad():
+        per_token = token_scores(rm, ids, mask)  # (1, 4)
+        scores = reward_scores(rm, ids, mask)
+    assert per_token.shape == (1, 4)
+    torch.testing.assert_close(scores, per_token[:, 3])
+    assert not torch.allclose(scores, per_token[:, 2])
+
+
+def test_saved_reward_model_round_trips_with_its_bias(tmp_path, lm_dir, tokenizer):
+    rm = build_reward_model(lm_dir, tokenizer.pad_token_id)
+    save_hf(rm, tokenizer, tmp_path / "rm", config_updates={REWARD_BIAS_KEY: -0.75})
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", use_safetensors=True)
+    assert loaded.config.reward_bias == -0.75 and loaded.config.num_labels == 1
+    torch.testing.assert_close(loaded.score.weight, rm.score.weight)
+    critic = build_value_model(tmp_path / "rm")
+    torch.testing.assert_close(critic.score.weight, rm.score.weight)
+    ids, mask = torch.tensor([[3, 11, 12]]), torch.ones(1, 3, dtype=torch.long)
+    with torch.no_grad():
+        scores = reward_scores(loaded, ids, mask)
+        torch.testing.assert_close(scores, token_scores(loaded, ids, mask)[:, -1] - 0.75)
+        torch.testing.assert_close(
+            scores, reward_scores(rm.eval(), ids, mask)
+        )  # save_hf updated the live config too

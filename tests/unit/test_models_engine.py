@@ -1,0 +1,92 @@
+"""trainers.engine pure helpers: LR schedule, DeepSpeed config, accumulation, parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainers.engine import (
+    ds_config,
+    grad_accum_steps,
+    lr_lambda,
+    param_groups,
+    resolve_device,
+    resolve_dtype,
+    warmup_steps_for,
+)
+
+
+def test_lr_warmup_is_linear_and_starts_above_zero():
+    values = [lr_lambda(s, total_steps=100, warmup_steps=4, min_lr_ratio=0.1) for s in range(4)]
+    assert values == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_lr_cosine_goes_from_peak_to_floor_at_the_last_step():
+    total, warmup, floor = 20, 2, 0.1
+    assert lr_lambda(warmup, total, warmup, floor) == pytest.approx(1.0)
+    assert lr_lambda(total - 1, total, warmup, floor) == pytest.approx(floor)
+    mid = warmup + (total - warmup - 1) / 2
+    assert lr_lambda(int(mid), total, warmup, floor) == pytest.approx(
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * int(mid - warmup) / (total - warmup - 1)))
+    )
+    decay = [lr_lambda(s, total, warmup, floor) for s in range(warmup, total)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert lr_lambda(total + 5, total, warmup, floor) == pytest.approx(floor)
+
+
+def test_lr_without_warmup_starts_at_peak():
+    assert lr_lambda(0, 10, 0, 0.0) == pytest.approx(1.0)
+    assert warmup_steps_for(100, 0.0) == 0
+    assert warmup_steps_for(10, 0.01) == 1  # a positive ratio always warms up at least one step
+    assert warmup_steps_for(200, 0.05) == 10
+
+
+def test_lambda_lr_applies_the_schedule_to_the_optimizer():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, 10, 2, 0.0))
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[:3] == [0.5, 1.0, 1.0]
+    assert seen[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ds_config_batch_arithmetic_and_precision():
+    cfg = ds_config(zero_stage=3, dtype="bf16", micro_batch=4, grad_accum=2, world_size=2, grad_clip=1.0)
+    assert cfg["train_batch_size"] == 16
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_allow_untested_optimizer"] is True
+    assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+    cpu = ds_config(zero_stage=2, dtype="fp32", micro_batch=8, grad_accum=1, world_size=1, grad_clip=0.0)
+    assert cpu["bf16"]["enabled"] is False and cpu["gradient_clipping"] == 0.0
+    assert "stage3_gather_16bit_weights_on_model_save" not in cpu["zero_optimization"]
+
+
+def test_grad_accum_steps_requires_divisibility():
+    assert grad_accum_steps(32, 8, 2) == 2
+    assert grad_accum_steps(32, 16, 1) == 2
+    with pytest.raises(ValueError, match="not a multiple"):
+        grad_accum_steps(30, 8, 2)
+
+
+def test_device_and_dtype_resolution():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", "cpu") == "fp32"
+    assert resolve_dtype("auto", "cuda") == "bf16"
+    assert resolve_dtype("fp32", "cuda") == "fp32"
+
+
+def test_param_groups_decay_matrices_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    groups = param_groups(model, weight_decay=0.1)
+    decay = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert decay == {id(model[0].weight)}
+    assert len(groups[1]["params"]) == 3  # linear bias, norm weight, norm bias

@@ -1,0 +1,191 @@
+"""The run directory every stage writes: metrics, summary, TensorBoard events, progress lines.
+
+Layout of a stage's output directory ``OUT`` (DESIGN.md, "Outputs")::
+
+    OUT/model/            Hugging Face save_pretrained (safetensors + tokenizer), written atomically
+    OUT/metrics.jsonl     one JSON object per logged step ({"step": 3, "epoch": 0, "loss": ...})
+    OUT/summary.json      final metrics + wall time
+    OUT/config.yaml       the resolved configuration the run used
+    OUT/checkpoints/      resumable state (Ray Train storage)
+    OUT/tensorboard/      TensorBoard events (torch.utils.tensorboard)
+
+Files that a reader may open at any moment (summary, config, the model directory) are written to a
+temporary name beside the target and renamed into place, so a crash never leaves half a file.
+``metrics.jsonl`` is append-only (one flushed line per step); on resume it is cut back to the
+checkpoint's step so a step never appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from trainers.errors import ConfigError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: tensors and numpy scalars become floats, non-finite floats become null."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: str | Path, obj: Mapping) -> None:
+    """Write ``obj`` as indented JSON, atomically (see :func:`atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
+    """Move a fully written ``tmp_dir`` to ``final_dir``, replacing an older ``final_dir``.
+
+    The old directory is first renamed aside, so at every moment ``final_dir`` is either the old
+    complete directory or the new complete one (never a mixture).
+    """
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final_dir.exists():
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """The absolute output directory, checked to be creatable and writable; creates nothing.
+
+    Raises :class:`ConfigError` if ``out_dir`` is a file, or if it (or its nearest existing parent)
+    is not writable.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory '{out}' exists and is not a directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output directory '{out}' is not writable ('{probe}' does not allow it)")
+    return out
+
+
+def format_number(value: Any) -> str:
+    """Compact human form for progress lines: 4 significant digits, integers as they are."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:.3e}"
+    return f"{value:.4g}"
+
+
+def progress_line(stage: str, step: int, total: int, metrics: Mapping[str, Any]) -> str:
+    """``"sft step 12/300 loss 2.31 tokens/s 9,812 lr 9.8e-05"``: the line printed while a stage runs."""
+    parts = [f"{stage} step {step}/{total}"]
+    if "loss" in metrics:
+        parts.append(f"loss {format_number(metrics['loss'])}")
+    if "tokens_per_s" in metrics:
+        parts.append(f"tokens/s {float(metrics['tokens_per_s']):,.0f}")
+    for key in ("accuracy", "valid_loss", "valid_accuracy", "lr", "grad_norm"):
+        if key in metrics:
+            parts.append(f"{key} {format_number(metrics[key])}")
+    return " ".join(parts)
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard.
+
+    Only one process (rank 0) writes. Each line is flushed at once so ``tail -f`` and a crash both
+    see every completed step. TensorBoard gets every numeric value as ``<prefix>/<key>``.
+    """
+
+    def __init__(self, out_dir: str | Path, prefix: str, tensorboard: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self._fh = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it pulls in tensorboard
+
+            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
+        """Write ``{"step": step, **metrics}`` as one line (and TensorBoard scalars); return the record."""
+        record = _jsonable({"step": int(step), **metrics})
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{self.prefix}/{key}", value, global_step=int(step))
+            self._tb.flush()
+        return record
+
+    def close(self) -> None:
+        """Flush and close both sinks."""
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> int:
+    """Keep only the records of ``path`` with ``step <= last_step`` (resume); return how many were dropped.
+
+    Unparseable lines (a line cut short by a crash) are dropped too. The file is rewritten atomically.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return dropped
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a ``metrics.jsonl`` file, in order (an empty list if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

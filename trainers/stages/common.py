@@ -1,0 +1,715 @@
+"""What the Ray Train stages (pretrain, SFT, RM) share: validation, the driver, the worker loop.
+
+    summary = run_stage(SFT_SPEC, cfg, "runs/sft")     # trainers.stages.sft.run_sft does this
+
+Driver (:func:`run_stage`), in order:
+
+1. validate everything -- config, data files (through trainers.data's validated readers: a bad
+   row is a DataError with the same lines ``rlhf data validate`` prints), token lengths, the model
+   directory (safetensors), the output directory -- before any Ray worker starts; on a user error
+   nothing is written (the output directory is not even created);
+2. connect to Ray (cluster/connect.py) and run a ``ray.train.torch.TorchTrainer`` whose
+   ``train_loop_per_worker`` is :func:`train_loop`; the storage path is ``OUT/checkpoints`` and the
+   run is named after the stage, so running the same command again resumes from the newest
+   checkpoint (Ray Train V2 restores its checkpoint manager from storage; ``--fresh`` deletes it);
+3. write ``summary.json`` from the metrics of the last report.
+
+Worker (:func:`train_loop`): DeepSpeed ZeRO-3 engine (trainers.engine), the stage's *task* (model,
+collation, loss, evaluation; see :class:`Task`), deterministic data order, checkpoints every
+``checkpoint_every`` steps and at each epoch end through ``ray.train.report(checkpoint=...)``.
+
+Batching and loss aggregation (PPO_DETAILS 24). Each epoch is a seeded permutation of the training
+examples; optimizer step ``s`` takes the ``G = global_batch_size`` examples at positions
+``[s*G, (s+1)*G)`` of it, and rank ``r`` of ``W`` takes the contiguous ``G/W`` of those, split into
+``A = G/(m W)`` micro-batches of ``m``. The union over ranks is the same whatever ``W``. The loss is
+a mean over the units of the whole global batch (LM: target tokens; RM: prompts with at least one
+pair): the global unit count ``N`` is all-reduced before the step, and each micro-batch's loss is
+``sum / (N / (W A))`` (:func:`trainers.algos.loss_normaliser`), which cancels DeepSpeed's division
+by ``A`` and its averaging over ``W`` ranks. So 1 and 2 workers give the same losses and gradients
+up to float summation order (tests/integration/test_stages.py checks it, and checks the first
+step's gradient norm against a single-process computation).
+
+Resume restores the engine (weights, AdamW state, LR schedule), the step counter (which fixes the
+epoch and the position in it, since the order is a function of seed and epoch) and each rank's
+torch RNG state, so a resumed run continues exactly where the uninterrupted run would be. The LR
+schedule always spans ``epochs``; ``max_steps`` only stops early, so raising it and running the
+same command again continues the same run.
+
+Metrics. Rank 0 writes one record per logged step (``logging.log_every``, plus step 1 and every
+epoch end) to ``OUT/metrics.jsonl`` and TensorBoard, and prints a progress line: ``step``,
+``epoch``, ``loss`` (global token/prompt mean), ``lr`` (of that step), ``grad_norm`` (before
+clipping), ``tokens_per_s`` (real tokens of the global batch / step time), the unit count
+(``target_tokens`` or ``prompts``), ``elapsed_s`` (since this invocation's loop started), RM
+``accuracy``, and ``valid_*`` at epoch ends. Ray Train gets metrics only with checkpoints: in Ray
+Train V2 ``ray.train.report`` blocks until the controller has taken the previous report and the
+controller polls every 2 s (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), so a report per step stalled
+steps of a fraction of a second by up to 2 s each.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainers.config import Config, dump_yaml, to_dict
+from trainers.errors import ConfigError, DataError
+from trainers.outputs import (
+    MetricsWriter,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    progress_line,
+    truncate_metrics,
+)
+
+CHECKPOINT_TAG = "engine"
+"""DeepSpeed checkpoint tag inside each Ray Train checkpoint directory."""
+STATE_FILE = "trainer_state.json"
+"""Step counters and run shape, next to the DeepSpeed files of a checkpoint."""
+TRAIN_LOSS_WINDOW = 10
+"""``<stage>/train_loss`` in the summary is the mean loss of the last this-many optimizer steps."""
+MAX_LENGTH_PROBLEMS = 20
+"""At most this many over-long examples are listed (like data validation's problem lines)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage description
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedData:
+    """A stage's tokenized data, built on the driver during validation and shipped to the workers."""
+
+    train: list
+    """Training examples (their form is the task's: ``(ids, n_prompt)`` or ranked groups)."""
+    valid: list
+    """Validation examples, same form."""
+    extra: dict[str, list] = field(default_factory=dict)
+    """Other sets a task needs (the RM's demonstrations for normalisation)."""
+
+
+@dataclass
+class StageSpec:
+    """One Ray Train stage: its name, its driver-side preparation and its worker-side task."""
+
+    name: str
+    """Stage name: config section, run name, metric prefix (``pretrain``, ``sft``, ``rm``)."""
+    prepare: Callable[[Config, Any], PreparedData]
+    """``prepare(cfg, tokenizer)``: read, validate and tokenize the data (raises UserError)."""
+    check_model: Callable[[Config], None]
+    """Validate the model source of the stage (raises ConfigError)."""
+    task: Callable[[dict, Any], Task]
+    """``task(plan, tokenizer)`` on each worker: the stage's model, batches, loss and evaluation."""
+
+
+class Task:
+    """The stage-specific part of the worker loop (see pretrain.py/sft.py: LM, rm.py: RM).
+
+    ``units`` are what the loss is a mean over (LM: target tokens; RM: prompts with a pair).
+    """
+
+    units_name: str = "units"
+    """Metric name of the step's global unit count (``target_tokens``, ``prompts``)."""
+
+    def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The model to train (called while the ZeRO-3 HfDeepSpeedConfig is alive)."""
+        raise NotImplementedError
+
+    def collate(self, examples: list) -> dict:
+        """A batch dict of tensors from examples."""
+        raise NotImplementedError
+
+    def units(self, batch: dict) -> int:
+        """Loss units in the batch."""
+        raise NotImplementedError
+
+    def tokens(self, batch: dict) -> int:
+        """Real tokens in the batch (throughput)."""
+        return int(batch["attention_mask"].sum())
+
+    def loss(self, engine, batch: dict, num_units: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """``(sum over the batch's units / num_units, extra summable stats)``."""
+        raise NotImplementedError
+
+    def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Extra per-step metrics from the all-reduced stats (e.g. RM accuracy)."""
+        return {}
+
+    def eval_sums(self, engine, batch: dict) -> dict[str, float]:
+        """Summable evaluation statistics of one validation batch (no grad)."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Validation metrics (``valid_loss``...) from all-reduced sums."""
+        raise NotImplementedError
+
+    def finish(self, engine, data: PreparedData, shape: tuple) -> tuple[dict, dict]:
+        """After training (collective; ``shape`` = (rank, world)): ``(config updates for the saved
+        model, extra summary metrics)``."""
+        return {}, {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Batching (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def plan_steps(n_train: int, global_batch: int, epochs: int, max_steps: int) -> tuple[int, int, int]:
+    """``(steps_per_epoch, schedule_steps, stop_step)``.
+
+    Full global batches per epoch (the remainder is dropped, a different part each epoch); the LR
+    schedule spans all ``epochs``; ``max_steps`` (when positive) stops the run early *without*
+    changing the schedule, so a run stopped at N and continued with a larger ``max_steps`` is the
+    same run as one never stopped.
+    """
+    steps_per_epoch = n_train // global_batch
+    schedule = steps_per_epoch * epochs
+    stop = min(schedule, max_steps) if max_steps > 0 else schedule
+    return steps_per_epoch, schedule, stop
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The seeded permutation of ``range(n)`` for ``epoch`` (same on every rank and every run)."""
+    order = list(range(n))
+    random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+    return order
+
+
+def step_indices(order: Sequence[int], index_in_epoch: int, global_batch: int) -> list[int]:
+    """The global batch of optimizer step ``index_in_epoch`` of an epoch."""
+    start = index_in_epoch * global_batch
+    return list(order[start : start + global_batch])
+
+
+def rank_slice(batch: Sequence[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s contiguous share of a global batch (``len(batch)`` divisible by ``world``)."""
+    share = len(batch) // world
+    return list(batch[rank * share : (rank + 1) * share])
+
+
+def micro_batches(indices: Sequence[int], micro: int) -> list[list[int]]:
+    """Split a rank's share into micro-batches of ``micro``."""
+    return [list(indices[i : i + micro]) for i in range(0, len(indices), micro)]
+
+
+def eval_shards(n: int, batch_size: int, rank: int, world: int) -> list[tuple[list[int], bool]]:
+    """Rank ``rank``'s evaluation batches as ``(indices, counted)``.
+
+    Under ZeRO-3 every forward is collective, so all ranks need the same number of batches: the
+    batch list is padded to a multiple of ``world`` with repeats of the first batch marked
+    ``counted=False`` (their statistics are discarded).
+    """
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    if not batches:
+        return []
+    padded = [(b, True) for b in batches]
+    padded += [(batches[0], False)] * (-len(batches) % world)
+    return padded[rank::world]
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+
+
+def stage_config(cfg: Config, stage: str):
+    """The stage's section of the config (``cfg.pretrain`` / ``cfg.sft`` / ``cfg.rm``)."""
+    return getattr(cfg, stage)
+
+
+def data_path(cfg: Config, kind: str, split: str) -> Path:
+    """``data.dir/<kind>/<split>.parquet`` (ConfigError if ``data.dir`` is not set)."""
+    if not cfg.data.dir:
+        raise ConfigError(
+            "data.dir is not set: give the data directory (e.g. the output of `rlhf data synth`)"
+        )
+    return Path(cfg.data.dir) / kind / f"{split}.parquet"
+
+
+def length_problems(lengths: Sequence[int], path: Path, max_len: int, what: str) -> list[str]:
+    """``PATH:ROW: ...`` lines (1-based rows) for examples longer than ``max_len`` tokens."""
+    lines = [
+        f"{path}:{row + 1}: {what} is {n} tokens long, more than model.max_len={max_len}"
+        for row, n in enumerate(lengths)
+        if n > max_len
+    ]
+    if len(lines) > MAX_LENGTH_PROBLEMS:
+        lines = lines[:MAX_LENGTH_PROBLEMS] + [f"... and {len(lines) - MAX_LENGTH_PROBLEMS} more problems"]
+    return lines
+
+
+def raise_if_problems(lines: list[str]) -> None:
+    """DataError with ``lines`` when there are any."""
+    if lines:
+        raise DataError(lines[0], lines=lines)
+
+
+def validate_stage(spec: StageSpec, cfg: Config, out_dir: str | Path) -> tuple[Path, PreparedData, tuple]:
+    """Everything that can be wrong with a run, checked before any worker starts; writes nothing.
+
+    Order: config, output directory, model source, tokenizer, data (schema, then token lengths),
+    batch arithmetic against the data size. Returns ``(out_dir, data, steps)`` with ``steps`` as
+    :func:`plan_steps` returns it.
+    """
+    from trainers.models import load_tokenizer
+
+    cfg.validate()
+    st = stage_config(cfg, spec.name)
+    out = check_output_dir(out_dir)
+    spec.check_model(cfg)
+    tokenizer = load_tokenizer(cfg)
+    data = spec.prepare(cfg, tokenizer)
+    steps = plan_steps(len(data.train), st.global_batch_size, st.epochs, st.max_steps)
+    if steps[0] == 0:
+        raise DataError(
+            f"{spec.name}: {len(data.train)} training examples, fewer than "
+            f"{spec.name}.global_batch_size={st.global_batch_size}"
+        )
+    return out, data, steps
+
+
+def latest_checkpoint_state(storage: Path) -> dict | None:
+    """The trainer state of the newest checkpoint under a Ray Train run directory (None if none)."""
+    states = []
+    for path in storage.glob(f"*/{STATE_FILE}"):
+        try:
+            states.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return max(states, key=lambda s: s.get("step", 0), default=None)
+
+
+def check_resumable(state: dict | None, plan: dict) -> None:
+    """ConfigError if a checkpoint exists but was made with another run shape (use --fresh)."""
+    if state is None:
+        return
+    for key in ("world_size", "global_batch_size", "micro_batch_size", "zero_stage"):
+        if state.get(key) != plan[key]:
+            raise ConfigError(
+                f"{plan['out_dir']}: existing checkpoints were made with {key}={state.get(key)}, this run has "
+                f"{plan[key]}; resume needs the same (pass --fresh to start over)"
+            )
+
+
+def prepare_output(out: Path, cfg: Config, fresh: bool) -> None:
+    """Create the output directory (after validation); ``fresh`` removes an earlier run's state."""
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for name in ("checkpoints", "tensorboard"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+
+
+def make_plan(
+    spec: StageSpec, cfg: Config, out: Path, steps: tuple[int, int, int], device: str, dtype: str
+) -> dict:
+    """The picklable description of the run that every worker receives as ``train_loop_config``."""
+    from trainers.models import tokenizer_path
+
+    st = stage_config(cfg, spec.name)
+    model = to_dict(cfg)["model"]
+    if model["path"]:
+        model["path"] = str(Path(model["path"]).resolve())  # workers may run in another directory
+    return {
+        "stage": spec.name,
+        "out_dir": str(out),
+        "stage_cfg": to_dict(cfg)[spec.name],
+        "model": model,
+        "logging": to_dict(cfg)["logging"],
+        "torch_threads": cfg.cluster.torch_threads,
+        "tokenizer_dir": str(tokenizer_path(cfg).resolve()),
+        "device": device,
+        "dtype": dtype,
+        "steps_per_epoch": steps[0],
+        "schedule_steps": steps[1],
+        "stop_step": steps[2],
+        "world_size": st.num_workers,
+        "global_batch_size": st.global_batch_size,
+        "micro_batch_size": st.micro_batch_size,
+        "zero_stage": st.zero_stage,
+    }
+
+
+def run_stage(
+    spec: StageSpec,
+    cfg: Config,
+    out_dir: str | Path,
+    fresh: bool = False,
+    fail_at_step: int | None = None,
+) -> dict:
+    """Validate, train with Ray Train + DeepSpeed, write ``OUT/summary.json``; return the summary.
+
+    ``fail_at_step`` is a testing hook: every worker raises right after that optimizer step
+    (and its checkpoint, if one is due) unless the run resumed from a checkpoint, which
+    exercises Ray Train's failure handling and resuming.
+    """
+    from trainers.engine import resolve_device, resolve_dtype
+
+    start = time.time()
+    out, data, steps = validate_stage(spec, cfg, out_dir)
+    device = resolve_device(cfg.cluster.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    plan = make_plan(spec, cfg, out, steps, device, dtype)
+    plan["fail_at_step"] = fail_at_step
+    storage = out / "checkpoints"
+    if not fresh:
+        check_resumable(latest_checkpoint_state(storage / spec.name), plan)
+    prepare_output(out, cfg, fresh)
+    resumed = latest_checkpoint_state(storage / spec.name)
+    _announce(spec, plan, data, resumed)
+    result = _fit(spec, cfg, plan, data, storage)
+    metrics = dict(result.metrics or {})
+    summary = {k: v for k, v in metrics.items() if k.startswith(f"{spec.name}/")}
+    summary[f"{spec.name}/wall_time_s"] = round(time.time() - start, 2)
+    summary["model_dir"] = str(out / "model")
+    atomic_write_json(out / "summary.json", summary)
+    print(
+        f"{spec.name}: done in {summary[f'{spec.name}/wall_time_s']:.1f}s; summary in {out / 'summary.json'}"
+    )
+    return summary
+
+
+def _announce(spec: StageSpec, plan: dict, data: PreparedData, resumed: dict | None) -> None:
+    """One line about what is about to run (and where it resumes)."""
+    where = f", resuming after step {resumed['step']}" if resumed else ""
+    print(
+        f"{spec.name}: {len(data.train)} examples, {plan['stop_step']} of {plan['schedule_steps']} steps "
+        f"({plan['steps_per_epoch']} per epoch), global batch {plan['global_batch_size']}, "
+        f"{plan['world_size']} Ray Train workers, ZeRO-{plan['zero_stage']}, {plan['dtype']} on "
+        f"{plan['device']}{where}",
+        flush=True,
+    )
+
+
+def _fit(spec: StageSpec, cfg: Config, plan: dict, data: PreparedData, storage: Path):
+    """Connect to Ray, put the data in the object store and run the TorchTrainer; its Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.connect import connect
+    from trainers.engine import backend_for
+
+    st = stage_config(cfg, spec.name)
+    num_cpus = cfg.cluster.num_cpus or max(4, st.num_workers + 2)
+    ray = connect(cfg.cluster.ray_address, num_cpus=num_cpus, torch_threads=cfg.cluster.torch_threads)
+    plan = dict(plan, data_ref=ray.put(data))
+    use_gpu = plan["device"] == "cuda"
+    resources = {"GPU": 1} if use_gpu else {"CPU": cfg.cluster.cpus_per_actor}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=plan,
+        scaling_config=ScalingConfig(
+            num_workers=st.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend=backend_for(plan["device"])),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=st.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=st.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopState:
+    """Counters that a checkpoint saves and a resume restores."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    recent_losses: list = field(default_factory=list)
+    """Losses of the last TRAIN_LOSS_WINDOW steps (for the summary's train_loss)."""
+    tokens_per_s: list = field(default_factory=list)
+    """Recent throughput values."""
+    last_valid: dict = field(default_factory=dict)
+    """Validation metrics of the latest evaluation."""
+    last_checkpoint_step: int = -1
+    resumed_from_step: int | None = None
+
+
+def train_loop(plan: dict) -> None:
+    """``train_loop_per_worker`` of every stage: build, (resume,) train, evaluate, save."""
+    import ray
+    import ray.train
+
+    from trainers.engine import ds_config, grad_accum_steps, hf_deepspeed_context, init_distributed
+    from trainers.models import disable_cudnn_attention, load_tokenizer_dir
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if plan["device"] == "cpu":
+        torch.set_num_threads(plan["torch_threads"])
+    else:
+        disable_cudnn_attention()  # non-finite gradients with left padding (see its docstring)
+    init_distributed(plan["device"])
+    st = plan["stage_cfg"]
+    data: PreparedData = ray.get(plan["data_ref"])
+    tokenizer = load_tokenizer_dir(plan["tokenizer_dir"])
+    task = _make_task(plan, tokenizer)
+    accum = grad_accum_steps(st["global_batch_size"], st["micro_batch_size"], world)
+    config = ds_config(st["zero_stage"], plan["dtype"], st["micro_batch_size"], accum, world, st["grad_clip"])
+    hf_context = hf_deepspeed_context(config)  # noqa: F841 - must stay alive while the model exists
+    engine = _build_engine(task, plan, config)
+    torch.manual_seed(st["seed"] * 1009 + rank + 1)  # dropout streams differ per rank
+    state = _restore(engine, rank)
+    writer = _open_writer(plan, state) if rank == 0 else None
+    try:
+        _train(engine, task, data, plan, state, writer, (rank, world, accum))
+        _finish(engine, task, data, plan, state, tokenizer, (rank, world))
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _make_task(plan: dict, tokenizer) -> Task:
+    from trainers.stages import get_spec
+
+    return get_spec(plan["stage"]).task(plan, tokenizer)
+
+
+def _build_engine(task: Task, plan: dict, config: dict):
+    """The task's model inside a DeepSpeed engine with the stage's optimizer and schedule."""
+    from trainers.engine import init_engine
+    from trainers.models import torch_dtype
+
+    st = plan["stage_cfg"]
+    model = task.build_model(torch_dtype(plan["dtype"]))
+    model.config.use_cache = False
+    if plan["model"]["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return init_engine(
+        model,
+        config,
+        lr=st["lr"],
+        weight_decay=st["weight_decay"],
+        total_steps=plan["schedule_steps"],
+        warmup_ratio=st["warmup_ratio"],
+        min_lr_ratio=st["min_lr_ratio"],
+    )
+
+
+def rng_state() -> dict:
+    """This process's torch RNG states (CPU, and CUDA when present): dropout's randomness."""
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(saved: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(saved["cpu"])
+    if saved.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def _restore(engine, rank: int) -> LoopState:
+    """Load the newest Ray Train checkpoint (engine, counters, this rank's RNG), if there is one."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return LoopState()
+    with checkpoint.as_directory() as path:
+        loaded, _ = engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
+        if loaded is None:  # DeepSpeed returns (None, None) instead of raising when nothing matched
+            raise RuntimeError(f"no DeepSpeed checkpoint '{CHECKPOINT_TAG}' in {path}")
+        saved = json.loads((Path(path) / STATE_FILE).read_text())
+        set_rng_state(torch.load(Path(path) / f"rng_rank{rank}.pt", weights_only=False))
+    state = LoopState(**saved["loop"])
+    state.resumed_from_step = state.step
+    return state
+
+
+def _open_writer(plan: dict, state: LoopState) -> MetricsWriter:
+    """Rank 0's metrics writer; on resume, records past the checkpoint's step are dropped first."""
+    out = Path(plan["out_dir"])
+    truncate_metrics(out / "metrics.jsonl", state.step)
+    return MetricsWriter(out, prefix=plan["stage"], tensorboard=plan["logging"]["tensorboard"])
+
+
+def _train(
+    engine, task: Task, data: PreparedData, plan: dict, state: LoopState, writer, shape: tuple
+) -> None:
+    """Optimizer steps from ``state.step`` to the end, with logging, evaluation and checkpoints.
+
+    ``shape`` is ``(rank, world, accumulation steps)``.
+    """
+    rank, world, accum = shape
+    st, total, per_epoch = plan["stage_cfg"], plan["stop_step"], plan["steps_per_epoch"]
+    log_every = plan["logging"]["log_every"]
+    started = time.time()
+    while state.step < total:
+        epoch, index = divmod(state.step, per_epoch)
+        order = epoch_order(len(data.train), st["seed"], epoch)
+        mine = rank_slice(step_indices(order, index, st["global_batch_size"]), rank, world)
+        metrics = train_step(
+            engine, task, [data.train[i] for i in mine], st["micro_batch_size"], world, accum
+        )
+        state.step += 1
+        metrics["epoch"] = epoch
+        metrics["elapsed_s"] = time.time() - started
+        _remember(state, metrics)
+        epoch_end = state.step % per_epoch == 0 or state.step == total
+        if epoch_end:
+            state.last_valid = evaluate(engine, task, data.valid, st["micro_batch_size"], rank, world)
+            metrics |= state.last_valid
+        if writer is not None and (state.step % log_every == 0 or epoch_end or state.step == 1):
+            record = writer.log(state.step, metrics)
+            if plan["logging"]["progress"]:
+                print(
+                    progress_line(plan["stage"], state.step, total, record), file=sys.__stdout__, flush=True
+                )
+        # Metrics reach Ray Train only with checkpoints (module docstring). The last step's checkpoint
+        # is saved by _finish with the summary: a Result holds the newest *checkpoint* report's metrics.
+        due = st["checkpoint_every"] > 0 and state.step % st["checkpoint_every"] == 0
+        if state.step < total and (due or epoch_end):
+            save_checkpoint(engine, plan, state, metrics, rank)
+        if plan.get("fail_at_step") == state.step and state.resumed_from_step is None:
+            raise RuntimeError(f"injected failure after step {state.step} (fail_at_step testing hook)")
+
+
+def _remember(state: LoopState, metrics: dict) -> None:
+    state.recent_losses = (state.recent_losses + [metrics["loss"]])[-TRAIN_LOSS_WINDOW:]
+    state.tokens_per_s = (state.tokens_per_s + [metrics["tokens_per_s"]])[-TRAIN_LOSS_WINDOW:]
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on the engine's device (collation builds them on the CPU)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train_step(engine, task: Task, examples: list, micro: int, world: int, accum: int) -> dict:
+    """One optimizer step over this rank's share of the global batch; metrics of the whole step.
+
+    The global unit count is all-reduced first so every micro-batch loss is ``sum / (N / (W A))``
+    (module docstring); the logged loss is the exact global mean.
+    """
+    from trainers.algos import loss_normaliser
+    from trainers.engine import all_reduce_sum
+
+    t0 = time.time()
+    engine.train()
+    batches = [
+        to_device(task.collate(examples[i : i + micro]), engine.device)
+        for i in range(0, len(examples), micro)
+    ]
+    local = [sum(task.units(b) for b in batches), sum(task.tokens(b) for b in batches)]
+    global_units, global_tokens = all_reduce_sum(local)
+    norm = loss_normaliser(max(global_units, 1.0), world, accum)
+    lr = engine.get_lr()[0]
+    loss_sum, stats = 0.0, {}
+    for batch in batches:
+        loss, extra = task.loss(engine, batch, norm)
+        engine.backward(loss)
+        engine.step()
+        loss_sum += float(loss.detach()) / (world * accum)
+        for key, value in extra.items():
+            stats[key] = stats.get(key, 0.0) + float(value)
+    keys = sorted(stats)
+    reduced = all_reduce_sum([loss_sum] + [stats[k] for k in keys])
+    grad_norm = engine.get_global_grad_norm()
+    metrics = {"loss": reduced[0], "lr": lr, task.units_name: global_units}
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+    metrics["tokens_per_s"] = global_tokens / max(time.time() - t0, 1e-9)
+    metrics |= task.train_metrics(dict(zip(keys, reduced[1:])))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(engine, task: Task, examples: list, batch_size: int, rank: int, world: int) -> dict:
+    """Validation metrics over ``examples``, sharded over ranks (collective: every rank calls it)."""
+    from trainers.engine import all_reduce_sum
+
+    if not examples:
+        return {}
+    engine.eval()
+    sums: dict[str, float] = {}
+    for indices, counted in eval_shards(len(examples), batch_size, rank, world):
+        batch = to_device(task.collate([examples[i] for i in indices]), engine.device)
+        batch_sums = task.eval_sums(engine, batch)
+        if not sums:
+            sums = dict.fromkeys(batch_sums, 0.0)
+        if counted:
+            for key, value in batch_sums.items():
+                sums[key] += float(value)
+    keys = sorted(sums)
+    reduced = all_reduce_sum([sums.get(k, 0.0) for k in keys])
+    engine.train()
+    return task.eval_metrics(dict(zip(keys, reduced)))
+
+
+def _report(metrics: dict, checkpoint=None, name: str | None = None) -> None:
+    import ray.train
+
+    ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def save_checkpoint(engine, plan: dict, state: LoopState, metrics: dict, rank: int) -> None:
+    """DeepSpeed state + loop counters + RNG into a temp dir, reported as a Ray Train checkpoint."""
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+        torch.save(rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+        state.last_checkpoint_step = state.step
+        if rank == 0:
+            loop = {
+                k: v for k, v in vars(state).items() if not k.startswith("_") and k != "resumed_from_step"
+            }
+            saved = {
+                key: plan[key] for key in ("stage", "world_size", "global_batch_size", "micro_batch_size")
+            }
+            saved |= {"zero_stage": plan["zero_stage"], "step": state.step, "loop": loop}
+            atomic_write_json(Path(tmp) / STATE_FILE, saved)
+        _report(metrics, Checkpoint.from_directory(tmp), name=f"step_{state.step:07d}")
+
+
+def _finish(
+    engine, task: Task, data: PreparedData, plan: dict, state: LoopState, tokenizer, shape: tuple
+) -> None:
+    """Final evaluation, the task's finishing step (RM normalisation), model export, final report."""
+    from trainers.engine import save_hf, unwrap
+    from trainers.models import no_dropout_updates
+
+    rank, world = shape
+    st = plan["stage_cfg"]
+    if not state.last_valid:
+        state.last_valid = evaluate(engine, task, data.valid, st["micro_batch_size"], rank, world)
+    updates, extra = task.finish(engine, data, (rank, world))
+    # Saved models get dropout off (RL wants it off, PPO_DETAILS 22) and the KV cache back on.
+    updates = no_dropout_updates(unwrap(engine).config) | {"use_cache": True} | updates
+    save_hf(engine, tokenizer, Path(plan["out_dir"]) / "model", config_updates=updates)
+    prefix = plan["stage"]
+    summary = {f"{prefix}/{k}": v for k, v in state.last_valid.items()}
+    summary |= {f"{prefix}/{k}": v for k, v in extra.items()}
+    if state.recent_losses:
+        summary[f"{prefix}/train_loss"] = sum(state.recent_losses) / len(state.recent_losses)
+        summary[f"{prefix}/tokens_per_s"] = sum(state.tokens_per_s) / len(state.tokens_per_s)
+    summary[f"{prefix}/steps"] = state.step
+    summary[f"{prefix}/resumed_from_step"] = state.resumed_from_step
+    if state.last_checkpoint_step != state.step:
+        save_checkpoint(engine, plan, state, summary, rank)
+    else:  # a rerun of a finished run: its final checkpoint already holds this summary
+        _report(summary)
+    if rank == 0:
+        print(f"{prefix}: model saved to {Path(plan['out_dir']) / 'model'}", file=sys.__stdout__, flush=True)

@@ -1,0 +1,63 @@
+"""Stage 0, pretraining: next-token prediction on the pretraining corpus.
+
+    rlhf pretrain --config trainers/configs/tiny.yaml data.dir=/tmp/world --out runs/base
+
+The demo's base model is pretrained from scratch (random initialisation from ``model.preset``,
+seeded); with ``model.path`` set the same stage continues pretraining a model directory. Every
+document is ``BOS + text + EOS``; documents longer than ``model.max_len`` are cut into consecutive
+windows of ``max_len`` tokens (pretraining text has no natural unit, so this is not a data error,
+unlike an over-long demonstration). Loss: token mean of the cross-entropy over all text tokens of
+the global batch; validation loss on ``pretrain/valid``. Summary: ``pretrain/train_loss``,
+``pretrain/valid_loss``. This corpus is also PPO-ptx's pretraining distribution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainers.config import Config
+from trainers.stages.common import PreparedData, StageSpec, data_path, run_stage
+from trainers.stages.sft import LMTask
+
+
+def windows(ids: list[int], max_len: int) -> list[list[int]]:
+    """Consecutive pieces of at most ``max_len`` tokens covering ``ids`` (the last may be shorter)."""
+    return [ids[i : i + max_len] for i in range(0, len(ids), max_len)]
+
+
+def read_texts(cfg: Config, tokenizer, split: str) -> list[tuple[list[int], int]]:
+    """Validated ``pretrain/<split>`` as ``(ids, 0)`` examples of at most ``model.max_len`` tokens."""
+    from trainers.data import read_records
+    from trainers.data.collate import encode_text
+
+    records = read_records("pretrain", [data_path(cfg, "pretrain", split)])
+    examples = []
+    for record in records:
+        for piece in windows(encode_text(tokenizer, record["text"]), cfg.model.max_len):
+            if len(piece) >= 2:  # a lone token has nothing to predict
+                examples.append((piece, 0))
+    return examples
+
+
+def prepare(cfg: Config, tokenizer) -> PreparedData:
+    """Training and validation text (validated and tokenized on the driver)."""
+    return PreparedData(train=read_texts(cfg, tokenizer, "train"), valid=read_texts(cfg, tokenizer, "valid"))
+
+
+def check_model(cfg: Config) -> None:
+    """A model directory (continued pretraining) or a known preset (from scratch)."""
+    from trainers.models import check_model_dir
+    from trainers.presets import get_preset
+
+    if cfg.model.path:
+        check_model_dir(cfg.model.path)
+    else:
+        get_preset(cfg.model.preset)
+
+
+SPEC = StageSpec(name="pretrain", prepare=prepare, check_model=check_model, task=LMTask)
+
+
+def run_pretrain(cfg: Config, out_dir: str | Path, fresh: bool = False, **kwargs) -> dict:
+    """Run stage 0 into ``out_dir``; returns the summary (see :func:`trainers.stages.common.run_stage`)."""
+    return run_stage(SPEC, cfg, out_dir, fresh=fresh, **kwargs)

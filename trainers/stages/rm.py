@@ -1,0 +1,218 @@
+"""Stage 2, reward model: learn the labelers' rankings of K responses per prompt.
+
+    rlhf rm --config trainers/configs/tiny.yaml data.dir=/tmp/world model.path=runs/sft/model --out runs/rm
+
+The model is the SFT trunk with a scalar head (:func:`trainers.models.build_reward_model`,
+PPO_DETAILS 10). One batch element is one prompt with **all** its K responses, forwarded once as K
+rows (PPO_DETAILS 8: K forwards, not C(K,2)*2); the score is read at each row's last real token
+(item 7) and :func:`trainers.algos.ranking_loss` forms every pair (better, worse) of the prompt --
+ties form none. The loss is a mean over prompts (each weighs the same whatever its K) across the
+global batch. Held-out pairwise accuracy on ``comparisons/valid``.
+
+After training, when ``rm.normalize`` is on (PPO_DETAILS 9, InstructGPT 3.5), the mean raw score of
+the training demonstrations (a seeded sample of at most :data:`NORMALIZE_MAX_DEMOS`) is measured
+and ``reward_bias = -mean`` is stored in the saved ``config.json`` (see :mod:`trainers.models`:
+transformers' head has no bias). Summary: ``rm/train_loss``, ``rm/valid_loss``,
+``rm/valid_accuracy``, ``rm/demo_mean_score_before`` (raw), ``rm/reward_bias``,
+``rm/demo_mean_score_after`` (same demonstrations, bias added: 0 by construction),
+``rm/valid_demo_mean_score`` (``demonstrations/valid`` with the bias: how well it generalises).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from trainers.config import Config
+from trainers.stages.common import (
+    PreparedData,
+    StageSpec,
+    Task,
+    data_path,
+    eval_shards,
+    length_problems,
+    raise_if_problems,
+    run_stage,
+)
+from trainers.stages.sft import read_demonstrations
+
+NORMALIZE_MAX_DEMOS = 2048
+"""Demonstrations scored to set the reward bias (a seeded sample when there are more)."""
+
+
+def pair_counts(ranks: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` number of ordered pairs (better, worse) per prompt of ``ranks (N, K)`` (-1 = absent)."""
+    present = ranks >= 0  # (N, K)
+    both = present.unsqueeze(2) & present.unsqueeze(1)  # (N, K, K)
+    return (both & (ranks.unsqueeze(2) < ranks.unsqueeze(1))).sum(dim=(1, 2))
+
+
+class RMTask(Task):
+    """Reward-model training: examples are ranked groups; units are prompts with at least one pair."""
+
+    units_name = "prompts"
+
+    def __init__(self, plan: dict, tokenizer):
+        self.plan = plan
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id
+
+    def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The SFT trunk (``model.path``) with a fresh scalar head."""
+        from trainers.models import build_reward_model
+
+        m = self.plan["model"]
+        return build_reward_model(
+            m["path"],
+            self.pad_id,
+            dropout=m["dropout"],
+            dtype=dtype,
+            seed=self.plan["stage_cfg"]["seed"],
+            trust_remote_code=m["trust_remote_code"],
+        )
+
+    def collate(self, examples: list) -> dict:
+        """``input_ids``/``attention_mask`` (N*Kmax, T) left-padded, ``ranks`` (N, Kmax)."""
+        from trainers.data.collate import collate_rm
+
+        return collate_rm(examples, self.pad_id)
+
+    def units(self, batch: dict) -> int:
+        """Prompts with at least one pair (all-tied prompts add nothing to the loss)."""
+        return int((pair_counts(batch["ranks"]) > 0).sum())
+
+    def _scores(self, engine, batch: dict) -> torch.Tensor:
+        """``(N, Kmax)`` scores at the last real token of every response."""
+        from trainers.models import reward_scores
+
+        scores = reward_scores(engine, batch["input_ids"], batch["attention_mask"])  # (N*Kmax,)
+        return scores.view(batch["ranks"].shape)  # (N, Kmax)
+
+    def _loss_and_counts(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Summed per-prompt loss and the counts behind the accuracy."""
+        from trainers.algos import ranking_loss
+
+        ranks = batch["ranks"]
+        mean_loss, accuracy = ranking_loss(self._scores(engine, batch), ranks)
+        n_prompts, n_pairs = self.units(batch), float(pair_counts(ranks).sum())
+        counts = {"correct": float(accuracy) * n_pairs, "pairs": n_pairs, "prompts": float(n_prompts)}
+        return mean_loss * n_prompts, counts
+
+    def loss(self, engine, batch: dict, num_units: float) -> tuple[torch.Tensor, dict]:
+        """Sum over prompts of their mean pair loss / ``num_units``; pair counts for the accuracy."""
+        loss_sum, counts = self._loss_and_counts(engine, batch)
+        return loss_sum / num_units, {"correct": counts["correct"], "pairs": counts["pairs"]}
+
+    def train_metrics(self, sums: dict) -> dict:
+        """``accuracy``: share of the step's pairs ranked right."""
+        return {"accuracy": sums["correct"] / max(sums["pairs"], 1.0)}
+
+    def eval_sums(self, engine, batch: dict) -> dict:
+        loss_sum, counts = self._loss_and_counts(engine, batch)
+        return {"loss": float(loss_sum)} | counts
+
+    def eval_metrics(self, sums: dict) -> dict:
+        """``valid_loss`` (mean over prompts) and ``valid_accuracy`` (over all pairs)."""
+        return {
+            "valid_loss": sums["loss"] / max(sums["prompts"], 1.0),
+            "valid_accuracy": sums["correct"] / max(sums["pairs"], 1.0),
+        }
+
+    def finish(self, engine, data: PreparedData, shape: tuple) -> tuple[dict, dict]:
+        """Normalise (``rm.normalize``): ``reward_bias = -mean raw score of the demonstrations``."""
+        from trainers.models import REWARD_BIAS_KEY, reward_bias
+
+        if not self.plan["stage_cfg"].get("normalize", True):
+            return {}, {}
+        batch_size = self.plan["stage_cfg"]["micro_batch_size"] * 4
+        base = reward_bias(engine)  # 0.0 for a model this stage built
+        before = mean_score(engine, data.extra["demos"], self.pad_id, batch_size, shape) - base
+        valid = mean_score(engine, data.extra["valid_demos"], self.pad_id, batch_size, shape) - base
+        bias = -before
+        extra = {
+            "demo_mean_score_before": before,
+            "reward_bias": bias,
+            "demo_mean_score_after": before + bias,
+            "valid_demo_mean_score": valid + bias,
+        }
+        return {REWARD_BIAS_KEY: bias}, extra
+
+
+@torch.no_grad()
+def mean_score(engine, sequences: list[list[int]], pad_id: int, batch_size: int, shape: tuple) -> float:
+    """Mean reward score of ``sequences`` (prompt + response ids), sharded over ranks (collective)."""
+    from trainers.data.collate import left_pad
+    from trainers.engine import all_reduce_sum
+    from trainers.models import reward_scores
+
+    rank, world = shape
+    engine.eval()
+    total, count = 0.0, 0.0
+    for indices, counted in eval_shards(len(sequences), batch_size, rank, world):
+        input_ids, attention_mask = left_pad([sequences[i] for i in indices], pad_id)  # (B, T)
+        scores = reward_scores(engine, input_ids.to(engine.device), attention_mask.to(engine.device))  # (B,)
+        if counted:
+            total, count = total + float(scores.sum()), count + len(indices)
+    total, count = all_reduce_sum([total, count])
+    return total / max(count, 1.0)
+
+
+def encode_comparisons(tokenizer, records: list[dict]) -> list[tuple[list[int], list[list[int]], list[int]]]:
+    """``(prompt ids, [response ids] * K, ranking)`` per comparison."""
+    from trainers.data.collate import encode_prompt, encode_response
+
+    return [
+        (
+            encode_prompt(tokenizer, r["prompt"]),
+            [encode_response(tokenizer, response) for response in r["responses"]],
+            list(r["ranking"]),
+        )
+        for r in records
+    ]
+
+
+def read_comparisons(cfg: Config, tokenizer, split: str) -> list:
+    """Validated, tokenized ``comparisons/<split>``; DataError naming rows with an over-long response."""
+    from trainers.data import read_records
+
+    path = data_path(cfg, "comparisons", split)
+    groups = encode_comparisons(tokenizer, read_records("comparisons", [path]))
+    longest = [len(prompt) + max(len(r) for r in responses) for prompt, responses, _ in groups]
+    raise_if_problems(length_problems(longest, path, cfg.model.max_len, "prompt + longest response"))
+    return groups
+
+
+def normalization_demos(cfg: Config, tokenizer, split: str, limit: int | None) -> list[list[int]]:
+    """Token ids of demonstrations to score for the bias (a seeded sample of at most ``limit``)."""
+    demos = [ids for ids, _ in read_demonstrations(cfg, tokenizer, split)]
+    if limit is not None and len(demos) > limit:
+        demos = random.Random(f"{cfg.rm.seed}:normalize").sample(demos, limit)
+    return demos
+
+
+def prepare(cfg: Config, tokenizer) -> PreparedData:
+    """Comparisons (train, valid) and, for normalisation, demonstrations (validated, tokenized)."""
+    data = PreparedData(
+        train=read_comparisons(cfg, tokenizer, "train"), valid=read_comparisons(cfg, tokenizer, "valid")
+    )
+    if cfg.rm.normalize:
+        data.extra["demos"] = normalization_demos(cfg, tokenizer, "train", NORMALIZE_MAX_DEMOS)
+        data.extra["valid_demos"] = normalization_demos(cfg, tokenizer, "valid", None)
+    return data
+
+
+def check_model(cfg: Config) -> None:
+    """The RM starts from a model directory (the SFT model)."""
+    from trainers.models import check_model_dir
+
+    check_model_dir(cfg.model.path)
+
+
+SPEC = StageSpec(name="rm", prepare=prepare, check_model=check_model, task=RMTask)
+
+
+def run_rm(cfg: Config, out_dir: str | Path, fresh: bool = False, **kwargs) -> dict:
+    """Run stage 2 into ``out_dir``; returns the summary (see :func:`trainers.stages.common.run_stage`)."""
+    return run_stage(SPEC, cfg, out_dir, fresh=fresh, **kwargs)
