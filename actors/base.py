@@ -1,0 +1,263 @@
+"""What the DeepSpeed-backed PPO actors (policy, critic, reference, reward) share.
+
+Each actor is one rank of its role's torch.distributed world (``cluster.actor_group``): the driver
+creates the group, forms the world, then calls :meth:`EngineWorker.build` on every rank, which loads
+the model (ZeRO-3 partitioned when ``zero_stage == 3``) and wraps it in a DeepSpeed engine.
+
+Conventions every actor follows:
+
+- A *shard* is a dict of CPU tensors with ``sequences``/``attention_mask`` ``(n, P+R)`` (left-padded
+  prompt, right-padded response) and ``response_mask`` ``(n, R)``. Response token t sits at column
+  ``P+t``; the logits (or value) for it are read at column ``P+t-1`` (:func:`response_slice`).
+- ZeRO-3 ranks forward in lock-step; the driver gives every rank the same number of rows, and each
+  rank cuts them into the same number of micro-batches.
+- Dropout is off and every module stays in eval mode for the whole run (PPO_DETAILS 22).
+- Results go back as CPU tensors; all maths on them happens in the driver (``trainers.algos``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from cluster.actor_group import DistributedWorker
+
+CHECKPOINT_TAG = "engine"
+"""DeepSpeed checkpoint tag under each role's checkpoint folder."""
+
+
+@dataclasses.dataclass
+class EngineSpec:
+    """What one DeepSpeed actor needs: only these fields, not the whole config (STYLE)."""
+
+    model_path: str
+    """Hugging Face directory to load (safetensors)."""
+    device: str = "cpu"
+    """'cpu' (gloo, fp32) or 'cuda'."""
+    dtype: str = "fp32"
+    """'fp32' or 'bf16' (resolved already, never 'auto')."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage."""
+    micro_batch_size: int = 8
+    """Rows per forward (and per backward when training)."""
+    temperature: float = 1.0
+    """Sampling temperature: every log-prob divides logits by it (PPO_DETAILS 3)."""
+    torch_threads: int = 1
+    """torch intra-op threads in this actor."""
+    seed: int = 0
+    """torch seed of this actor (nothing random runs in it with dropout off; set for completeness)."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainSpec(EngineSpec):
+    """An actor that also trains (policy, critic)."""
+
+    lr: float = 1e-5
+    """Constant AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+    grad_accum: int = 1
+    """Micro-batches per rank per optimizer step (the plan the driver sends has exactly this many)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip (policy) or value clip around the old values (critic)."""
+    ptx_coef: float = 0.0
+    """Weight of the pretraining LM loss in the policy's step (PPO-ptx gamma); unused by the critic."""
+    tokenizer_path: str | None = None
+    """Tokenizer saved next to the final model (policy only)."""
+
+
+def response_slice(per_position: torch.Tensor, r_len: int) -> torch.Tensor:
+    """The outputs that belong to the ``r_len`` response tokens: ``(B, L, ...)`` -> ``(B, R, ...)``.
+
+    Position ``L-R-1+t`` predicts response token ``t`` (column ``L-R+t``): causal LMs predict the next
+    token, and the critic's value of token t is its estimate before taking that action.
+    """
+    return per_position[:, -r_len - 1 : -1]
+
+
+def micro_batches(batch: dict[str, torch.Tensor], size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive row slices of ``batch`` with at most ``size`` rows each."""
+    n = next(iter(batch.values())).shape[0]
+    for start in range(0, n, size):
+        yield {k: v[start : start + size] for k, v in batch.items()}
+
+
+def gathered(param: torch.nn.Parameter):
+    """Context in which a ZeRO-3 partitioned parameter is whole on every rank (collective); a no-op for
+    parameters DeepSpeed does not partition."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+
+
+class EngineWorker(DistributedWorker):
+    """Base of the PPO actors: spec, device, DeepSpeed engine, micro-batched no-grad passes, checkpoints."""
+
+    def __init__(self, spec: EngineSpec):
+        torch.set_num_threads(spec.torch_threads)
+        torch.manual_seed(spec.seed)
+        self.spec = spec
+        self.device = torch.device("cuda" if spec.device == "cuda" else "cpu")
+        self.engine = None
+        self._hf_ds = None  # keeps transformers' ZeRO-3 integration alive (it holds a weak reference)
+
+    # --- construction ---------------------------------------------------------------------------
+
+    def _ds_config(self, grad_accum: int = 1, grad_clip: float = 0.0) -> dict:
+        from trainers.engine import ds_config
+
+        return ds_config(
+            self.spec.zero_stage,
+            self.spec.dtype,
+            self.spec.micro_batch_size,
+            grad_accum,
+            self.world_size,
+            grad_clip,
+        )
+
+    def _load_model(self) -> torch.nn.Module:
+        """Build the transformers model (subclasses); called while the ZeRO-3 context is alive."""
+        raise NotImplementedError
+
+    def _make_engine(self, model: torch.nn.Module, config: dict):
+        """Frozen roles: a DeepSpeed engine without optimizer (ZeRO-3 partitioned inference)."""
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine
+
+    def _config_for_engine(self) -> dict:
+        return self._ds_config()
+
+    def build(self) -> dict:
+        """Load the model and wrap it in DeepSpeed; returns facts for the driver's log."""
+        from trainers.engine import hf_deepspeed_context, init_distributed
+
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)
+        init_distributed(self.spec.device)
+        config = self._config_for_engine()
+        if self.spec.zero_stage == 3:
+            self._hf_ds = hf_deepspeed_context(config)
+        model = self._load_model()
+        model.eval()  # dropout off (PPO_DETAILS 22); stays so: nothing calls train()
+        self.engine = self._make_engine(model, config)
+        self.engine.module.eval()
+        trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
+        return {"rank": self.rank, "world_size": self.world_size, "parameters": trainable}
+
+    # --- passes ---------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def _map_micro(self, shard: dict[str, torch.Tensor], fn: Callable[[dict], torch.Tensor]) -> torch.Tensor:
+        """``fn`` over micro-batches of ``shard`` without grad; results concatenated on the CPU."""
+        outs = [
+            fn(self._to_device(mb)).float().cpu() for mb in micro_batches(shard, self.spec.micro_batch_size)
+        ]
+        return torch.cat(outs, dim=0)
+
+    def _response_logprobs(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprobs (m, R), response logits (m, R, V))`` of the response tokens at the sampling
+        temperature (PPO_DETAILS 3); padding entries hold garbage and must be masked by the caller."""
+        from trainers.algos import logprobs_from_logits
+        from trainers.models import forward_logits
+
+        r_len = mb["response_mask"].shape[1]
+        logits = forward_logits(self.engine, mb["sequences"], mb["attention_mask"])  # (m, L, V)
+        resp_logits = response_slice(logits, r_len)  # (m, R, V)
+        labels = mb["sequences"][:, -r_len:]  # (m, R)
+        return logprobs_from_logits(resp_logits, labels, self.spec.temperature), resp_logits
+
+    def logprobs(self, shard: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(n, R)`` log-probs of the response tokens, no grad, 0 on padding (PPO_DETAILS 3, 5)."""
+
+        def fn(mb):
+            logp, _ = self._response_logprobs(mb)
+            return torch.where(mb["response_mask"].bool(), logp, torch.zeros((), device=logp.device))
+
+        return self._map_micro(shard, fn)
+
+    # --- weights and state ------------------------------------------------------------------------
+
+    def named_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, full CPU tensor)`` for every parameter, gathered one at a time.
+
+        Collective under ZeRO-3: every rank must run through the whole iterator in the same order;
+        only rank 0 gets the pairs (other ranks iterate to take part in each gather and get nothing).
+        Tied parameters come once per name (``lm_head.weight`` and ``model.embed_tokens.weight``): vLLM's
+        weight reload unties them, and an ``lm_head`` that receives nothing keeps its old values (seen:
+        log-prob mismatch 1.6 after one perturbed update without the alias, 1e-6 with it).
+        """
+        module = self.engine.module
+        for name, param in module.named_parameters(remove_duplicate=False):
+            with gathered(param):
+                full = param.detach().to("cpu", copy=True) if self.rank == 0 else None
+            if full is not None:
+                yield name, full
+
+    def save_state(self, directory: str) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, LR schedule) of this role; collective."""
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_state(self, directory: str) -> None:
+        """Restore :meth:`save_state`; collective."""
+        path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{CHECKPOINT_TAG}' under {Path(directory)}")
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every full parameter as a CPU tensor (collective; rank 0 gets them, other ranks ``{}``)."""
+        return dict(self.named_full_params())
+
+
+class TrainableWorker(EngineWorker):
+    """An actor whose engine also trains: AdamW at a constant LR, one optimizer step per minibatch."""
+
+    spec: TrainSpec
+
+    def _config_for_engine(self) -> dict:
+        return self._ds_config(grad_accum=self.spec.grad_accum, grad_clip=self.spec.grad_clip)
+
+    def _make_engine(self, model: torch.nn.Module, config: dict):
+        from trainers.engine import init_engine
+
+        # PPO runs at a constant learning rate (min_lr_ratio 1, no warm-up), as InstructGPT's PPO did
+        # within one run; the schedule object still lives in DeepSpeed's checkpoints.
+        return init_engine(
+            model,
+            config,
+            lr=self.spec.lr,
+            weight_decay=self.spec.weight_decay,
+            total_steps=1,
+            min_lr_ratio=1.0,
+        )
+
+    def _check_plan(self, micros: list[torch.Tensor]) -> None:
+        """The driver's plan must match the engine's accumulation steps, or DeepSpeed would step at the
+        wrong micro-batch."""
+        if len(micros) != self.spec.grad_accum:
+            raise ValueError(
+                f"plan has {len(micros)} micro-batches per step, engine expects {self.spec.grad_accum}"
+            )
+
+    def _rows(self, batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` of every tensor in ``batch``, on this actor's device."""
+        return self._to_device({k: v.index_select(0, idx) for k, v in batch.items()})
+
+    def _grad_norm(self) -> float:
+        """Global gradient norm of the last optimizer step, before clipping (0.0 if unknown)."""
+        norm = self.engine.get_global_grad_norm()
+        return 0.0 if norm is None else float(norm)

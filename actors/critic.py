@@ -1,0 +1,89 @@
+"""The critic actor: one rank of the ZeRO-3 value model, initialised from the reward model.
+
+    values(shard)                                (n, R) value of each response token, no grad
+    train(experience, plan, step_tokens)         clipped value loss, one optimizer step per minibatch
+    save_state(dir) / load_state(dir)
+
+The value model is the RM's class loaded from the RM directory (PPO_DETAILS 23): its scalar head
+applied at every position (``trainers.models.token_scores``), without the RM's ``reward_bias``. The
+value of response token t is read at the position that predicts it (``actors.base.response_slice``).
+Loss aggregation as for the policy (``actors/policy.py``): ``sum / (N / W)`` per micro-batch with
+the step's global token count N, ``engine.backward(loss, scale_wrt_gas=False)``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from actors.base import TrainableWorker, TrainSpec, response_slice
+
+
+class CriticWorker(TrainableWorker):
+    """Critic rank: per-token values and the clipped value loss (PPO_DETAILS 19)."""
+
+    spec: TrainSpec
+
+    def _load_model(self) -> torch.nn.Module:
+        from trainers.models import build_value_model, torch_dtype
+
+        return build_value_model(
+            self.spec.model_path,
+            dtype=torch_dtype(self.spec.dtype),
+            trust_remote_code=self.spec.trust_remote_code,
+        )
+
+    def _values(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(m, R)`` values of the response tokens (padding entries are garbage; callers mask)."""
+        from trainers.models import token_scores
+
+        per_position = token_scores(self.engine, mb["sequences"], mb["attention_mask"])  # (m, L)
+        return response_slice(per_position, mb["response_mask"].shape[1]).float()  # (m, R)
+
+    def values(self, shard: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(n, R)`` values, no grad, 0 on padding (PPO_DETAILS 12)."""
+
+        def fn(mb):
+            v = self._values(mb)
+            return torch.where(mb["response_mask"].bool(), v, torch.zeros((), device=v.device))
+
+        return self._map_micro(shard, fn)
+
+    def train(
+        self, experience: dict[str, torch.Tensor], plan: list[list[torch.Tensor]], step_tokens: list[int]
+    ) -> list[dict[str, float]]:
+        """Every optimizer step of this iteration; per-step stat sums of this rank.
+
+        ``experience``: ``sequences``, ``attention_mask``, ``response_mask``, ``values`` (old values),
+        ``returns``; ``plan[step]``: this rank's micro-batches (row indices); ``step_tokens[step]``: the
+        step's global count of response tokens.
+        """
+        from trainers.algos import loss_normaliser, value_loss
+
+        keys = ("sequences", "attention_mask", "response_mask", "values", "returns")
+        experience = {k: experience[k] for k in keys}
+        out = []
+        for step, micros in enumerate(plan):
+            self._check_plan(micros)
+            norm = loss_normaliser(max(step_tokens[step], 1), self.world_size)
+            acc: dict[str, float] = defaultdict(float)
+            for idx in micros:
+                mb = self._rows(experience, idx)
+                loss, st = value_loss(
+                    self._values(mb),
+                    mb["values"],
+                    mb["returns"],
+                    mb["response_mask"],
+                    self.spec.clip_eps,
+                    num_tokens=norm,
+                )
+                self.engine.backward(loss, scale_wrt_gas=False)
+                self.engine.step()
+                n = float(st["tokens"])
+                acc["tokens"] += n
+                acc["loss_sum"] += float(loss.detach()) * norm
+                acc["clip_sum"] += float(st["clipfrac"]) * n
+            acc["max_grad_norm"] = self._grad_norm()
+            out.append(dict(acc))
+        return out

@@ -1,0 +1,149 @@
+"""The policy actor: one rank of the ZeRO-3 policy (initialised from the SFT model).
+
+    logprobs(shard)                                   old log-probs, no grad, by the training engine
+    train(experience, plan, ptx, step_tokens, ptx_tokens)   PPO clip + ptx_coef x LM loss, one step per minibatch
+    sync_weights(engines)                             gathered weights -> every vLLM engine
+    save_state(dir) / load_state(dir) / save_model(dir)
+
+Loss aggregation (PPO_DETAILS 24): the driver sends, for every optimizer step, the global number of
+response tokens N (and of ptx label tokens N_ptx) over all ranks and micro-batches. Each micro-batch's
+loss is ``sum / (N / W)`` (``trainers.algos.loss_normaliser``) and goes through
+``engine.backward(loss, scale_wrt_gas=False)``: DeepSpeed averages gradients over the W ranks and,
+with ``scale_wrt_gas=False``, does not divide by the accumulation steps, so the optimizer sees the
+gradient of the token mean over the whole minibatch whatever the split. The ptx term is a second
+token mean over the step's pretraining tokens, added to the same micro-batch loss, so both terms land
+in the same optimizer step (PPO_DETAILS 20).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from actors.base import TrainableWorker, TrainSpec
+
+
+class PolicyWorker(TrainableWorker):
+    """Policy rank: a causal LM trained with the PPO clipped objective plus the ptx LM loss."""
+
+    spec: TrainSpec
+
+    def _load_model(self) -> torch.nn.Module:
+        from trainers.models import build_causal_lm, torch_dtype
+
+        return build_causal_lm(
+            path=self.spec.model_path,
+            dropout=0.0,
+            dtype=torch_dtype(self.spec.dtype),
+            seed=self.spec.seed,
+            trust_remote_code=self.spec.trust_remote_code,
+        )
+
+    def _ptx_loss(self, ptx: dict[str, torch.Tensor], num_tokens: float) -> torch.Tensor:
+        """LM loss on a pretraining micro-batch as ``sum / num_tokens`` (temperature 1: data likelihood)."""
+        from trainers.algos import lm_loss, shift_for_lm
+        from trainers.models import forward_logits
+
+        ptx = self._to_device(ptx)
+        logits = forward_logits(self.engine, ptx["input_ids"], ptx["attention_mask"])  # (b, T, V)
+        return lm_loss(*shift_for_lm(logits, ptx["labels"]), num_tokens=num_tokens)
+
+    def _micro_step(
+        self,
+        mb: dict[str, torch.Tensor],
+        ptx: dict[str, torch.Tensor] | None,
+        norm: float,
+        ptx_norm: float,
+        acc: dict[str, float],
+    ) -> None:
+        """Forward + backward of one micro-batch; adds its stat sums to ``acc``."""
+        from trainers.algos import entropy_from_logits, masked_sum, policy_loss
+
+        mask = mb["response_mask"]
+        logp, resp_logits = self._response_logprobs(mb)  # (m, R), (m, R, V)
+        loss, st = policy_loss(
+            logp, mb["old_logprobs"], mb["advantages"], mask, self.spec.clip_eps, num_tokens=norm
+        )
+        total = loss
+        if ptx is not None:
+            ptx_loss = self._ptx_loss(ptx, ptx_norm)
+            total = loss + self.spec.ptx_coef * ptx_loss
+            acc["ptx_sum"] += float(ptx_loss.detach()) * ptx_norm
+        self.engine.backward(total, scale_wrt_gas=False)
+        self.engine.step()
+        with torch.no_grad():
+            n = float(st["tokens"])
+            log_ratio = torch.where(
+                mask.bool(), logp.detach() - mb["old_logprobs"], torch.zeros((), device=logp.device)
+            )
+            entropy = entropy_from_logits(resp_logits.detach(), self.spec.temperature)  # (m, R)
+            acc["tokens"] += n
+            acc["loss_sum"] += float(loss.detach()) * norm
+            acc["clip_sum"] += float(st["clipfrac"]) * n
+            acc["approx_kl_sum"] += float(st["approx_kl"]) * n
+            acc["ratio_sum"] += float(st["ratio_mean"]) * n
+            acc["ratio_sq_sum"] += float(st["ratio_std"] ** 2 + st["ratio_mean"] ** 2) * n
+            acc["entropy_sum"] += float(masked_sum(entropy, mask))
+            acc["max_abs_log_ratio"] = max(acc["max_abs_log_ratio"], float(log_ratio.abs().max()))
+
+    def train(
+        self,
+        experience: dict[str, torch.Tensor],
+        plan: list[list[torch.Tensor]],
+        ptx: list[list[dict[str, torch.Tensor] | None]] | None,
+        step_tokens: list[int],
+        ptx_tokens: list[int] | None,
+    ) -> list[dict[str, float]]:
+        """Run every optimizer step of this iteration; returns per-step stat sums of this rank.
+
+        ``experience``: the whole batch (``sequences``, ``attention_mask``, ``response_mask``,
+        ``old_logprobs``, ``advantages``; N rows). ``plan[step]``: this rank's micro-batches (row
+        indices). ``ptx[step][micro]``: pretraining micro-batch or None. ``step_tokens[step]`` /
+        ``ptx_tokens[step]``: global token counts of the step (see the module docstring).
+        """
+        from trainers.algos import loss_normaliser
+
+        keys = ("sequences", "attention_mask", "response_mask", "old_logprobs", "advantages")
+        experience = {k: experience[k] for k in keys}
+        out = []
+        for step, micros in enumerate(plan):
+            self._check_plan(micros)
+            acc: dict[str, float] = defaultdict(float)
+            acc["max_abs_log_ratio"] = 0.0
+            norm = loss_normaliser(max(step_tokens[step], 1), self.world_size)
+            ptx_norm = loss_normaliser(max(ptx_tokens[step], 1), self.world_size) if ptx else 1.0
+            slots = ptx[step] if ptx else [None] * len(micros)
+            for idx, slot in zip(micros, slots, strict=True):
+                self._micro_step(self._rows(experience, idx), slot, norm, ptx_norm, acc)
+            acc["max_grad_norm"] = self._grad_norm()  # the same on every rank
+            out.append(dict(acc))
+        return out
+
+    # --- weights out --------------------------------------------------------------------------------
+
+    def sync_weights(self, engines: list) -> dict | None:
+        """Push the full current weights into every rollout engine (collective over the policy ranks:
+        all take part in each parameter's gather; rank 0 sends). Returns rank 0's transfer stats."""
+        from cluster.weight_sync import CpuBlobSync
+
+        named = self.named_full_params()
+        if self.rank != 0:
+            for _ in named:  # take part in every gather
+                pass
+            return None
+        if getattr(self, "_sync", None) is None:
+            self._sync = CpuBlobSync(engines)
+            self._sync.setup()
+        return self._sync.push(named)
+
+    def save_model(self, out_dir: str) -> str | None:
+        """The policy as a Hugging Face directory (safetensors + tokenizer, dropout 0) at ``out_dir``,
+        written atomically by rank 0; collective."""
+        from trainers.engine import save_hf
+        from trainers.models import load_tokenizer_dir, no_dropout_updates
+
+        tokenizer = load_tokenizer_dir(self.spec.tokenizer_path) if self.spec.tokenizer_path else None
+        module = self.engine.module
+        path = save_hf(self.engine, tokenizer, out_dir, config_updates=no_dropout_updates(module.config))
+        return None if path is None else str(path)

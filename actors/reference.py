@@ -1,0 +1,29 @@
+"""The reference actor: the frozen SFT model (ZeRO-3 inference engine, no optimizer).
+
+    logprobs(shard)   (n, R) log-probs of the response tokens at the sampling temperature, no grad
+
+It answers the same question as the policy's ``logprobs`` with the SFT weights, so at step 0 the two
+agree exactly and the KL is 0 (PPO_DETAILS 25).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actors.base import EngineWorker
+
+
+class ReferenceWorker(EngineWorker):
+    """Reference rank: frozen SFT weights; ``logprobs`` comes from :class:`actors.base.EngineWorker`."""
+
+    def _load_model(self) -> torch.nn.Module:
+        from trainers.models import build_causal_lm, torch_dtype
+
+        model = build_causal_lm(
+            path=self.spec.model_path,
+            dropout=0.0,
+            dtype=torch_dtype(self.spec.dtype),
+            trust_remote_code=self.spec.trust_remote_code,
+        )
+        model.requires_grad_(False)
+        return model

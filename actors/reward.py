@@ -1,0 +1,39 @@
+"""The reward actor: the frozen reward model (ZeRO-3 inference engine, no optimizer).
+
+    scores(shard)   (n,) RM score of prompt + response at the last real token, + reward_bias
+
+The score is read at each row's last real token found from the attention mask (PPO_DETAILS 7), i.e.
+the EOS when the response has one, else its last sampled token; ``trainers.models.reward_scores``
+adds the RM's normalising bias (PPO_DETAILS 9). Clipping (PPO_DETAILS 14) happens in the driver so
+that raw and clipped scores can both be logged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actors.base import EngineWorker
+
+
+class RewardWorker(EngineWorker):
+    """Reward rank: frozen RM weights."""
+
+    def _load_model(self) -> torch.nn.Module:
+        from trainers.models import build_value_model, torch_dtype
+
+        # The RM's own class and weights with dropout forced off: the same loader as the critic's.
+        model = build_value_model(
+            self.spec.model_path,
+            dtype=torch_dtype(self.spec.dtype),
+            trust_remote_code=self.spec.trust_remote_code,
+        )
+        model.requires_grad_(False)
+        return model
+
+    def scores(self, shard: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(n,)`` scores, no grad."""
+        from trainers.models import reward_scores
+
+        return self._map_micro(
+            shard, lambda mb: reward_scores(self.engine, mb["sequences"], mb["attention_mask"])
+        )

@@ -1,0 +1,81 @@
+"""Pure helpers of the PPO driver: rollout batches, data positions, seeds, shards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainers import ppo
+
+PAD, EOS = 0, 2
+
+
+def test_cut_at_eos_keeps_first_eos_and_drops_the_rest():
+    assert ppo.cut_at_eos([5, 6, EOS, 7, EOS], EOS) == [5, 6, EOS]
+    assert ppo.cut_at_eos([5, 6, 7], EOS) == [5, 6, 7]
+    assert ppo.cut_at_eos([EOS, 5], EOS) == [EOS]
+
+
+def test_rollout_batch_left_pads_prompts_right_pads_responses():
+    prompts = [[11, 12, 13], [21]]
+    responses = [[31, EOS, 99], [41, 42, 43]]  # the 99 after EOS must disappear
+    b = ppo.build_rollout_batch(
+        prompts, responses, PAD, EOS, vllm_logprobs=[[-1.0, -2.0, -9.0], [-3.0, -4.0, -5.0]]
+    )
+    # P = 3, R = 3 (second response, no EOS: truncated at max_new_tokens, kept whole)
+    assert b["sequences"].tolist() == [[11, 12, 13, 31, EOS, PAD], [PAD, PAD, 21, 41, 42, 43]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert b["response_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert b["vllm_logprobs"].tolist() == [[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]
+    # position ids derived from the mask start at 0 on the first real token of each row (item 1)
+    pos = (b["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    assert pos[1, 2].item() == 0 and pos[0, 0].item() == 0
+
+
+def test_rollout_batch_rejects_pad_equal_eos():
+    with pytest.raises(ValueError, match="PAD and EOS"):
+        ppo.build_rollout_batch([[1]], [[2]], pad_id=EOS, eos_id=EOS)
+
+
+def test_rollout_batch_empty_responses_keep_one_masked_column():
+    b = ppo.build_rollout_batch([[5]], [[]], PAD, EOS)
+    assert b["response_mask"].tolist() == [[0]]
+    assert b["sequences"].shape == (1, 2)
+
+
+def test_take_rows_crosses_epochs_and_is_resumable():
+    n, seed = 5, 3
+    first = ppo.take_rows(0, 4, n, seed)
+    second = ppo.take_rows(4, 4, n, seed)
+    stream = ppo.epoch_order(n, seed, 0).tolist() + ppo.epoch_order(n, seed, 1).tolist()
+    assert first + second == stream[:8]
+    assert sorted(stream[:5]) == list(range(5))
+    assert ppo.epoch_order(n, seed, 0).tolist() != ppo.epoch_order(n, seed, 1).tolist() or n < 3
+
+
+def test_derived_seeds_differ_per_engine_and_iteration():
+    seeds = {ppo.derived_seed(0, it, e) for it in range(10) for e in range(4)}
+    assert len(seeds) == 40
+    assert ppo.derived_seed(1, 2, 3) == ppo.derived_seed(1, 2, 3)
+
+
+@pytest.mark.parametrize("n,world", [(8, 2), (5, 2), (3, 4), (7, 3), (1, 1)])
+def test_shards_are_equal_sized_and_unshard_restores_order(n, world):
+    shards = ppo.shard_rows(n, world)
+    sizes = {len(idx) for idx, _ in shards}
+    assert len(sizes) == 1  # lock-step: same number of rows on every rank
+    assert sum(real for _, real in shards) == n
+    data = torch.arange(n) * 10
+    parts = [data.index_select(0, idx) for idx, _ in shards]
+    assert ppo.unshard(parts, shards).tolist() == data.tolist()
+
+
+def test_select_rows_selects_every_tensor():
+    batch = {"a": torch.arange(6).view(3, 2), "b": torch.tensor([7, 8, 9])}
+    out = ppo.select_rows(batch, torch.tensor([2, 0]))
+    assert out["a"].tolist() == [[4, 5], [0, 1]] and out["b"].tolist() == [9, 7]
+
+
+def test_lm_label_count_skips_column_zero():
+    labels = torch.tensor([[-100, 5, 6], [-100, -100, 7]])
+    assert ppo.lm_label_count({"labels": labels}) == 3

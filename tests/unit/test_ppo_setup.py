@@ -1,0 +1,113 @@
+"""PPO driver set-up without Ray: validation before anything starts, and what each actor is given."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trainers import ppo
+from trainers.config import config_from_dict
+from trainers.data.io import write_parquet
+from trainers.data.tokenizer import train_tokenizer
+from trainers.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """A data dir (tokenizer, prompts, pretraining text) and two fake model dirs (config + weights file)."""
+    root = tmp_path_factory.mktemp("ppo_inputs")
+    texts = [f"write a note about the {i} red foxes and the lazy dog" for i in range(200)]
+    train_tokenizer(texts, root / "data" / "tokenizer", vocab_size=320)
+    for kind in ("prompts", "pretrain"):
+        (root / "data" / kind).mkdir()
+    write_parquet(root / "data" / "prompts" / "train.parquet", "prompts", [{"prompt": t} for t in texts[:20]])
+    write_parquet(root / "data" / "pretrain" / "train.parquet", "pretrain", [{"text": t} for t in texts])
+    for name in ("sft", "rm"):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text("{}")
+        (root / name / "model.safetensors").write_bytes(b"")
+    return {"root": root, "data": root / "data", "sft": root / "sft", "rm": root / "rm"}
+
+
+def make_cfg(inputs, **ppo_over):
+    raw = {
+        "data": {"dir": str(inputs["data"])},
+        "model": {"path": str(inputs["sft"]), "max_len": 64},
+        "reward": {"path": str(inputs["rm"])},
+        "rollout": {"max_new_tokens": 16},
+        "ppo": {"prompts_per_iteration": 8, "mini_batch_size": 8, "micro_batch_size": 2, **ppo_over},
+    }
+    return config_from_dict(raw)
+
+
+def test_validate_run_encodes_prompts_and_ptx(inputs, tmp_path):
+    out, data = ppo.validate_run(make_cfg(inputs, ptx_coef=1.0), tmp_path / "out")
+    assert len(data.prompts) == 20 and data.prompts[0][0] == 1  # BOS first
+    assert data.ptx and all(len(ids) <= 64 for ids in data.ptx)
+    assert data.pad_id != data.eos_id
+    assert not out.exists()  # validation writes nothing
+
+
+def test_validate_run_skips_ptx_when_off(inputs, tmp_path):
+    _, data = ppo.validate_run(make_cfg(inputs), tmp_path / "out")
+    assert data.ptx == []
+
+
+@pytest.mark.parametrize("key", ["model", "reward"])
+def test_missing_model_dir_is_a_config_error_naming_the_key(inputs, tmp_path, key):
+    cfg = make_cfg(inputs)
+    getattr(cfg, key).path = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=f"{key}.path"):
+        ppo.validate_run(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_without_room_for_the_response_is_a_data_error(inputs, tmp_path):
+    cfg = make_cfg(inputs)
+    cfg.rollout.max_new_tokens = 60  # max_len 64 leaves 4 tokens for the prompt
+    with pytest.raises(DataError) as err:
+        ppo.validate_run(cfg, tmp_path / "out")
+    assert "prompts/train.parquet:1:" in str(err.value) and "rollout.max_new_tokens=60" in str(err.value)
+
+
+def test_role_specs_give_each_actor_its_model_and_batch_shape(inputs):
+    cfg = make_cfg(inputs, policy_workers=2, critic_workers=1, policy_lr=3e-5, critic_lr=7e-5, ptx_coef=0.5)
+    cfg.rollout.temperature = 0.7
+    specs = ppo.role_specs(cfg, "cpu")
+    sft, rm = str(inputs["sft"].resolve()), str(inputs["rm"].resolve())
+    assert (specs["policy"].model_path, specs["reference"].model_path) == (sft, sft)
+    assert (specs["critic"].model_path, specs["reward"].model_path) == (rm, rm)
+    assert specs["policy"].grad_accum == 2 and specs["critic"].grad_accum == 4  # 8 / (2 x workers)
+    assert (specs["policy"].lr, specs["critic"].lr) == (3e-5, 7e-5)
+    assert specs["policy"].ptx_coef == 0.5 and specs["critic"].clip_eps == cfg.ppo.value_clip_eps
+    assert all(s.temperature == 0.7 and s.dtype == "fp32" for s in specs.values())  # item 3
+    assert specs["policy"].tokenizer_path == str((inputs["data"] / "tokenizer").resolve())
+
+
+def test_rollout_kwargs_cpu_uses_a_fixed_kv_cache(inputs):
+    cfg = make_cfg(inputs)
+    cfg.rollout.kv_cache_mb = 96
+    kwargs = ppo.rollout_kwargs(cfg, "cpu")
+    assert kwargs["dtype"] == "float32" and kwargs["max_model_len"] == 64
+    assert kwargs["kv_cache_memory_bytes"] == 96 * 2**20
+    assert not kwargs["enable_sleep_mode"]
+
+
+def test_reward_model_with_another_tokenizer_is_rejected(inputs, tmp_path):
+    other_rm = tmp_path / "rm"
+    shutil.copytree(inputs["rm"], other_rm)
+    train_tokenizer(
+        [f"entirely different words {i} zebra quartz" for i in range(200)], other_rm, vocab_size=300
+    )
+    cfg = make_cfg(inputs)
+    cfg.reward.path = str(other_rm)
+    with pytest.raises(ConfigError, match="PPO_DETAILS 7"):
+        ppo.validate_run(cfg, tmp_path / "out")
+    train_tokenizer(
+        [f"write a note about the {i} red foxes and the lazy dog" for i in range(200)],
+        other_rm,
+        vocab_size=320,
+    )
+    ppo.validate_run(cfg, tmp_path / "out")  # the same tokenizer saved again is accepted

@@ -1,0 +1,59 @@
+"""``rlhf ppo``: PPO-ptx from an SFT model against a reward model, into an output directory.
+
+    rlhf ppo --config trainers/configs/tiny.yaml --out runs/ppo \\
+        data.dir=/tmp/world model.path=runs/sft/model reward.path=runs/rm/model ppo.ptx_coef=1.0
+
+Reads ``data.dir`` (prompts/train, and pretrain/train when ``ppo.ptx_coef > 0``), ``model.path`` (the SFT
+model: policy and reference start there) and ``reward.path`` (the RM: reward model and critic start
+there). Running the same command again resumes from the newest complete checkpoint in
+``OUT/checkpoints``; ``--fresh`` starts over. A user error (config, data, model directories, resources
+that can never be met) prints one line and exits 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Load the config, run PPO, print the summary."""
+    from trainers.config import load_config
+    from trainers.ppo import run_ppo
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_ppo(cfg, args.out, fresh=args.fresh)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``ppo`` to the top-level ``rlhf`` CLI."""
+    from trainers.cli import add_config_args
+
+    text = "stage 3: PPO-ptx of the SFT model (model.path) against the reward model (reward.path)"
+    p = sub.add_parser("ppo", help=text, description=text)
+    add_config_args(p)
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output directory (model/, metrics, checkpoints)"
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="ignore and delete earlier checkpoints/metrics in DIR"
+    )
+    p.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainers.ppo_cli ppo ...``: the ``rlhf`` CLI with this command registered, whether or
+    not ``trainers.cli`` lists it yet (same one-line errors and exit codes)."""
+    from trainers import cli
+
+    if __name__ not in cli.COMMAND_MODULES and "trainers.ppo_cli" not in cli.COMMAND_MODULES:
+        cli.COMMAND_MODULES.append("trainers.ppo_cli")
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
