@@ -1,0 +1,200 @@
+"""``rlhf eval``: win rate of one model over another, held-out zero-shot accuracy, pretraining loss.
+
+    rlhf eval --policy runs/ppo --baseline runs/sft --prompts world/prompts/test.parquet
+    rlhf eval --policy runs/ppo --baseline runs/sft --prompts P.parquet --judge rm:runs/rm --out win.json
+    rlhf eval --policy runs/ppo --heldout-cluster sentiment --data-dir world
+    rlhf eval --policy runs/ppo --pretrain-file world/pretrain/valid.parquet
+
+Each part runs when its inputs are given (at least one must be). Model directories may be a stage's
+output directory (holding ``model/``) or the model directory itself. Defaults come from the config
+(``--config FILE`` and dotted overrides): ``rollout.max_new_tokens``, ``rollout.temperature``,
+``data.dir``, ``model.max_len``. Every user error (missing directory, no safetensors, unknown
+cluster, bad prompts file) exits 2 before any model is loaded. ``python -m trainers.eval_cli ...``
+runs the same command standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainers.errors import UserError
+
+_HELP = "evaluate a model: win rate over a baseline, held-out zero-shot accuracy, pretraining loss"
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``rlhf eval`` (besides ``--config`` and overrides)."""
+    p.add_argument(
+        "--policy", required=True, metavar="DIR", help="model to evaluate (model dir or stage output)"
+    )
+    p.add_argument("--baseline", metavar="DIR", help="model to compare against (win rate)")
+    p.add_argument(
+        "--prompts", metavar="FILE", help="prompts file (Parquet/JSONL, field 'prompt') for the win rate"
+    )
+    p.add_argument(
+        "--judge", default="gold", metavar="gold|rm:DIR", help="who compares responses (default gold)"
+    )
+    p.add_argument("--n", type=int, metavar="N", help="use only the first N prompts")
+    p.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="response length (default rollout.max_new_tokens)"
+    )
+    p.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default rollout.temperature)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same for both models)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="prompts per generation batch")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation backend (default hf)")
+    p.add_argument(
+        "--heldout-cluster", metavar="NAME", help="task cluster for zero-shot accuracy (e.g. sentiment)"
+    )
+    p.add_argument(
+        "--data-dir", metavar="DIR", help="data directory with heldout/test.parquet (default data.dir)"
+    )
+    p.add_argument(
+        "--heldout-file", metavar="FILE", help="held-out rows file instead of DATA_DIR/heldout/test.parquet"
+    )
+    p.add_argument(
+        "--method", choices=("rank", "generate"), default="rank", help="OPTIONS scoring (default rank)"
+    )
+    p.add_argument("--pretrain-file", metavar="FILE", help="pretraining text file: report the LM loss on it")
+    p.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+
+
+def _positive(value: int | None, flag: str) -> None:
+    """UserError unless ``value`` is None or >= 1."""
+    if value is not None and value < 1:
+        raise UserError(f"{flag} must be at least 1, got {value}")
+
+
+def check_args(args: argparse.Namespace, cfg) -> dict:
+    """Validate every input before any model is loaded; return the resolved plan of what to run."""
+    from trainers import evaluate as ev
+
+    _positive(args.n, "--n")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.batch_size, "--batch-size")
+    plan: dict = {"policy": ev.resolve_model_dir(args.policy, what="--policy")}
+    if args.baseline or args.prompts:
+        if not (args.baseline and args.prompts):
+            raise UserError("a win rate needs both --baseline DIR and --prompts FILE")
+        plan["baseline"] = ev.resolve_model_dir(args.baseline, what="--baseline")
+        plan["prompts"] = ev.read_prompts(args.prompts, args.n)
+        if args.judge != "gold":
+            if not args.judge.startswith("rm:") or len(args.judge) == 3:
+                raise UserError(
+                    f"unknown judge {args.judge!r}; use 'gold' or 'rm:DIR' (a reward model directory)"
+                )
+            ev.resolve_model_dir(args.judge[3:], what="--judge reward model")
+        temperature = cfg.rollout.temperature if args.temperature is None else args.temperature
+        if temperature < 0:
+            raise UserError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
+        plan["sampling"] = {
+            "max_new_tokens": args.max_new_tokens or cfg.rollout.max_new_tokens,
+            "temperature": temperature,
+            "seed": args.seed,
+        }
+    if args.heldout_cluster:
+        data = args.heldout_file or args.data_dir or cfg.data.dir
+        if not data:
+            raise UserError("--heldout-cluster needs --data-dir DIR, --heldout-file FILE or data.dir=DIR")
+        plan["heldout"] = (args.heldout_cluster, ev.heldout_file(data))
+        ev.load_heldout(args.heldout_cluster, plan["heldout"][1])  # unknown cluster / bad rows fail here
+    if args.pretrain_file:
+        plan["pretrain_texts"] = ev.read_texts(args.pretrain_file)
+    if len(plan) == 1:
+        raise UserError(
+            "nothing to evaluate: give --baseline and --prompts, --heldout-cluster, or --pretrain-file"
+        )
+    return plan
+
+
+def run_win_rate(args: argparse.Namespace, plan: dict) -> dict:
+    """Generate with both models on the same prompts and seed, judge, print the win rate."""
+    from trainers import evaluate as ev
+
+    prompts, sampling = plan["prompts"], plan["sampling"]
+    kwargs = {"batch_size": args.batch_size, "backend": args.backend, **sampling}
+    policy = ev.generate(plan["policy"], prompts, **kwargs)
+    baseline = ev.generate(plan["baseline"], prompts, **kwargs)
+    judge = ev.make_judge(args.judge, batch_size=args.batch_size)
+    result = ev.win_rate(prompts, policy, baseline, judge)
+    print(
+        f"win rate of {plan['policy']} over {plan['baseline']} (judge {judge.name}, n={result['n']}, "
+        f"T={sampling['temperature']:g}): {result['win_rate']:.3f} "
+        f"[95% CI {result['ci_low']:.3f}, {result['ci_high']:.3f}] "
+        f"(wins {result['wins']}, ties {result['ties']}, losses {result['losses']})"
+    )
+    out = {"win_rate": result, "judge": judge.name, "sampling": sampling}
+    if judge.name == "gold":
+        out["gold"] = {
+            "policy": ev.gold_scores(prompts, policy),
+            "baseline": ev.gold_scores(prompts, baseline),
+        }
+        print(
+            f"mean gold score: policy {out['gold']['policy']['score']:.3f}, baseline {out['gold']['baseline']['score']:.3f}"
+        )
+    out["examples"] = [
+        {"prompt": p, "policy": a, "baseline": b} for p, a, b in list(zip(prompts, policy, baseline))[:5]
+    ]
+    return out
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``rlhf eval``: check everything, then run each requested part and print one line per result."""
+    from trainers import evaluate as ev
+    from trainers.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    plan = check_args(args, cfg)
+    results: dict = {"policy": str(plan["policy"])}
+    if "baseline" in plan:
+        results |= run_win_rate(args, plan)
+        results["baseline"] = str(plan["baseline"])
+    if "heldout" in plan:
+        cluster, path = plan["heldout"]
+        acc = ev.heldout_accuracy(
+            plan["policy"], cluster, path, method=args.method, batch_size=args.batch_size
+        )
+        tasks = ", ".join(f"{t} {v['accuracy']:.3f}" for t, v in acc["per_task"].items())
+        head = f"held-out '{cluster}' accuracy ({args.method}, n={acc['n']}): {acc['accuracy']:.3f}"
+        print(f"{head} (chance {acc['chance']:.3f}; {tasks})")
+        results["heldout"] = acc
+    if "pretrain_texts" in plan:
+        loss = ev.pretrain_loss(plan["policy"], plan["pretrain_texts"], max_len=cfg.model.max_len)
+        print(f"pretraining loss on {args.pretrain_file}: {loss:.4f}")
+        results["pretrain_loss"] = loss
+    if args.out:
+        from trainers.outputs import atomic_write_json
+
+        atomic_write_json(Path(args.out), results)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``eval`` to the top-level ``rlhf`` CLI."""
+    from trainers.cli import add_config_args
+
+    p = sub.add_parser("eval", help=_HELP, description=_HELP)
+    add_config_args(p)
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone ``python -m trainers.eval_cli ...`` (the ``rlhf eval`` options); a user error exits 2."""
+    from trainers.cli import _Parser, add_config_args
+
+    parser = _Parser(prog="rlhf eval", description=_HELP)
+    add_config_args(parser)
+    add_eval_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_eval(args)
+    except UserError as err:
+        lines = err.lines if err.verbatim else [f"rlhf: error: {err}"]
+        print("\n".join(lines), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
