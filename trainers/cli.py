@@ -19,6 +19,9 @@ from trainers.errors import UserError
 # Command modules, in help order. A module is listed here only once its commands work.
 COMMAND_MODULES = [
     "trainers.data.cli",
+    "trainers.stages.cli",
+    "trainers.ppo_cli",
+    "trainers.eval_cli",
     "trainers.config_cli",
 ]
 
