@@ -181,19 +181,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m trainers.eval_cli ...`` (the ``rlhf eval`` options); a user error exits 2."""
-    from trainers.cli import _Parser, add_config_args
+    """Standalone ``python -m trainers.eval_cli ...``: the same as ``rlhf eval ...``."""
+    from trainers import cli
 
-    parser = _Parser(prog="rlhf eval", description=_HELP)
-    add_config_args(parser)
-    add_eval_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_eval(args)
-    except UserError as err:
-        lines = err.lines if err.verbatim else [f"rlhf: error: {err}"]
-        print("\n".join(lines), file=sys.stderr)
-        return 2
+    return cli.main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -189,3 +189,17 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prepare_output(out: Path, cfg, fresh: bool) -> None:
+    """Create a stage's output directory (call only after validation passed) and write the resolved
+    ``config.yaml``; ``fresh`` removes an earlier run's checkpoints, logs, metrics and summary."""
+    from trainers.config import dump_yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for name in ("checkpoints", "tensorboard"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))

@@ -37,14 +37,14 @@ from typing import Any
 import torch
 
 from trainers import algos
-from trainers.config import Config, dump_yaml
+from trainers.config import Config
 from trainers.data.collate import collate_lm
 from trainers.errors import ConfigError, DataError
 from trainers.outputs import (
     MetricsWriter,
     atomic_write_json,
-    atomic_write_text,
     format_number,
+    prepare_output,
     read_metrics,
     truncate_metrics,
 )
@@ -939,17 +939,6 @@ def load_checkpoint(roles: Roles, path: Path) -> DriverState:
         + roles.critic.map(lambda a, _r: a.load_state.remote(str(path / "critic")))
     )
     return DriverState(**json.loads((path / STATE_FILE).read_text()))
-
-
-def prepare_output(out: Path, cfg: Config, fresh: bool) -> None:
-    """Create the output directory; ``fresh`` removes an earlier run's checkpoints and logs."""
-    out.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        for name in ("checkpoints", "tensorboard"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "summary.json"):
-            (out / name).unlink(missing_ok=True)
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
 
 
 def _progress(it: int, total: int, m: dict[str, float]) -> str:

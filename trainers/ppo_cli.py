@@ -44,12 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainers.ppo_cli ppo ...``: the ``rlhf`` CLI with this command registered, whether or
-    not ``trainers.cli`` lists it yet (same one-line errors and exit codes)."""
+    """Standalone ``python -m trainers.ppo_cli ppo ...``: the same as ``rlhf ppo ...``."""
     from trainers import cli
 
-    if __name__ not in cli.COMMAND_MODULES and "trainers.ppo_cli" not in cli.COMMAND_MODULES:
-        cli.COMMAND_MODULES.append("trainers.ppo_cli")
     return cli.main(argv)
 
 

@@ -25,7 +25,7 @@ from trainers.data.prepare import (
 )
 from trainers.data.schema import KINDS
 from trainers.data.validate import validate_files
-from trainers.errors import DataError, UserError
+from trainers.errors import DataError
 
 
 def _print_mapping(mapping: dict) -> None:
@@ -164,16 +164,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m trainers.data.cli``: run one data command; a user error exits 2."""
-    parser = argparse.ArgumentParser(prog="rlhf data", description="Data tools of ray-rlhf.")
-    add_data_commands(parser)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as err:
-        for line in err.lines:
-            print(line, file=sys.stderr)
-        return 2
+    """Standalone ``python -m trainers.data.cli ...``: the same as ``rlhf data ...``."""
+    from trainers import cli
+
+    return cli.main(["data", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

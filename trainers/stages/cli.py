@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainers.errors import UserError
-
 _HELP = {
     "pretrain": "stage 0: pretrain a base model (from model.preset, or continue model.path)",
     "sft": "stage 1: supervised fine-tuning on demonstrations (from model.path)",
@@ -59,17 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m trainers.stages.cli STAGE ...``; a user error exits 2."""
-    parser = argparse.ArgumentParser(prog="rlhf", description="Ray Train stages of ray-rlhf.")
-    sub = parser.add_subparsers(dest="command", metavar="{pretrain,sft,rm}", required=True)
-    add_stage_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as err:
-        lines = err.lines if err.lines != [str(err)] else [f"rlhf: error: {err}"]
-        print("\n".join(lines), file=sys.stderr)
-        return 2
+    """Standalone ``python -m trainers.stages.cli STAGE ...``: the same as ``rlhf STAGE ...``."""
+    from trainers import cli
+
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -61,13 +60,13 @@ from typing import Any
 
 import torch
 
-from trainers.config import Config, dump_yaml, to_dict
+from trainers.config import Config, to_dict
 from trainers.errors import ConfigError, DataError
 from trainers.outputs import (
     MetricsWriter,
     atomic_write_json,
-    atomic_write_text,
     check_output_dir,
+    prepare_output,
     progress_line,
     truncate_metrics,
 )
@@ -300,17 +299,6 @@ def check_resumable(state: dict | None, plan: dict) -> None:
                 f"{plan['out_dir']}: existing checkpoints were made with {key}={state.get(key)}, this run has "
                 f"{plan[key]}; resume needs the same (pass --fresh to start over)"
             )
-
-
-def prepare_output(out: Path, cfg: Config, fresh: bool) -> None:
-    """Create the output directory (after validation); ``fresh`` removes an earlier run's state."""
-    out.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        for name in ("checkpoints", "tensorboard"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "summary.json"):
-            (out / name).unlink(missing_ok=True)
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
 
 
 def make_plan(
