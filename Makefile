@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-cpu
 PROFILE ?= cpu
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: install test test-unit test-integration lint format bench clean
+.PHONY: install demo test test-unit test-integration lint format bench clean
 
 install: $(STAMP)
 
@@ -23,6 +24,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -c "import transformers, vllm, deepspeed, ray, pyarrow; from transformers import LlamaForCausalLM" 2>/dev/null
 	touch $@
+
+# The whole pipeline on this machine: synthetic world -> pretrain -> SFT -> RM -> PPO-ptx -> report
+# (runs/demo/report/). Options pass through: make demo DEMO_ARGS="--out /tmp/demo ppo.iterations=10"
+demo: install
+	$(PY) -m trainers.demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests/unit tests/integration tests/gpu

@@ -18,6 +18,7 @@ from trainers.errors import UserError
 
 # Command modules, in help order. A module is listed here only once its commands work.
 COMMAND_MODULES = [
+    "trainers.demo",
     "trainers.data.cli",
     "trainers.stages.cli",
     "trainers.ppo_cli",
