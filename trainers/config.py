@@ -280,7 +280,6 @@ class LoggingConfig:
 
     log_every: int = opt(1, "Log metrics every N steps/iterations.", ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard events next to metrics.jsonl.")
-    wandb_project: str | None = opt(None, "Weights & Biases project (None: off).")
     progress: bool = opt(True, "Show progress lines while stages run.")
 
 

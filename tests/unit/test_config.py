@@ -37,13 +37,13 @@ def test_yaml_then_override_wins(tmp_path):
 
 def test_override_types_parse_like_yaml():
     cfg = config_from_dict(
-        {}, ["ppo.adaptive_kl=true", "model.path=null", "rm.lr=3e-5", "logging.wandb_project=proj"]
+        {}, ["ppo.adaptive_kl=true", "model.path=null", "rm.lr=3e-5", "model.tokenizer=tok"]
     )
     assert cfg.ppo.adaptive_kl is True
     assert cfg.model.path is None
     assert cfg.rm.lr == pytest.approx(3e-5)  # YAML 1.1 alone would read "3e-5" as a string
     assert load_config(None, ["sft.lr=1E-3"]).sft.lr == pytest.approx(1e-3)
-    assert cfg.logging.wandb_project == "proj"
+    assert cfg.model.tokenizer == "tok"
 
 
 def test_int_widens_to_float_but_not_back():
