@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from trainers.errors import ConfigError, UserError
+from trainers.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 """The CPU preset the demo runs by default (shipped as package data)."""
@@ -588,21 +588,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m trainers.demo [--out DIR] ...``; a user error prints one line, exit 2."""
-    from trainers.cli import _Parser
+    """Standalone ``python -m trainers.demo [--out DIR] ...`` (what ``make demo`` runs): ``rlhf demo``."""
+    from trainers import cli
 
-    parser = _Parser(prog="rlhf demo", description=_HELP)
-    add_demo_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as err:
-        lines = err.lines if err.verbatim else [f"rlhf: error: {err}"]
-        print("\n".join(lines), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rlhf: interrupted", file=sys.stderr)
-        return 130
+    return cli.main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -121,6 +121,11 @@ class Task:
     units_name: str = "units"
     """Metric name of the step's global unit count (``target_tokens``, ``prompts``)."""
 
+    def __init__(self, plan: dict, tokenizer):
+        self.plan = plan
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id
+
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """The model to train (called while the ZeRO-3 HfDeepSpeedConfig is alive)."""
         raise NotImplementedError

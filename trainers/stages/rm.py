@@ -54,11 +54,6 @@ class RMTask(Task):
 
     units_name = "prompts"
 
-    def __init__(self, plan: dict, tokenizer):
-        self.plan = plan
-        self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id
-
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """The SFT trunk (``model.path``) with a fresh scalar head."""
         from trainers.models import build_reward_model

@@ -35,11 +35,6 @@ class LMTask(Task):
 
     units_name = "target_tokens"
 
-    def __init__(self, plan: dict, tokenizer):
-        self.plan = plan
-        self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id
-
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """From ``model.path`` (SFT, continued pretraining) or randomly from ``model.preset``."""
         from trainers.models import build_causal_lm
