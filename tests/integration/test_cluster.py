@@ -10,7 +10,6 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
 from cluster.actor_group import ActorGroup, DistributedWorker, default_backend, merge_from_ranks
-from cluster.connect import connect
 from cluster.placement import place_roles, release
 from cluster.resources import detect_resources
 from trainers.errors import UserError
@@ -49,21 +48,11 @@ class Summer(DistributedWorker):
         return [2 * x for x in items]
 
 
-@pytest.fixture(scope="module")
-def ray_cpu(request):
-    """The session's Ray (``ray_local`` from conftest when there is one), else a local Ray of 8 CPUs."""
-    try:
-        request.getfixturevalue("ray_local")
-    except pytest.FixtureLookupError:
-        connect(num_cpus=8)
-    return ray
-
-
 def live_groups() -> int:
     return sum(1 for g in placement_group_table().values() if g["state"] != "REMOVED")
 
 
-def test_two_ranks_form_a_gloo_world_with_role_names(ray_cpu):
+def test_two_ranks_form_a_gloo_world_with_role_names(ray_local):
     placements = place_roles({"critic": [{"CPU": 1.0}] * 2}, colocated=False, timeout_s=60, name="t1")
     group = ActorGroup(
         Summer,
@@ -92,7 +81,7 @@ def test_two_ranks_form_a_gloo_world_with_role_names(ray_cpu):
         release(placements)
 
 
-def test_colocated_roles_share_one_placement_group(ray_cpu):
+def test_colocated_roles_share_one_placement_group(ray_local):
     placements = place_roles(
         {"policy": [{"CPU": 0.5}] * 2, "reference": [{"CPU": 0.5}]}, colocated=True, timeout_s=60, name="t2"
     )
@@ -105,7 +94,7 @@ def test_colocated_roles_share_one_placement_group(ray_cpu):
         release(placements)
 
 
-def test_infeasible_request_fails_before_anything_starts(ray_cpu):
+def test_infeasible_request_fails_before_anything_starts(ray_local):
     before = live_groups()
     assert detect_resources().autoscaling is False  # a local Ray has no autoscaler
     with pytest.raises(UserError) as err:
@@ -114,7 +103,7 @@ def test_infeasible_request_fails_before_anything_starts(ray_cpu):
     assert live_groups() == before
 
 
-def test_busy_cluster_waits_visibly_then_times_out(ray_cpu):
+def test_busy_cluster_waits_visibly_then_times_out(ray_local):
     # Everything but half a CPU is taken (once earlier tests' actors are gone): 1 CPU fits the
     # cluster on paper but not now.
     hog = placement_group([{"CPU": ray.cluster_resources()["CPU"] - 0.5}], strategy="PACK")

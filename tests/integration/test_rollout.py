@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from actors.rollout import RolloutEngine, request_seeds
 from cluster.actor_group import ActorGroup
-from cluster.connect import connect
 from cluster.placement import place_roles, release
 from cluster.weight_sync import CpuBlobSync
 from trainers.algos.logprobs import logprobs_from_logits, shift_for_lm
@@ -52,17 +51,7 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_cpu(request):
-    """The session's Ray (``ray_local`` from conftest when there is one), else a local Ray of 8 CPUs."""
-    try:
-        request.getfixturevalue("ray_local")
-    except pytest.FixtureLookupError:
-        connect(num_cpus=8)
-    return ray
-
-
-@pytest.fixture(scope="module")
-def engine(ray_cpu, model_dirs):
+def engine(ray_local, model_dirs):
     """One RolloutEngine actor (CPU bundle, named ``test-rollout-0``), started from model A."""
     placements = place_roles({"rollout": [{"CPU": 1.0}]}, colocated=False, timeout_s=60)
     group = ActorGroup(
