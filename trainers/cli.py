@@ -5,7 +5,8 @@
 
 Each command module exposes ``register(subparsers)``; a leaf command sets ``func(args) -> int``.
 A :class:`trainers.errors.UserError` becomes its line(s) on stderr and exit code 2; any other
-exception is internal and keeps its traceback.
+exception is internal and keeps its traceback, except :class:`trainers.errors.RunStopped` (a run that
+cannot go on: one line, exit code 3).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-from trainers.errors import UserError
+from trainers.errors import RunStopped, UserError
 
 # Command modules, in help order. A module is listed here only once its commands work.
 COMMAND_MODULES = [
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         lines = err.lines if err.verbatim else [f"rlhf: error: {err}"]
         print("\n".join(lines), file=sys.stderr)
         return 2
+    except RunStopped as err:
+        # Not the user's input and not a bug in this program: one line, and a rerun resumes.
+        print(f"rlhf: stopped: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("rlhf: interrupted", file=sys.stderr)
         return 130

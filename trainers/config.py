@@ -168,6 +168,11 @@ class TrainStageConfig:
         "Ray Train restarts the worker group from the newest checkpoint this many times after a worker failure (-1: unlimited).",
         ge=-1,
     )
+    max_nonfinite_steps: int = opt(
+        3,
+        "Skip an optimizer step whose loss or gradient is NaN/inf; stop the run after this many in a row.",
+        ge=1,
+    )
 
 
 @dataclass
@@ -272,6 +277,16 @@ class PPOConfig:
     )
     keep_checkpoints: int = opt(2, "How many of the newest checkpoints to keep.", ge=1)
     seed: int = opt(0, "Seed for sampling, shuffling and prompt order.", ge=0)
+    max_nonfinite_steps: int = opt(
+        3,
+        "Skip an optimizer step whose loss or gradient is NaN/inf; stop the run after this many in a row.",
+        ge=1,
+    )
+    max_engine_restarts: int = opt(
+        3,
+        "Times a lost vLLM engine actor is restarted (and the iteration retried) before the run stops.",
+        ge=0,
+    )
 
 
 @dataclass
@@ -281,6 +296,14 @@ class LoggingConfig:
     log_every: int = opt(1, "Log metrics every N steps/iterations.", ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard events next to metrics.jsonl.")
     progress: bool = opt(True, "Show progress lines while stages run.")
+    wandb_project: str | None = opt(
+        None, "Also log metrics to this Weights & Biases project (needs the `wandb` package; off when unset)."
+    )
+    wandb_mode: str = opt(
+        "online",
+        "Weights & Biases mode when wandb_project is set ('offline' writes runs locally for `wandb sync`).",
+        choices=("online", "offline"),
+    )
 
 
 @dataclass

@@ -29,3 +29,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Bad input data: unreadable file, malformed row, empty dataset."""
+
+
+class RunStopped(Exception):
+    """A run that cannot go on for a reason found while it runs (not the user's input): gradients that
+    stay non-finite, a training rank that died. The CLI prints it as one ``rlhf: stopped: ...`` line and
+    exits with code 3; the message says what happened and which checkpoint a rerun resumes from."""
