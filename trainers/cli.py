@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _redacted(text: str) -> str:
+    """``text`` without secrets (an address echoed back may carry a password; env tokens never show)."""
+    from trainers.outputs import redact_text
+
+    return redact_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -61,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         # Problem lists (e.g. data validation) are printed verbatim, one per line; a plain message gets
         # the usual prefix. Either way: no traceback, exit code 2.
         lines = err.lines if err.verbatim else [f"rlhf: error: {err}"]
-        print("\n".join(lines), file=sys.stderr)
+        print(_redacted("\n".join(lines)), file=sys.stderr)
         return 2
     except RunStopped as err:
         # Not the user's input and not a bug in this program: one line, and a rerun resumes.
-        print(f"rlhf: stopped: {err}", file=sys.stderr)
+        print(_redacted(f"rlhf: stopped: {err}"), file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("rlhf: interrupted", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -357,6 +358,9 @@ class Config:
             raise ConfigError(
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be below model.max_len={self.model.max_len}"
             )
+        from trainers.wandb_log import check_wandb  # finds the package without importing it
+
+        check_wandb(self.logging)
         return self
 
 
@@ -398,6 +402,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 continue
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):  # YAML's .inf / .nan: no setting means "infinitely much"
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -483,10 +489,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: Any = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file '{p}' is a directory, expected a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
-            raw = _yaml_load(p.read_text()) or {}
+            raw = _yaml_load(p.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise ConfigError(f"config file '{p}' cannot be read: {reason}") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from trainers.config import dump_yaml, load_config
+from trainers.config import config_from_dict, dump_yaml, load_config, to_dict
 
 
 def _show(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    """Print the resolved config, with credentials (e.g. a password in cluster.ray_address) redacted."""
+    from trainers.outputs import redact
+
+    cfg = config_from_dict(redact(to_dict(load_config(args.config, args.overrides))))
     print(dump_yaml(cfg, with_docs=args.doc), end="")
     return 0
 

@@ -498,8 +498,10 @@ def run_demo(
 
     ``runners`` replaces stage runners by name (tests); by default :func:`default_runners`.
     """
-    from trainers.config import dump_yaml
-    from trainers.outputs import atomic_write_text
+    import yaml
+
+    from trainers.config import to_dict
+    from trainers.outputs import atomic_write_text, redact
     from trainers.report import read_metrics
 
     start = time.time()
@@ -509,7 +511,8 @@ def run_demo(
     elif first is not None:
         rerun_from(out, first, diffs)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_yaml(configs["base"]))
+    # Secret-looking values never reach disk (the same rule as every stage's config snapshot).
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(redact(to_dict(configs["base"])), sort_keys=False))
     runners = {**default_runners(), **(runners or {})}
     summaries, timings, skipped = {}, {}, []
     try:

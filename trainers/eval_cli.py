@@ -66,28 +66,51 @@ def _positive(value: int | None, flag: str) -> None:
         raise UserError(f"{flag} must be at least 1, got {value}")
 
 
-def check_args(args: argparse.Namespace, cfg) -> dict:
-    """Validate every input before any model is loaded; return the resolved plan of what to run."""
-    from trainers import evaluate as ev
+def check_out_file(path: str | None) -> None:
+    """UserError unless ``--out FILE.json`` could be written: not a directory, in a writable place."""
+    from trainers.outputs import check_output_dir
 
+    if path is None:
+        return
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a directory; give a file name such as results.json")
+    check_output_dir(out.parent)
+
+
+def check_plain_args(args: argparse.Namespace) -> None:
+    """The checks that read no file: counts, the judge's spelling, which parts were asked for, --out.
+
+    They run before :mod:`trainers.evaluate` (and torch) is imported, so these mistakes cost no wait.
+    """
+    check_out_file(args.out)
     _positive(args.n, "--n")
     _positive(args.max_new_tokens, "--max-new-tokens")
     _positive(args.batch_size, "--batch-size")
+    if (args.baseline or args.prompts) and not (args.baseline and args.prompts):
+        raise UserError("a win rate needs both --baseline DIR and --prompts FILE")
+    if args.judge != "gold" and (not args.judge.startswith("rm:") or len(args.judge) == 3):
+        raise UserError(f"unknown judge {args.judge!r}; use 'gold' or 'rm:DIR' (a reward model directory)")
+    if args.temperature is not None and args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if not (args.baseline or args.heldout_cluster or args.pretrain_file):
+        raise UserError(
+            "nothing to evaluate: give --baseline and --prompts, --heldout-cluster, or --pretrain-file"
+        )
+
+
+def check_args(args: argparse.Namespace, cfg) -> dict:
+    """Validate every input before any model is loaded; return the resolved plan of what to run."""
+    check_plain_args(args)
+    from trainers import evaluate as ev
+
     plan: dict = {"policy": ev.resolve_model_dir(args.policy, what="--policy")}
-    if args.baseline or args.prompts:
-        if not (args.baseline and args.prompts):
-            raise UserError("a win rate needs both --baseline DIR and --prompts FILE")
+    if args.baseline:
         plan["baseline"] = ev.resolve_model_dir(args.baseline, what="--baseline")
         plan["prompts"] = ev.read_prompts(args.prompts, args.n)
         if args.judge != "gold":
-            if not args.judge.startswith("rm:") or len(args.judge) == 3:
-                raise UserError(
-                    f"unknown judge {args.judge!r}; use 'gold' or 'rm:DIR' (a reward model directory)"
-                )
             ev.resolve_model_dir(args.judge[3:], what="--judge reward model")
         temperature = cfg.rollout.temperature if args.temperature is None else args.temperature
-        if temperature < 0:
-            raise UserError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
         plan["sampling"] = {
             "max_new_tokens": args.max_new_tokens or cfg.rollout.max_new_tokens,
             "temperature": temperature,
@@ -101,10 +124,6 @@ def check_args(args: argparse.Namespace, cfg) -> dict:
         ev.load_heldout(args.heldout_cluster, plan["heldout"][1])  # unknown cluster / bad rows fail here
     if args.pretrain_file:
         plan["pretrain_texts"] = ev.read_texts(args.pretrain_file)
-    if len(plan) == 1:
-        raise UserError(
-            "nothing to evaluate: give --baseline and --prompts, --heldout-cluster, or --pretrain-file"
-        )
     return plan
 
 

@@ -73,27 +73,12 @@ VLLM_CPU_KV_CACHE_BYTES = 256 * 2**20
 def resolve_model_dir(path: str | Path, what: str = "model") -> Path:
     """The model directory for ``path``: ``path/model`` for a stage output directory, else ``path``.
 
-    Raises :class:`UserError` (one line naming ``what``) when it is missing, has no ``config.json``
-    or no ``.safetensors`` weights.
+    :func:`trainers.models.check_model_dir` with a stage output accepted and ``tokenizer.json``
+    required; a :class:`~trainers.errors.ConfigError` (one line naming ``what``) when anything is missing.
     """
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{what} '{p}' does not exist")
-    if (p / "model" / "config.json").is_file():
-        p = p / "model"
-    if not p.is_dir():
-        raise UserError(f"{what} '{p}' is not a directory")
-    if not (p / "config.json").is_file():
-        raise UserError(
-            f"{what} '{p}' has no config.json (give a model directory or a stage output with model/)"
-        )
-    if not any(p.glob("*.safetensors")):
-        raise UserError(f"{what} '{p}' holds no .safetensors weights (only safetensors are loaded)")
-    if not (p / "tokenizer.json").is_file():
-        raise UserError(
-            f"{what} '{p}' has no tokenizer.json (stage outputs save the tokenizer with the model)"
-        )
-    return p
+    from trainers.models import check_model_dir
+
+    return check_model_dir(path, what, stage_output=True, need_tokenizer=True)
 
 
 def default_device() -> str:

@@ -85,19 +85,41 @@ def load_tokenizer_dir(path: str | Path):
     return load(path)
 
 
-def check_model_dir(path: str | Path | None, key: str = "model.path") -> Path:
-    """A model directory that exists and holds ``config.json`` and safetensors weights; ConfigError if not."""
+def check_model_dir(
+    path: str | Path | None,
+    key: str = "model.path",
+    *,
+    stage_output: bool = False,
+    need_tokenizer: bool = False,
+) -> Path:
+    """The model directory ``path`` names, checked to hold ``config.json`` and safetensors weights.
+
+    The one model-directory check of the project (stages, PPO and evaluation). ``key`` names where
+    the path came from in every message (``model.path``, ``--policy``). With ``stage_output`` a stage's
+    output directory is accepted too and its ``model/`` is returned; ``need_tokenizer`` also requires
+    ``tokenizer.json`` (evaluation reads the tokenizer saved with the model). Raises
+    :class:`ConfigError` (one line) when anything is missing.
+    """
     if not path:
         raise ConfigError(f"{key} is not set: give the model directory to start from")
     p = Path(path)
+    if stage_output and (p / "model" / "config.json").is_file():
+        p = p / "model"
+    if not p.exists():
+        raise ConfigError(f"{key}='{p}' does not exist")
     if not p.is_dir():
         raise ConfigError(f"{key}='{p}' is not a directory")
     if not (p / "config.json").is_file():
+        also = " or a stage output directory holding model/" if stage_output else ""
         raise ConfigError(
-            f"{key}='{p}' has no config.json (expected a Hugging Face save_pretrained directory)"
+            f"{key}='{p}' has no config.json (expected a Hugging Face save_pretrained directory{also})"
         )
     if not any(p.glob("*.safetensors")):
         raise ConfigError(f"{key}='{p}' holds no .safetensors weights (only safetensors are loaded)")
+    if need_tokenizer and not (p / "tokenizer.json").is_file():
+        raise ConfigError(
+            f"{key}='{p}' has no tokenizer.json (stage outputs save the tokenizer with the model)"
+        )
     return p
 
 

@@ -17,9 +17,11 @@ checkpoint's step so a step never appears twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -80,11 +82,72 @@ def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
         shutil.rmtree(old)
 
 
+# --------------------------------------------------------------------------------------------------
+# Secrets: what must never reach a printed line, a config snapshot or a metrics file
+# --------------------------------------------------------------------------------------------------
+
+REDACTED = "<redacted>"
+"""What a secret is replaced with."""
+SECRET_KEY = re.compile(
+    r"secret|passw|api_?key|access_?key|private_?key|credential|(^|[_.-])(auth_?)?token$", re.IGNORECASE
+)
+"""Key or variable names that hold a secret (``WANDB_API_KEY``, ``RAY_AUTH_TOKEN``, ``hf_token``...);
+``max_new_tokens``, ``tokenizer`` or ``RAY_AUTH_TOKEN_PATH`` do not match."""
+URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)([^/\s@]+)(@)", re.IGNORECASE)
+"""The password of ``scheme://user:password@host`` (e.g. a ``cluster.ray_address``)."""
+MIN_SECRET_CHARS = 8
+"""Shorter values of secret variables (``1``, ``true``) are not searched for in text."""
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key or environment variable name looks like it holds a secret (:data:`SECRET_KEY`)."""
+    return bool(SECRET_KEY.search(key))
+
+
+def known_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Secret values this process can see, longest first: environment variables with a secret-looking
+    name (Ray's ``RAY_AUTH_TOKEN``, ``WANDB_API_KEY``...) and Ray's token file (``RAY_AUTH_TOKEN_PATH``,
+    else ``~/.ray/auth_token``)."""
+    environ = os.environ if environ is None else environ
+    values = [v.strip() for k, v in environ.items() if is_secret_key(k)]
+    token_file = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    with contextlib.suppress(OSError):  # no token file, or unreadable: nothing to hide from it
+        values.append(token_file.read_text().strip())
+    return sorted({v for v in values if len(v) >= MIN_SECRET_CHARS}, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with URL passwords and every known secret value (:func:`known_secrets`) replaced."""
+    text = URL_CREDENTIALS.sub(rf"\1{REDACTED}\3", text)
+    for secret in known_secrets() if secrets is None else secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact(mapping: Mapping, secrets: list[str] | None = None) -> dict:
+    """A copy of ``mapping`` (nested mappings and lists too) safe to write or print: the value of every
+    secret-looking key becomes :data:`REDACTED`, and strings go through :func:`redact_text`."""
+    secrets = known_secrets() if secrets is None else secrets
+
+    def clean(key: str | None, value: Any) -> Any:
+        if key is not None and is_secret_key(key) and value not in (None, ""):
+            return REDACTED
+        if isinstance(value, Mapping):
+            return {k: clean(str(k), v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(None, v) for v in value]
+        return redact_text(value, secrets) if isinstance(value, str) else value
+
+    return clean(None, mapping)
+
+
 def check_output_dir(out_dir: str | Path) -> Path:
-    """The absolute output directory, checked to be creatable and writable; creates nothing.
+    """The absolute output directory, checked to be creatable and writable; leaves nothing behind.
 
     Raises :class:`ConfigError` if ``out_dir`` is a file, or if it (or its nearest existing parent)
-    is not writable.
+    is not writable. Permission bits do not stop root, and /proc or a read-only mount refuse what
+    ``os.access`` allows, so the check creates (and at once removes) an empty hidden directory in the
+    nearest existing directory.
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -92,8 +155,13 @@ def check_output_dir(out_dir: str | Path) -> Path:
     probe = out
     while not probe.exists():
         probe = probe.parent
+    refused = f"output directory '{out}' is not writable ('{probe}' does not allow it)"
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output directory '{out}' is not writable ('{probe}' does not allow it)")
+        raise ConfigError(refused)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rlhf-write-check-", dir=probe))
+    except OSError:
+        raise ConfigError(refused) from None
     return out
 
 
@@ -123,16 +191,30 @@ def progress_line(stage: str, step: int, total: int, metrics: Mapping[str, Any])
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard.
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard and,
+    when ``logging.wandb_project`` is set, to Weights & Biases (:mod:`trainers.wandb_log`).
 
     Only one process (rank 0) writes. Each line is flushed at once so ``tail -f`` and a crash both
-    see every completed step. TensorBoard gets every numeric value as ``<prefix>/<key>``.
+    see every completed step. TensorBoard and W&B get every numeric value as ``<prefix>/<key>``.
+    ``logging_cfg`` is the ``logging`` config section (dataclass or dict); ``run_config`` (the resolved
+    config as a dict) becomes the W&B run's config after :func:`redact`.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, tensorboard: bool = True):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        prefix: str,
+        tensorboard: bool = True,
+        logging_cfg: Any = None,
+        run_config: Mapping | None = None,
+    ):
+        from trainers.wandb_log import open_wandb
+
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
+        # None (and no import) when unset; the run config is shared with W&B: never a credential
+        self._wandb = open_wandb(logging_cfg, out_dir, redact(run_config) if run_config else None)
         self._fh = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -140,23 +222,36 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
 
+    def scalars(self, record: Mapping[str, Any]) -> dict[str, float]:
+        """``{"<prefix>/<key>": value}`` for the numeric values of a record (not ``step``, not bools)."""
+        return {
+            f"{self.prefix}/{key}": value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+        }
+
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
-        """Write ``{"step": step, **metrics}`` as one line (and TensorBoard scalars); return the record."""
+        """Write ``{"step": step, **metrics}`` as one line (and TensorBoard/W&B scalars); return the record."""
         record = _jsonable({"step": int(step), **metrics})
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        scalars = self.scalars(record)
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{self.prefix}/{key}", value, global_step=int(step))
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, global_step=int(step))
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(int(step), scalars)
         return record
 
     def close(self) -> None:
-        """Flush and close both sinks."""
+        """Flush and close every sink (and finish the W&B run)."""
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> int:
@@ -194,7 +289,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 def prepare_output(out: Path, cfg, fresh: bool) -> None:
     """Create a stage's output directory (call only after validation passed) and write the resolved
     ``config.yaml``; ``fresh`` removes an earlier run's checkpoints, logs, metrics and summary."""
-    from trainers.config import dump_yaml
+    import yaml
+
+    from trainers.config import to_dict
 
     out.mkdir(parents=True, exist_ok=True)
     if fresh:
@@ -202,4 +299,5 @@ def prepare_output(out: Path, cfg, fresh: bool) -> None:
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("metrics.jsonl", "summary.json"):
             (out / name).unlink(missing_ok=True)
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    # The snapshot is shared with whoever reads the run: never a credential (see :func:`redact`).
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))

@@ -13,14 +13,42 @@ that can never be met) prints one line and exits 2 before anything is written.
 from __future__ import annotations
 
 import argparse
+import os
+
+
+def check_local_resources(cfg) -> None:
+    """UserError now, rather than after Ray's start-up, for a request a local Ray could never meet.
+
+    ``rlhf ppo`` without ``cluster.ray_address`` (and outside ``ray job submit``, which sets
+    RAY_ADDRESS) starts a one-node Ray with ``cluster.num_cpus`` CPUs (else the machine's) and the
+    visible GPUs; the roles' bundles are checked against that node. A cluster is checked once joined
+    (:func:`trainers.ppo.check_resources`). The machine's CPU count can only overstate what Ray
+    detects, so this never refuses a request that Ray would meet.
+    """
+    import torch
+
+    from cluster.resources import ClusterResources, check_feasible, role_bundles, use_gpu
+
+    if cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    node = {
+        "CPU": float(cfg.cluster.num_cpus or os.cpu_count() or 1),
+        "GPU": float(torch.cuda.device_count()),
+    }
+    local = ClusterResources(total=node, node_shapes=[node])
+    gpu = use_gpu(cfg.cluster.device, local)
+    check_feasible(role_bundles(cfg, gpu), local, colocated=cfg.cluster.placement == "colocated")
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Load the config, run PPO, print the summary."""
+    """Load the config, check resources a local Ray would have, run PPO, print the summary."""
     from trainers.config import load_config
+
+    # Before trainers.ppo's imports (torch, seconds): a config error is reported at once.
+    cfg = load_config(args.config, args.overrides)
+    check_local_resources(cfg)
     from trainers.ppo import run_ppo
 
-    cfg = load_config(args.config, args.overrides)
     summary = run_ppo(cfg, args.out, fresh=args.fresh)
     for key, value in summary.items():
         print(f"{key}: {value}")

@@ -242,7 +242,7 @@ def test_resolve_model_dir_errors(tmp_path, weights, tokenizer, message):
     fake_model_dir(tmp_path / "m", weights=weights, tokenizer=tokenizer)
     with pytest.raises(UserError, match=message):
         ev.resolve_model_dir(tmp_path / "m", what="--policy")
-    with pytest.raises(UserError, match="--policy '.*nope' does not exist"):
+    with pytest.raises(UserError, match="--policy='.*nope' does not exist"):
         ev.resolve_model_dir(tmp_path / "nope", what="--policy")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):

@@ -63,14 +63,29 @@ def test_check_model_dir_requires_config_and_safetensors(tmp_path, lm_dir):
     assert check_model_dir(lm_dir) == lm_dir
     with pytest.raises(ConfigError, match="not set"):
         check_model_dir(None)
-    with pytest.raises(ConfigError, match="not a directory"):
+    with pytest.raises(ConfigError, match="missing' does not exist"):
         check_model_dir(tmp_path / "missing")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="file' is not a directory"):
+        check_model_dir(tmp_path / "file")
     with pytest.raises(ConfigError, match="no config.json"):
         check_model_dir(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ConfigError, match="no .safetensors"):
         check_model_dir(tmp_path)
+
+
+def test_check_model_dir_options_stage_output_and_tokenizer(tmp_path, lm_dir):
+    """Evaluation's variant: a stage output directory resolves to its model/, tokenizer.json required."""
+    assert check_model_dir(lm_dir.parent, "--policy", stage_output=True) == lm_dir
+    with pytest.raises(ConfigError, match="--policy='.*' has no config.json"):
+        check_model_dir(lm_dir.parent, "--policy")  # without the option the run directory is not a model
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert check_model_dir(tmp_path) == tmp_path
+    with pytest.raises(ConfigError, match="--policy='.*' has no tokenizer.json"):
+        check_model_dir(tmp_path, "--policy", need_tokenizer=True)
 
 
 def test_set_dropout_touches_only_dropout_fields(tokenizer):

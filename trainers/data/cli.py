@@ -25,7 +25,7 @@ from trainers.data.prepare import (
 )
 from trainers.data.schema import KINDS
 from trainers.data.validate import validate_files
-from trainers.errors import DataError
+from trainers.errors import DataError, UserError
 
 
 def _print_mapping(mapping: dict) -> None:
@@ -68,8 +68,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_synth_args(args: argparse.Namespace) -> None:
+    """UserError (before anything is written) for a scale that is not positive or an unusable ``--out``."""
+    from trainers.outputs import check_output_dir
+
+    if not args.scale > 0:
+        raise UserError(f"--scale must be > 0 (1.0 is the full size), got {args.scale}")
+    check_output_dir(args.out)
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     """Write the synthetic instruction world into ``--out``; print its summary."""
+    check_synth_args(args)
     # Imported here: the world pulls in the tokenizer stack, which validate/prepare do not need.
     world = importlib.import_module("trainers.data.world")
     summary = world.synthesize(args.out, seed=args.seed, scale=args.scale)

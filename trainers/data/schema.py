@@ -108,9 +108,10 @@ def check_options(value: object) -> str | None:
 
 
 def check_ranking(value: object) -> str | None:
-    """Ranks of the K responses: non-negative integers (0 = best, equal = tie), two distinct at least.
+    """Ranks of the K responses: non-negative integers (0 = best, equal = tie).
 
-    A ranking whose ranks are all equal carries no preference, so no RM pair can be formed from it.
+    That the ranks match the responses and hold two distinct values is checked against the responses
+    (:func:`check_ranking_against`), so a record with K = 1 gets one problem, not two.
     """
     if not isinstance(value, list):
         return f"expected a list of integers, got {json_type_name(value)}"
@@ -120,8 +121,18 @@ def check_ranking(value: object) -> str | None:
     for i, rank in enumerate(value, start=1):
         if rank < 0:
             return f"negative rank {rank} (item {i}); 0 is the best rank"
-    if len(set(value)) < 2:
-        return f"no two distinct ranks ({value!r}); a ranking must prefer at least one response"
+    return None
+
+
+def check_ranking_against(responses: list, ranking: list) -> str | None:
+    """A ranking (valid on its own) against valid responses: one rank per response, two distinct ranks.
+
+    A ranking whose ranks are all equal carries no preference, so no RM pair can be formed from it.
+    """
+    if len(ranking) != len(responses):
+        return f"length {len(ranking)} does not match the {len(responses)} responses"
+    if len(set(ranking)) < 2:
+        return f"no two distinct ranks ({ranking!r}); a ranking must prefer at least one response"
     return None
 
 
@@ -168,12 +179,11 @@ def check_record(kind: str, record: dict, skip: frozenset[str] = frozenset()) ->
         value = record.get(name)
         if name not in skip and value is not None and (msg := CHECKS[name](value)) is not None:
             problems.append((name, msg))
-    both_lists = kind == "comparisons" and not skip & {"responses", "ranking"}
-    if both_lists and not problems:
-        # Only meaningful once both lists are individually valid.
-        k, n_ranks = len(record["responses"]), len(record["ranking"])
-        if k != n_ranks:
-            problems.append(("ranking", f"length {n_ranks} does not match the {k} responses"))
+    pair = {"responses", "ranking"}
+    # Only meaningful once both lists are individually valid.
+    both_valid = kind == "comparisons" and not skip & pair and not pair & {name for name, _ in problems}
+    if both_valid and (msg := check_ranking_against(record["responses"], record["ranking"])) is not None:
+        problems.append(("ranking", msg))
     return problems
 
 

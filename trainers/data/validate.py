@@ -210,15 +210,16 @@ def read_records(
     """Read and validate data files of ``kind``; the records in file order, known fields only.
 
     Raises :class:`DataError` whose ``lines`` are the problem lines (first ``max_problems``, then
-    ``... and N more problems``) if anything is wrong. Warnings go to the log.
+    ``... and N more problems``) if anything is wrong. Warnings go to the log, only when the files are
+    valid: with problems, the problem lines alone are the message (a failing run prints nothing else).
     """
     records: list[dict] = []
     report = _check_files(kind, paths, max_problems, sink=records)
-    for line in report.warning_lines():
-        log.warning("%s", line)
     if not report.ok:
         lines = report.problem_lines()
         raise DataError(lines[0], lines=lines)
+    for line in report.warning_lines():
+        log.warning("%s", line)
     return records
 
 

@@ -25,9 +25,11 @@ _HELP = {
 def _run(args: argparse.Namespace) -> int:
     """Load the config, run the stage, print the summary."""
     from trainers.config import load_config
+
+    # Before the stages' imports (torch, seconds): a config error is reported at once.
+    cfg = load_config(args.config, args.overrides)
     from trainers.stages import run_pretrain, run_rm, run_sft
 
-    cfg = load_config(args.config, args.overrides)
     runner = {"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm}[args.stage]
     summary = runner(cfg, args.out, fresh=args.fresh)
     for key, value in summary.items():
