@@ -258,6 +258,19 @@ class TrainableWorker(EngineWorker):
         return self._to_device({k: v.index_select(0, idx) for k, v in batch.items()})
 
     def _grad_norm(self) -> float:
-        """Global gradient norm of the last optimizer step, before clipping (0.0 if unknown)."""
+        """Global gradient norm of the last optimizer step, before clipping (0.0 if unknown; inf for a
+        step DeepSpeed skipped)."""
         norm = self.engine.get_global_grad_norm()
         return 0.0 if norm is None else float(norm)
+
+    def _step_guard(self):
+        """A :class:`trainers.engine.StepGuard` for the next optimizer step (skips it, on every rank
+        alike, if a loss or the gradient norm is non-finite)."""
+        from trainers.engine import StepGuard
+
+        return StepGuard(self.engine, scale_wrt_gas=False)
+
+    def _poisoned(self, loss: torch.Tensor, poison: bool) -> torch.Tensor:
+        """Fault injection (``trainers.nonfinite``): NaN added to rank 0's loss of a poisoned step; the
+        gradients stay finite, so only the all-ranks loss check can catch it."""
+        return loss + float("nan") if poison and self.rank == 0 else loss

@@ -14,6 +14,7 @@ the step's global token count N, ``engine.backward(loss, scale_wrt_gas=False)``.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 
@@ -51,13 +52,18 @@ class CriticWorker(TrainableWorker):
         return self._map_micro(shard, fn)
 
     def train(
-        self, experience: dict[str, torch.Tensor], plan: list[list[torch.Tensor]], step_tokens: list[int]
+        self,
+        experience: dict[str, torch.Tensor],
+        plan: list[list[torch.Tensor]],
+        step_tokens: list[int],
+        poison_steps: Sequence[int] = (),
     ) -> list[dict[str, float]]:
         """Every optimizer step of this iteration; per-step stat sums of this rank.
 
         ``experience``: ``sequences``, ``attention_mask``, ``response_mask``, ``values`` (old values),
         ``returns``; ``plan[step]``: this rank's micro-batches (row indices); ``step_tokens[step]``: the
-        step's global count of response tokens.
+        step's global count of response tokens; ``poison_steps``: steps made non-finite (fault
+        injection). A non-finite step is skipped on every rank and has ``skipped`` 1 in its stats.
         """
         from trainers.algos import loss_normaliser, value_loss
 
@@ -68,7 +74,8 @@ class CriticWorker(TrainableWorker):
             self._check_plan(micros)
             norm = loss_normaliser(max(step_tokens[step], 1), self.world_size)
             acc: dict[str, float] = defaultdict(float)
-            for idx in micros:
+            guard = self._step_guard()
+            for i, idx in enumerate(micros):
                 mb = self._rows(experience, idx)
                 loss, st = value_loss(
                     self._values(mb),
@@ -78,12 +85,13 @@ class CriticWorker(TrainableWorker):
                     self.spec.clip_eps,
                     num_tokens=norm,
                 )
-                self.engine.backward(loss, scale_wrt_gas=False)
-                self.engine.step()
+                loss = self._poisoned(loss, i == 0 and step in poison_steps)
+                guard.backward_step(loss, last=i == len(micros) - 1)
                 n = float(st["tokens"])
                 acc["tokens"] += n
                 acc["loss_sum"] += float(loss.detach()) * norm
                 acc["clip_sum"] += float(st["clipfrac"]) * n
+            acc["skipped"] = 0.0 if guard.applied else 1.0
             acc["max_grad_norm"] = self._grad_norm()
             out.append(dict(acc))
         return out

@@ -18,6 +18,7 @@ in the same optimizer step (PPO_DETAILS 20).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 
@@ -56,8 +57,12 @@ class PolicyWorker(TrainableWorker):
         norm: float,
         ptx_norm: float,
         acc: dict[str, float],
+        guard,
+        last: bool,
+        poison: bool = False,
     ) -> None:
-        """Forward + backward of one micro-batch; adds its stat sums to ``acc``."""
+        """Forward + backward of one micro-batch through ``guard`` (``last``: the step's final one);
+        adds its stat sums to ``acc``."""
         from trainers.algos import entropy_from_logits, masked_sum, policy_loss
 
         mask = mb["response_mask"]
@@ -65,13 +70,13 @@ class PolicyWorker(TrainableWorker):
         loss, st = policy_loss(
             logp, mb["old_logprobs"], mb["advantages"], mask, self.spec.clip_eps, num_tokens=norm
         )
+        loss = self._poisoned(loss, poison)
         total = loss
         if ptx is not None:
             ptx_loss = self._ptx_loss(ptx, ptx_norm)
             total = loss + self.spec.ptx_coef * ptx_loss
             acc["ptx_sum"] += float(ptx_loss.detach()) * ptx_norm
-        self.engine.backward(total, scale_wrt_gas=False)
-        self.engine.step()
+        guard.backward_step(total, last)
         with torch.no_grad():
             n = float(st["tokens"])
             log_ratio = torch.where(
@@ -94,6 +99,7 @@ class PolicyWorker(TrainableWorker):
         ptx: list[list[dict[str, torch.Tensor] | None]] | None,
         step_tokens: list[int],
         ptx_tokens: list[int] | None,
+        poison_steps: Sequence[int] = (),
     ) -> list[dict[str, float]]:
         """Run every optimizer step of this iteration; returns per-step stat sums of this rank.
 
@@ -101,6 +107,9 @@ class PolicyWorker(TrainableWorker):
         ``old_logprobs``, ``advantages``; N rows). ``plan[step]``: this rank's micro-batches (row
         indices). ``ptx[step][micro]``: pretraining micro-batch or None. ``step_tokens[step]`` /
         ``ptx_tokens[step]``: global token counts of the step (see the module docstring).
+        ``poison_steps``: indices of steps made non-finite (fault injection, ``trainers.nonfinite``).
+        A step with a non-finite loss or gradient norm is skipped on every rank; its stats carry
+        ``skipped`` 1 (else 0) and its other sums are not meaningful.
         """
         from trainers.algos import loss_normaliser
 
@@ -114,8 +123,11 @@ class PolicyWorker(TrainableWorker):
             norm = loss_normaliser(max(step_tokens[step], 1), self.world_size)
             ptx_norm = loss_normaliser(max(ptx_tokens[step], 1), self.world_size) if ptx else 1.0
             slots = ptx[step] if ptx else [None] * len(micros)
-            for idx, slot in zip(micros, slots, strict=True):
-                self._micro_step(self._rows(experience, idx), slot, norm, ptx_norm, acc)
+            guard = self._step_guard()
+            for i, (idx, slot) in enumerate(zip(micros, slots, strict=True)):
+                last, poison = i == len(micros) - 1, i == 0 and step in poison_steps
+                self._micro_step(self._rows(experience, idx), slot, norm, ptx_norm, acc, guard, last, poison)
+            acc["skipped"] = 0.0 if guard.applied else 1.0  # the same on every rank
             acc["max_grad_norm"] = self._grad_norm()  # the same on every rank
             out.append(dict(acc))
         return out

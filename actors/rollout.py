@@ -11,6 +11,14 @@ The KV cache is given in bytes (``kv_cache_memory_bytes``): on CPU ``gpu_memory_
 fraction of *host* memory and its start-up check fails when other processes hold memory.
 On GPU vLLM keeps its default engine process; ``tensor_parallel_size > 1`` uses vLLM's ``mp`` executor
 inside this actor, which must then hold that many GPUs in one bundle (``cluster/resources.py``).
+
+The driver gives the actor Ray restarts: a restarted engine runs ``__init__`` again (the SFT weights from
+disk) and the driver pushes the current weights before using it (``trainers/ppo.py``).
+
+Fault injection for tests (``cluster/faults.py``): ``RLHF_FAULT_KILL_ENGINE`` entries
+``generate:<seed>@<marker>`` crash the engine at the start of the ``generate`` call with that request seed
+(the driver's ``derived_seed(ppo.seed, iteration, engine)``), ``weights:<k>@<marker>`` while it loads the
+first bucket of the k-th weight update this engine process received.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.vllm_ext import WeightReceiver
+from cluster.faults import fault_point
 
 SAMPLING_KEYS = ("n", "max_new_tokens", "temperature", "top_p", "top_k")
 WORKER_EXTENSION = f"{WeightReceiver.__module__}.{WeightReceiver.__qualname__}"
@@ -130,6 +139,7 @@ class RolloutEngine:
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.startup_s = time.perf_counter() - start
         self.sleeping = False
+        self.weight_updates = 0  # updates started in this process (fault injection counts them)
 
     def _params(self, sampling: dict, seed: int | None):
         """vLLM SamplingParams from our sampling dict (keys ``SAMPLING_KEYS``, n defaults to 1)."""
@@ -161,6 +171,7 @@ class RolloutEngine:
         ('stop' or 'length'). ``seed`` None uses the engine's sampler state; an int makes the
         call reproducible (:func:`request_seeds`).
         """
+        fault_point("KILL_ENGINE", f"generate:{seed}")
         check_token_ids(prompt_token_ids, self.vocab_size)
         n = sampling.get("n", 1)
         if seed is None:
@@ -208,10 +219,12 @@ class RolloutEngine:
 
     def start_weight_update(self) -> None:
         """Open a weight update on every worker of this engine."""
+        self.weight_updates += 1
         self._on_workers(WeightReceiver.rlhf_start_weight_update)
 
     def update_weights(self, blob: bytes) -> int:
         """Load one safetensors bucket (CPU transport); returns its tensor count."""
+        fault_point("KILL_ENGINE", f"weights:{self.weight_updates}")
         return self._on_workers(WeightReceiver.rlhf_load_weight_blob, blob)[0]
 
     def init_weight_broadcast(
@@ -263,5 +276,6 @@ class RolloutEngine:
             "device": self.device,
             "startup_s": round(self.startup_s, 2),
             "sleeping": self.sleeping,
+            "weight_updates": self.weight_updates,
             "eos_token_ids": self.eos_token_ids,
         }

@@ -89,19 +89,29 @@ class ActorGroup:
         env: Mapping[str, str] | None = None,
         torch_threads: int = 1,
         backend: str | None = None,
+        max_restarts: int = 0,
     ):
         """Start ``placement.num_ranks`` actors of ``actor_cls`` (a plain class or a ``ray.remote`` one).
 
         ``rank_kwargs(rank)`` adds per-rank constructor arguments (e.g. a seed per rollout engine).
         ``backend`` ('gloo'/'nccl') forms the torch.distributed world; None leaves the ranks apart.
+        ``max_restarts``: times Ray restarts a lost actor (same constructor arguments, same bundle). Tasks
+        are never retried by Ray (``max_task_retries=0``): a call in flight fails and the caller decides.
+        Only for actors outside a torch.distributed world -- a restarted rank could not rejoin it.
         """
+        if max_restarts and backend is not None:
+            raise ValueError("ranks of a torch.distributed world cannot be restarted one by one")
         self.role = placement.role
         remote_cls = actor_cls if isinstance(actor_cls, ActorClass) else ray.remote(actor_cls)
         env_vars = {**runtime_env_vars(torch_threads), **(env or {})}
         self.names = [f"{run_name}-{self.role}-{rank}" for rank in range(placement.num_ranks)]
         self.actors: list[ActorHandle] = [
             remote_cls.options(
-                name=name, runtime_env={"env_vars": env_vars}, **placement.actor_options(rank)
+                name=name,
+                runtime_env={"env_vars": env_vars},
+                max_restarts=max_restarts,
+                max_task_retries=0,
+                **placement.actor_options(rank),
             ).remote(*init_args, **(init_kwargs or {}), **(rank_kwargs(rank) if rank_kwargs else {}))
             for rank, name in enumerate(self.names)
         ]
@@ -128,10 +138,17 @@ class ActorGroup:
         shards = split_for_ranks(batch, len(self.actors))
         return [fn(actor, shard) for actor, shard in zip(self.actors, shards, strict=True)]
 
+    def rank_of(self, actor_id: str | None) -> int | None:
+        """The rank whose actor has this hex id (``cluster.faults.lost_actor_id``), else None."""
+        from cluster.faults import actor_id_of
+
+        ids = [actor_id_of(a) for a in self.actors]
+        return ids.index(actor_id) if actor_id in ids else None
+
     def kill(self) -> None:
-        """Stop every actor of the group now."""
+        """Stop every actor of the group now, for good (no restart)."""
         for actor in self.actors:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
 
 
 def shard_bounds(size: int, n: int) -> list[tuple[int, int]]:

@@ -30,6 +30,7 @@ Transports:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -126,7 +127,30 @@ class WeightSync(ABC):
         vLLM's reload unties ``lm_head`` from ``embed_tokens``, so sending only the embedding leaves the
         old head in place (log-prob mismatch 1.6 instead of 1e-6 on the tiny preset).
         Raises RuntimeError if an engine loaded a different number of tensors than were sent.
+
+        If the push fails (e.g. an engine died: ``RayActorError``), the rest of ``named`` is still consumed
+        before the error is re-raised -- under ZeRO-3 each item is a gather the other policy ranks take
+        part in, and stopping half-way would leave them blocked and out of step for the next sync -- and
+        the surviving engines' updates are closed, so the caller can push again once the engine is back.
         """
+        named = iter(named)
+        try:
+            return self._push(named)
+        except BaseException:
+            self._abandon(named)
+            raise
+
+    def _abandon(self, named: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """After a failed push: take part in the remaining gathers, then close every engine's update
+        that can still be closed (errors of lost engines are ignored: the caller handles those)."""
+        for _ in named:
+            pass
+        for engine in self.engines:
+            with contextlib.suppress(Exception):  # best effort: the original error is what the caller sees
+                ray.get(engine.finish_weight_update.remote())
+
+    def _push(self, named: Iterator[tuple[str, torch.Tensor]]) -> dict:
+        """:meth:`push` without the failure handling."""
         start = time.perf_counter()
         ray.get([e.start_weight_update.remote() for e in self.engines])
         inflight: list[list[ray.ObjectRef]] = []

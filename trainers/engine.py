@@ -15,6 +15,9 @@ weight init.
 Inside Ray Train the torch process group already exists; :func:`init_distributed` makes DeepSpeed's
 communication layer adopt it (without that DeepSpeed sees world size 1 and rejects the batch sizes).
 
+Every training step (stages and PPO actors) goes through :class:`StepGuard`, which skips an optimizer
+step whose loss (on any rank) or global gradient norm is not finite, on every rank alike.
+
 The learning rate follows linear warm-up then cosine decay to ``min_lr_ratio x lr``
 (:func:`lr_lambda`), a ``LambdaLR`` handed to DeepSpeed, which steps it once per optimizer step and
 saves it in its checkpoints.
@@ -100,6 +103,80 @@ def all_reduce_sum(values: list[float]) -> list[float]:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is True on any rank (one all-reduce; collective); ``flag`` itself without a group."""
+    return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def grads_finite(module: torch.nn.Module) -> bool:
+    """Whether every gradient this rank holds in ``param.grad`` is finite (params without one count as
+    finite). Only meaningful without ZeRO, where DeepSpeed leaves whole all-reduced gradients there."""
+    return all(bool(torch.isfinite(p.grad).all()) for p in module.parameters() if p.grad is not None)
+
+
+class StepGuard:
+    """One optimizer step over several micro-batches, skipped if any rank's loss or the global gradient
+    norm is not finite. Replaces ``engine.backward(loss); engine.step()`` per micro-batch::
+
+        guard = StepGuard(engine)
+        for i, batch in enumerate(batches):
+            guard.backward_step(loss_of(batch), last=i == len(batches) - 1)
+        guard.applied  # False: skipped -- weights, AdamW moments and LR schedule are untouched
+
+    How a step is skipped, keeping DeepSpeed's micro-step/global-step counters and ZeRO buffers
+    consistent: the non-finite-loss flag is all-reduced (MAX) before the last backward, so every rank
+    decides alike (ZeRO-3 ranks step in lock-step). With ZeRO 1-3, DeepSpeed itself drops a step whose
+    global gradient norm is NaN/inf (clears the gradients, skips AdamW and the LR scheduler, counts
+    ``skipped_steps``) -- in fp32 too; a non-finite *loss* does not always give non-finite gradients
+    (``loss + nan`` has finite ones), so for a flagged step the last backward is of ``loss * nan``,
+    which sends it down that same path. Without ZeRO, DeepSpeed applies whatever gradients it has, so
+    the (already all-reduced) gradients are checked here, and a bad step is dropped by
+    :func:`skip_unpartitioned_step` instead of ``engine.step()``.
+    """
+
+    def __init__(self, engine, scale_wrt_gas: bool = True):
+        self.engine = engine
+        self.scale_wrt_gas = scale_wrt_gas
+        self.bad_loss = False
+        """A micro-batch loss of this step was non-finite on this rank."""
+        self.applied: bool | None = None
+        """After the last micro-batch: whether the optimizer step was applied."""
+
+    def backward_step(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch's loss, then DeepSpeed's step; ``last`` marks the accumulation
+        boundary (collective there: every rank must call it with the same ``last``)."""
+        engine = self.engine
+        if last != engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("StepGuard: the caller's last micro-batch is not DeepSpeed's boundary")
+        self.bad_loss |= not bool(torch.isfinite(loss.detach()).all())
+        bad = any_rank(self.bad_loss) if last else False
+        if bad:
+            loss = loss * float("nan")  # non-finite gradients: DeepSpeed's own skip path (docstring)
+        engine.backward(loss, scale_wrt_gas=self.scale_wrt_gas)
+        if not last:
+            engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+            return
+        # Without ZeRO nothing checks the gradients (collective: every rank takes the same branch).
+        if not engine.zero_optimization() and any_rank(bad or not grads_finite(engine.module)):
+            skip_unpartitioned_step(engine)
+            self.applied = False
+            return
+        engine.step()
+        self.applied = not bad and engine.was_step_applied()
+
+
+def skip_unpartitioned_step(engine) -> None:
+    """Drop the accumulated gradients of a DeepSpeed engine without ZeRO and count the step as skipped,
+    with the same bookkeeping as DeepSpeed's own overflow skip (no AdamW update, no LR-scheduler step;
+    micro/global step counters advance). ``engine.step()`` cannot do it: with clipping on, it fails on
+    parameters that have no gradient."""
+    engine.zero_grad()
+    engine.micro_steps += 1
+    engine.global_steps += 1
+    engine.global_samples += engine.train_batch_size()
+    engine.skipped_steps += 1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 from trainers import algos
-from trainers.config import Config
+from trainers.config import Config, to_dict
 from trainers.data.collate import collate_lm
-from trainers.errors import ConfigError, DataError
+from trainers.errors import ConfigError, DataError, RunStopped
 from trainers.outputs import (
     MetricsWriter,
     atomic_write_json,
@@ -329,13 +329,14 @@ def objective_metrics(
 
 
 def sum_over_ranks(per_rank: Sequence[Sequence[dict[str, float]]]) -> list[dict[str, float]]:
-    """Per optimizer step, add the ranks' stat sums (keys starting ``max_`` take the maximum)."""
+    """Per optimizer step, add the ranks' stat sums (keys starting ``max_`` take the maximum, and so does
+    ``skipped``, the non-finite-step flag every rank of a role reports alike)."""
     steps = []
     for step_stats in zip(*per_rank):
         merged: dict[str, float] = {}
         for stats in step_stats:
             for key, value in stats.items():
-                if key.startswith("max_"):
+                if key.startswith("max_") or key == "skipped":
                     merged[key] = max(merged.get(key, value), value)
                 else:
                     merged[key] = merged.get(key, 0.0) + value
@@ -347,28 +348,37 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
 
 
+def _applied_mean(num: float, den: float) -> float:
+    """A mean over the applied steps: NaN (``null`` in metrics.jsonl) when every step was skipped."""
+    return num / den if den else math.nan
+
+
 def policy_metrics(
     steps: Sequence[dict[str, float]], ptx_tokens: Sequence[int] | None = None
 ) -> dict[str, float]:
-    """``loss/policy``, ``loss/ptx`` and ``policy/*`` as token means over every optimizer step of the
-    iteration, from the summed stats the policy ranks return (``ptx_tokens``: the driver's global ptx
-    token count of each step); ``policy/grad_norm`` is the mean pre-clip norm over steps; plus ``sanity/first_*`` for the first
-    minibatch of the first epoch, where the ratio must be exactly 1 (PPO_DETAILS 25)."""
+    """``loss/policy``, ``loss/ptx`` and ``policy/*`` as token means over the applied optimizer steps of
+    the iteration, from the summed stats the policy ranks return (``ptx_tokens``: the driver's global ptx
+    token count of each step); ``policy/grad_norm`` is the mean pre-clip norm over applied steps;
+    ``policy/skipped_steps`` counts the steps skipped for a non-finite loss or gradient (left out of every
+    mean: their sums are NaN); plus ``sanity/first_*`` for the first minibatch of the first epoch, where
+    the ratio must be exactly 1 (PPO_DETAILS 25)."""
+    kept = [i for i, s in enumerate(steps) if not s.get("skipped")]
     keys = {k for s in steps for k in s}
-    total = {k: sum(s.get(k, 0.0) for s in steps) for k in keys}
+    total = {k: sum(steps[i].get(k, 0.0) for i in kept) for k in keys}
     n = total["tokens"]
-    ratio_mean = _ratio(total["ratio_sum"], n)
+    ratio_mean = _applied_mean(total["ratio_sum"], n)
     out = {
-        "loss/policy": _ratio(total["loss_sum"], n),
-        "policy/clipfrac": _ratio(total["clip_sum"], n),
-        "policy/approx_kl": _ratio(total["approx_kl_sum"], n),
-        "policy/entropy": _ratio(total["entropy_sum"], n),
+        "loss/policy": _applied_mean(total["loss_sum"], n),
+        "policy/clipfrac": _applied_mean(total["clip_sum"], n),
+        "policy/approx_kl": _applied_mean(total["approx_kl_sum"], n),
+        "policy/entropy": _applied_mean(total["entropy_sum"], n),
         "policy/ratio_mean": ratio_mean,
-        "policy/ratio_std": math.sqrt(max(0.0, _ratio(total["ratio_sq_sum"], n) - ratio_mean**2)),
-        "policy/grad_norm": _ratio(sum(s["max_grad_norm"] for s in steps), len(steps)),
+        "policy/ratio_std": math.sqrt(max(0.0, _applied_mean(total["ratio_sq_sum"], n) - ratio_mean**2)),
+        "policy/grad_norm": _applied_mean(total["max_grad_norm"], len(kept)),
+        "policy/skipped_steps": float(len(steps) - len(kept)),
     }
     if ptx_tokens:
-        out["loss/ptx"] = _ratio(total["ptx_sum"], sum(ptx_tokens))
+        out["loss/ptx"] = _applied_mean(total.get("ptx_sum", 0.0), sum(ptx_tokens[i] for i in kept))
     first = steps[0]
     out["sanity/first_ratio_mean"] = _ratio(first["ratio_sum"], first["tokens"])
     out["sanity/first_approx_kl"] = _ratio(first["approx_kl_sum"], first["tokens"])
@@ -377,11 +387,14 @@ def policy_metrics(
 
 
 def critic_metrics(steps: Sequence[dict[str, float]]) -> dict[str, float]:
-    """``loss/value`` and ``value/clipfrac`` as token means over every optimizer step of the iteration."""
-    n = sum(s["tokens"] for s in steps)
+    """``loss/value`` and ``value/clipfrac`` as token means over the applied optimizer steps of the
+    iteration; ``value/skipped_steps`` counts the skipped (non-finite) ones."""
+    kept = [s for s in steps if not s.get("skipped")]
+    n = sum(s["tokens"] for s in kept)
     return {
-        "loss/value": _ratio(sum(s["loss_sum"] for s in steps), n),
-        "value/clipfrac": _ratio(sum(s["clip_sum"] for s in steps), n),
+        "loss/value": _applied_mean(sum(s["loss_sum"] for s in kept), n),
+        "value/clipfrac": _applied_mean(sum(s["clip_sum"] for s in kept), n),
+        "value/skipped_steps": float(len(steps) - len(kept)),
     }
 
 
@@ -454,6 +467,10 @@ class DriverState:
     """The KL controller's ``state_dict`` (its current coefficient)."""
     shape: dict = field(default_factory=dict)
     """:func:`run_shape` of the run that wrote the checkpoint."""
+    nonfinite_streak: dict = field(default_factory=dict)
+    """Per training role (``policy``, ``critic``): optimizer steps skipped in a row (non-finite loss or
+    gradient) up to the end of the last iteration. Saved, so a resumed run stops where an uninterrupted
+    one would (``trainers.nonfinite``)."""
 
 
 def run_shape(cfg: Config) -> dict:
@@ -618,10 +635,21 @@ class Roles:
     rollout: Any
     placements: dict
     colocated_gpu: bool = False
+    max_engine_restarts: int = 0
+    """``ppo.max_engine_restarts``: lost engines this driver recovers before it stops the run."""
+    engine_restarts: int = 0
+    """Lost engines recovered so far by this driver process (all engines together)."""
 
     def engines(self) -> list:
         """The rollout engines' actor handles."""
         return list(self.rollout.actors)
+
+    def training_actors(self) -> dict[tuple[str, int], Any]:
+        """``(role, rank) -> handle`` of every DeepSpeed actor: ranks of torch.distributed worlds, which
+        cannot be restarted one by one (a lost one stops the run)."""
+        groups = {"policy": self.policy, "critic": self.critic, "reference": self.reference}
+        groups["reward"] = self.reward
+        return {(role, rank): a for role, group in groups.items() for rank, a in enumerate(group.actors)}
 
     def shutdown(self) -> None:
         """Kill every actor, then free the placement groups."""
@@ -630,6 +658,110 @@ class Roles:
         for group in (self.rollout, self.policy, self.critic, self.reference, self.reward):
             group.kill()
         release(self.placements)
+
+
+ENGINE_RESTART_TIMEOUT_S = 900.0
+"""How long the driver waits for a restarted vLLM engine to answer (start-up took 12-72 s on 2 CPU cores)."""
+
+
+class ActorLost(Exception):
+    """An actor the run cannot do without is gone: ``role``/``rank`` name it, ``detail`` says how."""
+
+    def __init__(self, role: str, rank: int, detail: str):
+        super().__init__(f"{'rollout engine' if role == 'rollout' else role + ' rank'} {rank} {detail}")
+        self.role, self.rank, self.detail = role, rank, detail
+
+
+def with_engine_recovery(roles: Roles, phase: str, call, push_first: bool = True):
+    """``call()`` (one phase's calls to the engines and its ``ray.get``); if a rollout engine was lost on
+    the way, wait for Ray's restart, push the current policy weights into the engines (a restarted engine
+    loaded the SFT weights from disk) and run ``call()`` again, the whole phase with the same seeds.
+
+    ``push_first=False`` when ``call`` is itself the weight push. Raises :class:`ActorLost` past
+    ``ppo.max_engine_restarts`` or when the engine does not come back.
+    """
+    from ray.exceptions import RayActorError
+
+    from cluster.faults import lost_actor_id
+
+    stale = False
+    while True:
+        try:
+            if stale and push_first:
+                push_policy_weights(roles)
+            return call()
+        except RayActorError as err:
+            rank = roles.rollout.rank_of(lost_actor_id(err))
+            if rank is None:
+                raise
+            recover_engine(roles, rank, phase)
+            stale = True
+
+
+def recover_engine(roles: Roles, rank: int, phase: str) -> None:
+    """Count the loss of engine ``rank`` against the budget and wait until its restart answers."""
+    from cluster.faults import ActorGone, wait_until_alive
+
+    roles.engine_restarts += 1
+    budget = roles.max_engine_restarts
+    if roles.engine_restarts > budget:
+        raise ActorLost(
+            "rollout", rank, f"was lost during {phase} with ppo.max_engine_restarts={budget} used up"
+        )
+    print(
+        f"ppo: rollout engine {rank} lost during {phase}; restart {roles.engine_restarts}/{budget}: waiting "
+        "for it, then pushing the current policy weights and retrying the phase",
+        flush=True,
+    )
+    engine = roles.engines()[rank]
+    try:
+        wait_until_alive(lambda: engine.health.remote(), ENGINE_RESTART_TIMEOUT_S)
+    except ActorGone as err:
+        raise ActorLost("rollout", rank, f"was lost during {phase} and did not come back: {err}") from None
+
+
+def push_policy_weights(roles: Roles) -> dict:
+    """The gathered policy weights into every engine (collective over the policy ranks); rank 0's stats."""
+    import ray
+
+    engines = roles.engines()
+    return ray.get(roles.policy.map(lambda a, _r: a.sync_weights.remote(engines)))[0]
+
+
+def lost_actor(roles: Roles, err: BaseException) -> ActorLost | None:
+    """The actor whose loss ``err`` comes from, if the run lost one (else None: an ordinary error).
+
+    A lost rank of a torch.distributed world can surface as its own ``ActorDiedError`` or as a collective
+    error in a surviving rank (``RayTaskError``); the latter is resolved by probing every training actor.
+    """
+    from ray.exceptions import RayError
+
+    from cluster.faults import actor_id_of, lost_actor_id, probe_dead
+
+    if isinstance(err, ActorLost):
+        return err
+    if not isinstance(err, RayError):
+        return None
+    actors = roles.training_actors()
+    actor_id = lost_actor_id(err)
+    found = [key for key, handle in actors.items() if actor_id and actor_id_of(handle) == actor_id]
+    dead = found or probe_dead(actors)
+    if not dead:
+        return None
+    role, rank = dead[0]
+    return ActorLost(role, rank, "died (its process is gone)")
+
+
+def stop_message(lost: ActorLost, checkpoints: Path, completed: int) -> str:
+    """The one line a stopped run prints: what was lost, after how many iterations, where a rerun of the
+    same command resumes from."""
+    found = complete_checkpoints(checkpoints)
+    resume = (
+        f"rerun the same command to resume from {found[-1]}"
+        if found
+        else "no complete checkpoint yet: a rerun starts from iteration 0"
+    )
+    return f"{lost} after iteration {completed}; every actor was stopped; {resume}"
 
 
 def role_classes() -> dict[str, type]:
@@ -658,6 +790,7 @@ def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
 
     from actors.rollout import RolloutEngine
     from cluster.actor_group import ActorGroup, default_backend
+    from cluster.faults import fault_env
     from cluster.placement import place_roles, release
     from cluster.resources import role_bundles
 
@@ -677,6 +810,8 @@ def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
             init_kwargs=rollout_kwargs(cfg, device),
             rank_kwargs=lambda rank: {"seed": derived_seed(cfg.ppo.seed, 10_000 + rank)},
             torch_threads=threads,
+            env=fault_env(),  # RLHF_FAULT_*: test fault injection (cluster/faults.py); empty otherwise
+            max_restarts=cfg.ppo.max_engine_restarts,
         )
         classes = role_classes()
         for role, cls in classes.items():
@@ -696,7 +831,12 @@ def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
             group.kill()
         release(placements)
         raise
-    return Roles(**started, placements=placements, colocated_gpu=gpu and colocated)
+    return Roles(
+        **started,
+        placements=placements,
+        colocated_gpu=gpu and colocated,
+        max_engine_restarts=cfg.ppo.max_engine_restarts,
+    )
 
 
 def check_resources(cfg: Config) -> str:
@@ -719,7 +859,8 @@ def check_resources(cfg: Config) -> str:
 
 def generate(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> dict[str, torch.Tensor]:
     """Phase 1: this iteration's prompts, split over the engines (own seed each, PPO_DETAILS 6), n samples
-    per prompt; returns the rollout batch (:func:`build_rollout_batch`, vLLM log-probs included)."""
+    per prompt; returns the rollout batch (:func:`build_rollout_batch`, vLLM log-probs included). A lost
+    engine is restarted and the phase retried (:func:`with_engine_recovery`)."""
     import ray
 
     from cluster.actor_group import shard_bounds
@@ -736,12 +877,17 @@ def generate(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> di
     }
     engines = roles.engines()
     bounds = shard_bounds(len(prompts), len(engines))
-    refs = [
-        engine.generate.remote(prompts[lo:hi], sampling, derived_seed(cfg.ppo.seed, state.iteration, e))
-        for e, (engine, (lo, hi)) in enumerate(zip(engines, bounds))
-        if hi > lo
-    ]
-    samples = [s for part in ray.get(refs) for s in part]  # prompt-major, engine order = prompt order
+
+    def sample() -> list[dict]:
+        refs = [
+            engine.generate.remote(prompts[lo:hi], sampling, derived_seed(cfg.ppo.seed, state.iteration, e))
+            for e, (engine, (lo, hi)) in enumerate(zip(engines, bounds))
+            if hi > lo
+        ]
+        return [s for part in ray.get(refs) for s in part]  # prompt-major, engine order = prompt order
+
+    # A lost engine: the whole phase again with the same seeds, so the samples equal an uninterrupted run's.
+    samples = with_engine_recovery(roles, f"generate of iteration {state.iteration + 1}", sample)
     repeated = [p for p in prompts for _ in range(cfg.ppo.samples_per_prompt)]
     return build_rollout_batch(
         repeated,
@@ -820,10 +966,17 @@ def train_plans(cfg: Config, data: RunData, state: DriverState, response_mask: t
     return plans
 
 
-def train(roles: Roles, experience: dict[str, torch.Tensor], plans: dict) -> dict[str, float]:
-    """Phase 3: policy and critic train in parallel on the same minibatches (one ``ray.get``)."""
+def train(
+    roles: Roles, experience: dict[str, torch.Tensor], plans: dict, poison: dict[str, list[int]] | None = None
+) -> tuple[dict[str, float], dict[str, list[bool]]]:
+    """Phase 3: policy and critic train in parallel on the same minibatches (one ``ray.get``).
+
+    Returns the metrics and, per role, which optimizer steps were skipped (non-finite loss or gradient
+    norm). ``poison``: per role, step indices to make non-finite (fault injection, :func:`fault_poison`).
+    """
     import ray
 
+    poison = poison or {}
     exp_ref = ray.put(experience)
     policy_refs = roles.policy.map(
         lambda a, r: a.train.remote(
@@ -832,32 +985,96 @@ def train(roles: Roles, experience: dict[str, torch.Tensor], plans: dict) -> dic
             plans["ptx"][r] if plans["ptx"] else None,
             plans["step_tokens"],
             plans["ptx_tokens"],
+            poison.get("policy", []),
         )
     )
     critic_refs = roles.critic.map(
-        lambda a, r: a.train.remote(exp_ref, plans["critic"][r], plans["step_tokens"])
+        lambda a, r: a.train.remote(
+            exp_ref, plans["critic"][r], plans["step_tokens"], poison.get("critic", [])
+        )
     )
     results = ray.get(policy_refs + critic_refs)
     policy_steps = sum_over_ranks(results[: len(policy_refs)])
     critic_steps = sum_over_ranks(results[len(policy_refs) :])
-    return policy_metrics(policy_steps, plans["ptx_tokens"]) | critic_metrics(critic_steps)
+    skipped = {
+        "policy": [bool(s.get("skipped")) for s in policy_steps],
+        "critic": [bool(s.get("skipped")) for s in critic_steps],
+    }
+    return policy_metrics(policy_steps, plans["ptx_tokens"]) | critic_metrics(critic_steps), skipped
+
+
+def fault_poison(iteration: int, steps: int) -> dict[str, list[int]]:
+    """Fault injection for tests (``trainers.nonfinite``): per role, the indices of this iteration's
+    optimizer steps that ``RLHF_FAULT_NONFINITE_STEPS`` poisons (steps counted over the run, 1-based);
+    prints a line when any is armed."""
+    from trainers.nonfinite import FAULT_ENV, fault_steps_from_env, local_indices
+
+    out = {
+        role: local_indices(fault_steps_from_env(role), iteration * steps + 1, steps)
+        for role in ("policy", "critic")
+    }
+    for role, idx in out.items():
+        if idx:
+            print(
+                f"ppo: {FAULT_ENV} poisons {role} steps {[iteration * steps + i + 1 for i in idx]}",
+                flush=True,
+            )
+    return out
+
+
+def check_nonfinite(
+    state: DriverState, skipped: dict[str, list[bool]], limit: int, checkpoints: Path | None = None
+) -> None:
+    """Carry each role's streak of skipped optimizer steps through this iteration (``state``), print a line
+    when steps were skipped, and raise :class:`RunStopped` once a role has ``limit`` in a row -- before
+    anything of this iteration is saved. The message names the newest complete checkpoint under
+    ``checkpoints`` (when given)."""
+    from trainers.nonfinite import resume_hint, stop_message, update_streak
+
+    longest = {}
+    for role, flags in skipped.items():
+        state.nonfinite_streak[role], longest[role] = update_streak(
+            state.nonfinite_streak.get(role, 0), flags
+        )
+        if any(flags):
+            print(
+                f"ppo: iteration {state.iteration + 1}: {role} skipped {sum(flags)} of {len(flags)} optimizer "
+                f"steps (non-finite loss or gradient; {state.nonfinite_streak[role]} in a row, stop at {limit})",
+                flush=True,
+            )
+    worst = max(longest, key=lambda role: longest[role])
+    if longest[worst] >= limit:
+        if checkpoints is None:
+            resume = "rerun the same command to resume from the newest complete checkpoint in OUT/checkpoints"
+        else:
+            found = complete_checkpoints(checkpoints)
+            resume = resume_hint(found[-1] if found else None)
+        what = f"ppo iteration {state.iteration + 1}, {worst}"
+        raise RunStopped(stop_message(what, longest[worst], limit, resume))
 
 
 def sync_weights(roles: Roles) -> dict[str, float]:
-    """Phase 4: gathered policy weights into every vLLM engine (collective over the policy ranks)."""
+    """Phase 4: gathered policy weights into every vLLM engine (collective over the policy ranks); an
+    engine lost on the way is restarted and the push repeated (:func:`with_engine_recovery`)."""
     import ray
 
     engines = roles.engines()
     if roles.colocated_gpu:
         ray.get([e.wake_up.remote(["weights"]) for e in engines])
-    stats = ray.get(roles.policy.map(lambda a, _r: a.sync_weights.remote(engines)))[0]
+    stats = with_engine_recovery(roles, "weight sync", lambda: push_policy_weights(roles), push_first=False)
     if roles.colocated_gpu:
         ray.get([e.wake_up.remote(["kv_cache"]) for e in engines])
     return {"sync/bytes": float(stats["bytes"]), "sync/buckets": float(stats["buckets"])}
 
 
-def run_iteration(roles: Roles, cfg: Config, data: RunData, state: DriverState, kl_ctl) -> dict[str, float]:
-    """One PPO-ptx iteration (module docstring); advances ``state``; returns its metrics."""
+def run_iteration(
+    roles: Roles, cfg: Config, data: RunData, state: DriverState, kl_ctl, checkpoints: Path | None = None
+) -> dict[str, float]:
+    """One PPO-ptx iteration (module docstring); advances ``state``; returns its metrics.
+
+    Raises :class:`RunStopped` (naming the newest complete checkpoint under ``checkpoints``) when
+    ``ppo.max_nonfinite_steps`` optimizer steps in a row of the policy or the critic were skipped.
+    """
     import ray
 
     timings: dict[str, float] = {}
@@ -896,7 +1113,10 @@ def run_iteration(roles: Roles, cfg: Config, data: RunData, state: DriverState, 
         "values": exp["values"],
         "returns": exp["returns"],
     }
-    metrics |= train(roles, experience, train_plans(cfg, data, state, mask))
+    plans = train_plans(cfg, data, state, mask)
+    train_metrics, skipped = train(roles, experience, plans, fault_poison(state.iteration, plans["steps"]))
+    metrics |= train_metrics
+    check_nonfinite(state, skipped, cfg.ppo.max_nonfinite_steps, checkpoints)
     timings["timing/train"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -978,6 +1198,22 @@ def summarize(records: list[dict], state: DriverState, wall: float, out: Path, r
 # --------------------------------------------------------------------------------------------------
 
 
+def iterate(roles: Roles, cfg: Config, data: RunData, state: DriverState, kl_ctl, writer, out: Path) -> None:
+    """The remaining iterations: run, log (with ``rollout/engine_restarts``, the engines lost and recovered
+    during the iteration), print progress, checkpoint every ``ppo.checkpoint_every`` and at the end."""
+    p = cfg.ppo
+    while state.iteration < p.iterations:
+        restarts = roles.engine_restarts
+        metrics = run_iteration(roles, cfg, data, state, kl_ctl, checkpoints=out / "checkpoints")
+        metrics["rollout/engine_restarts"] = float(roles.engine_restarts - restarts)
+        writer.log(state.iteration, metrics)
+        if cfg.logging.progress and (state.iteration % cfg.logging.log_every == 0 or state.iteration == 1):
+            print(_progress(state.iteration, p.iterations, metrics), flush=True)
+        every = p.checkpoint_every
+        if (every and state.iteration % every == 0) or state.iteration == p.iterations:
+            save_checkpoint(roles, out / "checkpoints", state, p.keep_checkpoints)
+
+
 def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dict:
     """Validate, start the actors, resume from the newest complete checkpoint (unless ``fresh``), run
     the remaining iterations, save the policy to ``OUT/model`` and ``OUT/summary.json``; return the
@@ -995,12 +1231,12 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
     clock = time.perf_counter()
     roles = start_roles(cfg, device, run_name=f"ppo-{uuid.uuid4().hex[:6]}")
     print(f"ppo: actors ready in {time.perf_counter() - clock:.1f}s", flush=True)
+    kl_ctl = algos.make_kl_controller(
+        "adaptive" if p.adaptive_kl else "fixed", p.kl_coef, p.kl_target, p.kl_horizon
+    )
+    state, resumed_from = DriverState(kl_controller=kl_ctl.state_dict(), shape=run_shape(cfg)), 0
     writer = None
     try:
-        kl_ctl = algos.make_kl_controller(
-            "adaptive" if p.adaptive_kl else "fixed", p.kl_coef, p.kl_target, p.kl_horizon
-        )
-        state, resumed_from = DriverState(kl_controller=kl_ctl.state_dict(), shape=run_shape(cfg)), 0
         if found:
             state = load_checkpoint(roles, found[-1])
             kl_ctl.load_state_dict(state.kl_controller)
@@ -1008,17 +1244,14 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
             sync_weights(roles)  # the engines started from the SFT weights
             print(f"ppo: resumed from {found[-1]} (iteration {state.iteration})", flush=True)
         truncate_metrics(out / "metrics.jsonl", state.iteration)  # before the writer opens the file
-        writer = MetricsWriter(out, prefix="ppo", tensorboard=cfg.logging.tensorboard)
-        while state.iteration < p.iterations:
-            metrics = run_iteration(roles, cfg, data, state, kl_ctl)
-            writer.log(state.iteration, metrics)
-            if cfg.logging.progress and (
-                state.iteration % cfg.logging.log_every == 0 or state.iteration == 1
-            ):
-                print(_progress(state.iteration, p.iterations, metrics), flush=True)
-            every = p.checkpoint_every
-            if (every and state.iteration % every == 0) or state.iteration == p.iterations:
-                save_checkpoint(roles, out / "checkpoints", state, p.keep_checkpoints)
+        writer = MetricsWriter(
+            out,
+            prefix="ppo",
+            tensorboard=cfg.logging.tensorboard,
+            logging_cfg=cfg.logging,
+            run_config=to_dict(cfg),
+        )
+        iterate(roles, cfg, data, state, kl_ctl, writer, out)
         ray.get(roles.policy.map(lambda a, _r: a.save_model.remote(str(out / "model"))))
         summary = summarize(
             read_metrics(out / "metrics.jsonl"), state, time.time() - start, out, resumed_from
@@ -1026,6 +1259,12 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
         atomic_write_json(out / "summary.json", summary)
         print(f"ppo: done in {summary['ppo/wall_time_s']:.1f}s; policy in {out / 'model'}", flush=True)
         return summary
+    except Exception as err:
+        # A lost actor the run cannot replace: one line, every actor stopped (finally), resumable.
+        lost = lost_actor(roles, err)
+        if lost is None:
+            raise
+        raise RunStopped(stop_message(lost, out / "checkpoints", state.iteration)) from err
     finally:
         if writer is not None:
             writer.close()

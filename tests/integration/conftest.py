@@ -13,6 +13,8 @@ The trained models are session-scoped so later tests (PPO) reuse them:
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,33 @@ TEST_OVERRIDES: dict[str, list[str]] = {
 """Per-stage overrides on top of tiny.yaml: a few more epochs over the smaller world."""
 COMMON_OVERRIDES = ["logging.log_every=1"]
 """Every step in metrics.jsonl (the equivalence and resume tests compare steps one by one)."""
+PPO_TEST_OVERRIDES = [
+    "ppo.prompts_per_iteration=16",
+    "ppo.samples_per_prompt=2",
+    "ppo.mini_batch_size=16",
+    "ppo.micro_batch_size=4",
+    "ppo.ppo_epochs=2",  # 32 rows / 16 x 2 epochs = 4 optimizer steps per iteration
+    "ppo.policy_workers=2",
+    "ppo.critic_workers=1",
+    "ppo.policy_lr=2e-4",
+    "ppo.critic_lr=1e-4",
+    "ppo.ptx_coef=0.5",
+    "ppo.ptx_batch_size=2",
+    "rollout.max_new_tokens=32",
+    "logging.log_every=1",
+]
+"""The small PPO-ptx run every PPO integration test builds on (2 policy ranks, 1 critic, 1 engine)."""
+ADAPTIVE_KL_OVERRIDES = [
+    "ppo.adaptive_kl=true",
+    "ppo.kl_coef=0.05",
+    "ppo.kl_target=1.0",
+    "ppo.kl_horizon=200",
+]
+"""The adaptive KL controller with a target the tiny run reaches (its state is part of a checkpoint)."""
+STAGE_CACHE = os.environ.get("RLHF_TEST_STAGE_CACHE")
+"""Developer convenience (CI leaves it unset): a directory where the session fixtures keep the world and
+the trained base/SFT/RM runs between pytest sessions, so iterating on one PPO test skips ~2.5 min of
+stage training. A finished run (its summary.json exists) is reused as it is."""
 
 
 @dataclass
@@ -79,6 +108,9 @@ def run_stage_for_test(
     from trainers.stages import run_pretrain, run_rm, run_sft
 
     cfg = load_stage_config(stage, world_dir, model_path, extra)
+    cached = STAGE_CACHE and Path(out).is_relative_to(Path(STAGE_CACHE))
+    if cached and (out / "summary.json").is_file() and not kwargs and max_failures is None:
+        return StageRun(out=out, summary=json.loads((out / "summary.json").read_text()), cfg=cfg)
     if max_failures is not None:
         getattr(cfg, stage).max_failures = max_failures
     runner = {"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm}[stage]
@@ -103,6 +135,12 @@ def world_dir(tmp_path_factory) -> Path:
     """The synthetic world at SYNTH_SCALE (seed 0): data kinds, splits, tokenizer."""
     from trainers.data.world import synthesize
 
+    if STAGE_CACHE:
+        out = Path(STAGE_CACHE) / "world"
+        if not (out / ".complete").is_file():
+            synthesize(out, seed=0, scale=SYNTH_SCALE)
+            (out / ".complete").write_text("")
+        return out
     out = tmp_path_factory.mktemp("world")
     synthesize(out, seed=0, scale=SYNTH_SCALE)
     return out
@@ -110,6 +148,8 @@ def world_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stage_root(tmp_path_factory) -> Path:
+    if STAGE_CACHE:
+        return Path(STAGE_CACHE) / "stages"
     return tmp_path_factory.mktemp("stages")
 
 

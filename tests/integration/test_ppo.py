@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.integration.conftest import ADAPTIVE_KL_OVERRIDES, PPO_TEST_OVERRIDES
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,25 +28,10 @@ TINY = REPO / "trainers" / "configs" / "tiny.yaml"
 ITERATIONS = 6
 RUN_OVERRIDES = [
     f"ppo.iterations={ITERATIONS}",
-    "ppo.prompts_per_iteration=16",
-    "ppo.samples_per_prompt=2",
-    "ppo.mini_batch_size=16",
-    "ppo.micro_batch_size=4",
-    "ppo.ppo_epochs=2",
-    "ppo.policy_workers=2",
-    "ppo.critic_workers=1",
-    "ppo.policy_lr=2e-4",
-    "ppo.critic_lr=1e-4",
-    "ppo.ptx_coef=0.5",
-    "ppo.ptx_batch_size=2",
-    "ppo.adaptive_kl=true",
-    "ppo.kl_coef=0.05",
-    "ppo.kl_target=1.0",
-    "ppo.kl_horizon=200",
+    *PPO_TEST_OVERRIDES,
+    *ADAPTIVE_KL_OVERRIDES,
     "ppo.checkpoint_every=3",
     "ppo.keep_checkpoints=2",
-    "rollout.max_new_tokens=32",
-    "logging.log_every=1",
 ]
 REQUIRED_METRICS = [
     "objective/kl",

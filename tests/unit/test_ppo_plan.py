@@ -142,7 +142,7 @@ def test_critic_metrics_token_mean():
     m = ppo.critic_metrics(
         [{"tokens": 2, "loss_sum": 1.0, "clip_sum": 1.0}, {"tokens": 6, "loss_sum": 3.0, "clip_sum": 0.0}]
     )
-    assert m == {"loss/value": 0.5, "value/clipfrac": 1.0 / 8}
+    assert m == {"loss/value": 0.5, "value/clipfrac": 1.0 / 8, "value/skipped_steps": 0.0}
 
 
 def test_checkpoint_rotation_keeps_newest_complete(tmp_path):

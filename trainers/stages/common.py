@@ -35,6 +35,15 @@ torch RNG state, so a resumed run continues exactly where the uninterrupted run 
 schedule always spans ``epochs``; ``max_steps`` only stops early, so raising it and running the
 same command again continues the same run.
 
+Non-finite steps (``trainers.nonfinite``). Every optimizer step goes through
+``trainers.engine.StepGuard``: a NaN/inf loss on any rank or a non-finite gradient norm skips the step
+on all ranks (weights, AdamW state and LR schedule untouched; the data of that step is consumed, not
+retried). The metrics record of the step has ``skipped`` 1 and a null loss; ``LoopState`` counts
+skipped steps and the streak in a row (both saved in checkpoints). When the streak reaches
+``<stage>.max_nonfinite_steps`` the workers return together before saving anything, and the driver
+raises ``RunStopped`` naming the newest checkpoint: returning instead of raising keeps Ray Train's
+``max_failures`` from retrying a deterministic numerical failure as if a worker had been lost.
+
 Metrics. Rank 0 writes one record per logged step (``logging.log_every``, plus step 1 and every
 epoch end) to ``OUT/metrics.jsonl`` and TensorBoard, and prints a progress line: ``step``,
 ``epoch``, ``loss`` (global token/prompt mean), ``lr`` (of that step), ``grad_norm`` (before
@@ -75,6 +84,8 @@ CHECKPOINT_TAG = "engine"
 """DeepSpeed checkpoint tag inside each Ray Train checkpoint directory."""
 STATE_FILE = "trainer_state.json"
 """Step counters and run shape, next to the DeepSpeed files of a checkpoint."""
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of its registered checkpoints, in the run directory (names the one it restores)."""
 TRAIN_LOSS_WINDOW = 10
 """``<stage>/train_loss`` in the summary is the mean loss of the last this-many optimizer steps."""
 MAX_LENGTH_PROBLEMS = 20
@@ -283,15 +294,31 @@ def validate_stage(spec: StageSpec, cfg: Config, out_dir: str | Path) -> tuple[P
     return out, data, steps
 
 
+def newest_checkpoint(storage: Path) -> Path | None:
+    """The checkpoint a rerun resumes from, under a Ray Train run directory (None: a rerun starts over).
+
+    That is the newest checkpoint Ray Train's checkpoint manager registered, named in its snapshot
+    file -- Ray Train restores from nothing else. It is not simply the highest step on disk: the
+    controller registers a reported checkpoint only when it next polls (every 2 s), and workers that
+    outlive a SIGKILLed driver for a few seconds can still write checkpoint folders nobody registers
+    (seen: folders up to step 6, resumed from step 2; folders up to step 4 and no snapshot yet: the rerun
+    started over). Such folders are ignored, and overwritten when the rerun reaches their step.
+    """
+    try:
+        latest = json.loads((storage / SNAPSHOT_FILE).read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    name = latest.get("checkpoint_dir_name")
+    return storage / name if name and (storage / name / STATE_FILE).is_file() else None
+
+
 def latest_checkpoint_state(storage: Path) -> dict | None:
-    """The trainer state of the newest checkpoint under a Ray Train run directory (None if none)."""
-    states = []
-    for path in storage.glob(f"*/{STATE_FILE}"):
-        try:
-            states.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return max(states, key=lambda s: s.get("step", 0), default=None)
+    """The trainer state of the checkpoint a rerun resumes from (:func:`newest_checkpoint`), or None."""
+    path = newest_checkpoint(storage)
+    try:
+        return json.loads((path / STATE_FILE).read_text()) if path else None
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def check_resumable(state: dict | None, plan: dict) -> None:
@@ -322,6 +349,7 @@ def make_plan(
         "stage_cfg": to_dict(cfg)[spec.name],
         "model": model,
         "logging": to_dict(cfg)["logging"],
+        "config": to_dict(cfg),  # for W&B's run config (redacted by the writer)
         "torch_threads": cfg.cluster.torch_threads,
         "tokenizer_dir": str(tokenizer_path(cfg).resolve()),
         "device": device,
@@ -342,12 +370,20 @@ def run_stage(
     out_dir: str | Path,
     fresh: bool = False,
     fail_at_step: int | None = None,
+    nonfinite_at_steps: Sequence[int] | None = None,
 ) -> dict:
     """Validate, train with Ray Train + DeepSpeed, write ``OUT/summary.json``; return the summary.
 
     ``fail_at_step`` is a testing hook: every worker raises right after that optimizer step
     (and its checkpoint, if one is due) unless the run resumed from a checkpoint, which
-    exercises Ray Train's failure handling and resuming.
+    exercises Ray Train's failure handling and resuming. ``nonfinite_at_steps`` is another: those
+    optimizer steps (1-based) get a NaN loss on rank 0 (default: from ``RLHF_FAULT_NONFINITE_STEPS``,
+    see ``trainers.nonfinite``).
+
+    Raises :class:`~trainers.errors.RunStopped` when ``<stage>.max_nonfinite_steps`` steps in a row were
+    skipped for a non-finite loss or gradient (the workers stop together without saving anything and
+    return normally, so Ray Train does not retry it as a lost worker); the message names the checkpoint
+    a rerun resumes from.
     """
     from trainers.engine import resolve_device, resolve_dtype
 
@@ -357,6 +393,7 @@ def run_stage(
     dtype = resolve_dtype(cfg.model.dtype, device)
     plan = make_plan(spec, cfg, out, steps, device, dtype)
     plan["fail_at_step"] = fail_at_step
+    plan["nonfinite_at_steps"] = _fault_steps(spec.name, nonfinite_at_steps)
     storage = out / "checkpoints"
     if not fresh:
         check_resumable(latest_checkpoint_state(storage / spec.name), plan)
@@ -364,6 +401,7 @@ def run_stage(
     resumed = latest_checkpoint_state(storage / spec.name)
     _announce(spec, plan, data, resumed)
     result = _fit(spec, cfg, plan, data, storage)
+    _raise_if_stopped(spec.name, result.return_value, stage_config(cfg, spec.name), storage / spec.name)
     metrics = dict(result.metrics or {})
     summary = {k: v for k, v in metrics.items() if k.startswith(f"{spec.name}/")}
     summary[f"{spec.name}/wall_time_s"] = round(time.time() - start, 2)
@@ -373,6 +411,30 @@ def run_stage(
         f"{spec.name}: done in {summary[f'{spec.name}/wall_time_s']:.1f}s; summary in {out / 'summary.json'}"
     )
     return summary
+
+
+def _fault_steps(stage: str, given: Sequence[int] | None) -> list[int]:
+    """Steps to poison (fault injection, ``trainers.nonfinite``): ``given``, else the environment's."""
+    from trainers.nonfinite import FAULT_ENV, fault_steps_from_env
+
+    steps = sorted(given if given is not None else fault_steps_from_env(stage))
+    if steps:
+        print(
+            f"{stage}: fault injection ({FAULT_ENV} / nonfinite_at_steps) poisons steps {steps}", flush=True
+        )
+    return steps
+
+
+def _raise_if_stopped(stage: str, returned: Any, st, storage: Path) -> None:
+    """RunStopped if the workers stopped for non-finite steps (their return value says so)."""
+    from trainers.errors import RunStopped
+    from trainers.nonfinite import resume_hint, stop_message
+
+    stopped = returned.get("stopped") if isinstance(returned, dict) else None
+    if stopped:
+        what = f"{stage} step {stopped['step']}"
+        hint = resume_hint(newest_checkpoint(storage))
+        raise RunStopped(stop_message(what, stopped["longest"], st.max_nonfinite_steps, hint))
 
 
 def _announce(spec: StageSpec, plan: dict, data: PreparedData, resumed: dict | None) -> None:
@@ -437,10 +499,18 @@ class LoopState:
     """Validation metrics of the latest evaluation."""
     last_checkpoint_step: int = -1
     resumed_from_step: int | None = None
+    nonfinite_streak: int = 0
+    """Optimizer steps skipped in a row (non-finite loss or gradient) up to ``step``."""
+    skipped_steps: int = 0
+    """Optimizer steps skipped so far in the run."""
 
 
-def train_loop(plan: dict) -> None:
-    """``train_loop_per_worker`` of every stage: build, (resume,) train, evaluate, save."""
+def train_loop(plan: dict) -> dict | None:
+    """``train_loop_per_worker`` of every stage: build, (resume,) train, evaluate, save.
+
+    Returns ``{"stopped": {"step", "longest"}}`` (Ray Train's ``Result.return_value``, from rank 0) when
+    the run stopped for non-finite steps, else None.
+    """
     import ray
     import ray.train
 
@@ -466,11 +536,16 @@ def train_loop(plan: dict) -> None:
     state = _restore(engine, rank)
     writer = _open_writer(plan, state) if rank == 0 else None
     try:
-        _train(engine, task, data, plan, state, writer, (rank, world, accum))
+        stopped = _train(engine, task, data, plan, state, writer, (rank, world, accum))
+        if stopped is not None:
+            # Every rank agrees (the skip flags are all-reduced); returning, not raising, keeps Ray Train
+            # from retrying this as a lost worker. Nothing is saved after the bad steps.
+            return {"stopped": stopped}
         _finish(engine, task, data, plan, state, tokenizer, (rank, world))
     finally:
         if writer is not None:
             writer.close()
+    return None
 
 
 def _make_task(plan: dict, tokenizer) -> Task:
@@ -537,31 +612,43 @@ def _open_writer(plan: dict, state: LoopState) -> MetricsWriter:
     """Rank 0's metrics writer; on resume, records past the checkpoint's step are dropped first."""
     out = Path(plan["out_dir"])
     truncate_metrics(out / "metrics.jsonl", state.step)
-    return MetricsWriter(out, prefix=plan["stage"], tensorboard=plan["logging"]["tensorboard"])
+    return MetricsWriter(
+        out,
+        prefix=plan["stage"],
+        tensorboard=plan["logging"]["tensorboard"],
+        logging_cfg=plan["logging"],
+        run_config=plan.get("config"),
+    )
 
 
 def _train(
     engine, task: Task, data: PreparedData, plan: dict, state: LoopState, writer, shape: tuple
-) -> None:
+) -> dict | None:
     """Optimizer steps from ``state.step`` to the end, with logging, evaluation and checkpoints.
 
-    ``shape`` is ``(rank, world, accumulation steps)``.
+    ``shape`` is ``(rank, world, accumulation steps)``. A step with a non-finite loss or gradient is
+    skipped (logged with ``skipped`` 1); after ``max_nonfinite_steps`` in a row this returns
+    ``{"step", "longest"}`` at once -- before any checkpoint -- instead of None at the end.
     """
     rank, world, accum = shape
     st, total, per_epoch = plan["stage_cfg"], plan["stop_step"], plan["steps_per_epoch"]
     log_every = plan["logging"]["log_every"]
+    poisoned = set(plan.get("nonfinite_at_steps") or ())
     started = time.time()
     while state.step < total:
         epoch, index = divmod(state.step, per_epoch)
         order = epoch_order(len(data.train), st["seed"], epoch)
         mine = rank_slice(step_indices(order, index, st["global_batch_size"]), rank, world)
+        poison = rank == 0 and state.step + 1 in poisoned
         metrics = train_step(
-            engine, task, [data.train[i] for i in mine], st["micro_batch_size"], world, accum
+            engine, task, [data.train[i] for i in mine], st["micro_batch_size"], world, accum, poison
         )
         state.step += 1
         metrics["epoch"] = epoch
         metrics["elapsed_s"] = time.time() - started
-        _remember(state, metrics)
+        longest = _count_skipped(state, metrics["skipped"], plan, rank)
+        if not metrics["skipped"]:
+            _remember(state, metrics)
         epoch_end = state.step % per_epoch == 0 or state.step == total
         if epoch_end:
             state.last_valid = evaluate(engine, task, data.valid, st["micro_batch_size"], rank, world)
@@ -572,6 +659,8 @@ def _train(
                 print(
                     progress_line(plan["stage"], state.step, total, record), file=sys.__stdout__, flush=True
                 )
+        if longest >= st["max_nonfinite_steps"]:
+            return {"step": state.step, "longest": longest}
         # Metrics reach Ray Train only with checkpoints (module docstring). The last step's checkpoint
         # is saved by _finish with the summary: a Result holds the newest *checkpoint* report's metrics.
         due = st["checkpoint_every"] > 0 and state.step % st["checkpoint_every"] == 0
@@ -579,6 +668,25 @@ def _train(
             save_checkpoint(engine, plan, state, metrics, rank)
         if plan.get("fail_at_step") == state.step and state.resumed_from_step is None:
             raise RuntimeError(f"injected failure after step {state.step} (fail_at_step testing hook)")
+    return None
+
+
+def _count_skipped(state: LoopState, skipped: int, plan: dict, rank: int) -> int:
+    """Carry the streak of skipped steps through this step; rank 0 prints a line for a skipped step.
+    Returns the streak (what decides stopping)."""
+    from trainers.nonfinite import update_streak
+
+    state.nonfinite_streak, longest = update_streak(state.nonfinite_streak, [bool(skipped)])
+    state.skipped_steps += int(skipped)
+    if skipped and rank == 0:
+        limit = plan["stage_cfg"]["max_nonfinite_steps"]
+        print(
+            f"{plan['stage']}: step {state.step} skipped: non-finite loss or gradient "
+            f"({state.nonfinite_streak} in a row, stop at {limit})",
+            file=sys.__stdout__,
+            flush=True,
+        )
+    return longest
 
 
 def _remember(state: LoopState, metrics: dict) -> None:
@@ -591,14 +699,19 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train_step(engine, task: Task, examples: list, micro: int, world: int, accum: int) -> dict:
+def train_step(
+    engine, task: Task, examples: list, micro: int, world: int, accum: int, poison: bool = False
+) -> dict:
     """One optimizer step over this rank's share of the global batch; metrics of the whole step.
 
     The global unit count is all-reduced first so every micro-batch loss is ``sum / (N / (W A))``
-    (module docstring); the logged loss is the exact global mean.
+    (module docstring); the logged loss is the exact global mean. The step goes through a
+    :class:`~trainers.engine.StepGuard`: if any rank's loss or the gradient norm is non-finite it is
+    skipped on every rank (``skipped`` 1 in the metrics; weights, AdamW state and LR schedule
+    untouched). ``poison`` (fault injection) adds NaN to this rank's first micro-batch loss.
     """
     from trainers.algos import loss_normaliser
-    from trainers.engine import all_reduce_sum
+    from trainers.engine import StepGuard, all_reduce_sum
 
     t0 = time.time()
     engine.train()
@@ -611,17 +724,19 @@ def train_step(engine, task: Task, examples: list, micro: int, world: int, accum
     norm = loss_normaliser(max(global_units, 1.0), world, accum)
     lr = engine.get_lr()[0]
     loss_sum, stats = 0.0, {}
-    for batch in batches:
+    guard = StepGuard(engine)
+    for i, batch in enumerate(batches):
         loss, extra = task.loss(engine, batch, norm)
-        engine.backward(loss)
-        engine.step()
+        if poison and i == 0:
+            loss = loss + float("nan")
+        guard.backward_step(loss, last=i == len(batches) - 1)
         loss_sum += float(loss.detach()) / (world * accum)
         for key, value in extra.items():
             stats[key] = stats.get(key, 0.0) + float(value)
     keys = sorted(stats)
     reduced = all_reduce_sum([loss_sum] + [stats[k] for k in keys])
     grad_norm = engine.get_global_grad_norm()
-    metrics = {"loss": reduced[0], "lr": lr, task.units_name: global_units}
+    metrics = {"loss": reduced[0], "lr": lr, task.units_name: global_units, "skipped": int(not guard.applied)}
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else None
     metrics["tokens_per_s"] = global_tokens / max(time.time() - t0, 1e-9)
     metrics |= task.train_metrics(dict(zip(keys, reduced[1:])))
@@ -699,6 +814,7 @@ def _finish(
         summary[f"{prefix}/train_loss"] = sum(state.recent_losses) / len(state.recent_losses)
         summary[f"{prefix}/tokens_per_s"] = sum(state.tokens_per_s) / len(state.tokens_per_s)
     summary[f"{prefix}/steps"] = state.step
+    summary[f"{prefix}/skipped_steps"] = state.skipped_steps
     summary[f"{prefix}/resumed_from_step"] = state.resumed_from_step
     if state.last_checkpoint_step != state.step:
         save_checkpoint(engine, plan, state, summary, rank)

@@ -1,0 +1,194 @@
+"""Non-finite steps: fault-injection parsing, streak bookkeeping, the PPO driver's metrics and stop rule,
+the stages' stop translation (pure parts; the DeepSpeed side is in tests/integration/test_nonfinite.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from trainers import ppo
+from trainers.errors import RunStopped
+from trainers.nonfinite import (
+    FAULT_ENV,
+    fault_steps_from_env,
+    local_indices,
+    parse_fault_steps,
+    resume_hint,
+    stop_message,
+    update_streak,
+)
+
+
+def test_parse_fault_steps_roles_lists_and_ranges():
+    assert parse_fault_steps("policy:2,3;critic:6-8") == {"policy": {2, 3}, "critic": {6, 7, 8}}
+    assert parse_fault_steps(" sft : 4 ; sft:4,5 ") == {"sft": {4, 5}}
+    assert parse_fault_steps(None) == {} and parse_fault_steps("") == {}
+
+
+@pytest.mark.parametrize("text", ["policy", "policy:x", "polcy:3", "policy:0", "policy:5-3", "3,4"])
+def test_parse_fault_steps_rejects_anything_else(text):
+    """A typo must fail loudly, never silently disarm (or arm) a fault."""
+    with pytest.raises(ValueError, match=FAULT_ENV):
+        parse_fault_steps(text)
+
+
+def test_fault_steps_from_env_reads_only_its_variable():
+    assert fault_steps_from_env("policy", {FAULT_ENV: "policy:1;critic:2"}) == {1}
+    assert fault_steps_from_env("critic", {FAULT_ENV: "policy:1"}) == frozenset()
+    assert fault_steps_from_env("policy", {}) == frozenset()
+
+
+def test_local_indices_maps_run_steps_into_one_call():
+    # Iteration 2 (0-based) of 4 steps each runs steps 9..12.
+    assert local_indices({3, 9, 12, 13}, first_step=9, count=4) == [0, 3]
+    assert local_indices(set(), 1, 4) == []
+
+
+def test_update_streak_carries_resets_and_reports_the_longest():
+    assert update_streak(0, [False, True, True]) == (2, 2)
+    assert update_streak(2, [True, False]) == (0, 3)  # reached 3 mid-way, then broken
+    assert update_streak(1, []) == (1, 1)
+    assert update_streak(5, [False]) == (0, 5)
+
+
+def test_stop_message_is_one_line_with_the_limit_and_the_resume_point():
+    msg = stop_message("sft step 6", 3, 3, resume_hint("/o/checkpoints/sft/step_0000004"))
+    assert "\n" not in msg
+    assert msg.startswith("sft step 6: 3 optimizer steps in a row")
+    assert "max_nonfinite_steps=3" in msg and msg.endswith("resume from /o/checkpoints/sft/step_0000004")
+    assert "starts from the beginning" in resume_hint(None)
+
+
+# --- PPO driver -------------------------------------------------------------------------------------
+
+
+def _stats(tokens, loss, skipped=0.0, grad=1.0, ptx=0.0):
+    return {
+        "tokens": tokens,
+        "loss_sum": loss * tokens,
+        "clip_sum": 0.0,
+        "approx_kl_sum": 0.0,
+        "entropy_sum": tokens,
+        "ratio_sum": tokens,
+        "ratio_sq_sum": tokens,
+        "max_abs_log_ratio": 0.0,
+        "max_grad_norm": grad,
+        "ptx_sum": ptx,
+        "skipped": skipped,
+    }
+
+
+def test_skipped_steps_are_counted_and_left_out_of_the_means():
+    nan = math.nan
+    rank0 = [_stats(2, 1.0, ptx=2.0), _stats(2, nan, 1.0, math.inf, nan), _stats(2, 3.0, ptx=6.0)]
+    rank1 = [_stats(2, 1.0, ptx=2.0), _stats(2, 1.0, 1.0, math.inf, 1.0), _stats(2, 3.0, ptx=6.0)]
+    steps = ppo.sum_over_ranks([rank0, rank1])
+    assert [s["skipped"] for s in steps] == [0.0, 1.0, 0.0]  # a flag, not summed over ranks
+    m = ppo.policy_metrics(steps, ptx_tokens=[4, 4, 8])
+    assert m["policy/skipped_steps"] == 1.0
+    assert m["loss/policy"] == pytest.approx((4 * 1.0 + 4 * 3.0) / 8)
+    assert m["policy/grad_norm"] == 1.0
+    assert m["loss/ptx"] == pytest.approx((4.0 + 12.0) / 12)
+    assert all(math.isfinite(v) for v in m.values())
+    c = ppo.critic_metrics(steps)
+    assert c["value/skipped_steps"] == 1.0 and c["loss/value"] == pytest.approx(2.0)
+
+
+def test_an_iteration_with_every_step_skipped_reports_nan_not_zero():
+    steps = [_stats(4, math.nan, 1.0, math.inf)]
+    m = ppo.policy_metrics(steps, ptx_tokens=[3])
+    assert m["policy/skipped_steps"] == 1.0
+    assert math.isnan(m["loss/policy"]) and math.isnan(m["policy/grad_norm"]) and math.isnan(m["loss/ptx"])
+    assert math.isnan(ppo.critic_metrics(steps)["loss/value"])
+
+
+def test_check_nonfinite_carries_the_streak_across_iterations_and_stops(tmp_path, capsys):
+    for it in (2, 4):
+        (tmp_path / ppo.checkpoint_name(it)).mkdir()
+    (tmp_path / "iter_000006.tmp").mkdir()  # incomplete: never named as a resume point
+    state = ppo.DriverState(iteration=4)
+    ppo.check_nonfinite(state, {"policy": [False, True], "critic": [True, False]}, 3, tmp_path)
+    assert state.nonfinite_streak == {"policy": 1, "critic": 0}
+    assert "policy skipped 1 of 2" in capsys.readouterr().out
+    state.iteration = 5
+    with pytest.raises(RunStopped) as err:
+        ppo.check_nonfinite(state, {"policy": [True, True], "critic": [False, False]}, 3, tmp_path)
+    msg = str(err.value)
+    assert msg.startswith("ppo iteration 6, policy: 3 optimizer steps in a row") and "\n" not in msg
+    assert msg.endswith(f"resume from {tmp_path / 'iter_000004'}")
+
+
+def test_check_nonfinite_counts_each_role_on_its_own(tmp_path):
+    """Policy and critic failing in turn is not a streak of either model."""
+    state = ppo.DriverState()
+    for _ in range(3):
+        ppo.check_nonfinite(state, {"policy": [True, False], "critic": [False, True]}, 2)
+    assert state.nonfinite_streak == {"policy": 0, "critic": 1}
+    with pytest.raises(RunStopped, match="critic: 2 optimizer steps.*no checkpoint was saved yet"):
+        ppo.check_nonfinite(state, {"policy": [False], "critic": [True]}, 2, checkpoints=tmp_path)
+    with pytest.raises(RunStopped, match="newest complete checkpoint in OUT/checkpoints$"):
+        ppo.check_nonfinite(state, {"policy": [False], "critic": [True]}, 2, checkpoints=None)
+
+
+def test_the_streak_round_trips_through_a_checkpoint_and_old_checkpoints_load():
+    state = ppo.DriverState(iteration=3, nonfinite_streak={"policy": 2, "critic": 0})
+    saved = json.loads(json.dumps(dataclasses.asdict(state)))
+    assert ppo.DriverState(**saved).nonfinite_streak == {"policy": 2, "critic": 0}
+    del saved["nonfinite_streak"]  # written before the field existed
+    assert ppo.DriverState(**saved).nonfinite_streak == {}
+
+
+def test_fault_poison_maps_run_steps_of_the_env_to_this_iteration(monkeypatch, capsys):
+    monkeypatch.setenv(FAULT_ENV, "policy:2,5;critic:8")
+    assert ppo.fault_poison(iteration=0, steps=4) == {"policy": [1], "critic": []}
+    assert ppo.fault_poison(iteration=1, steps=4) == {"policy": [0], "critic": [3]}
+    assert "poisons policy steps [5]" in capsys.readouterr().out
+    monkeypatch.delenv(FAULT_ENV)
+    assert ppo.fault_poison(iteration=1, steps=4) == {"policy": [], "critic": []}
+
+
+# --- Ray Train stages ---------------------------------------------------------------------------------
+
+
+def _checkpoint(storage, step, register=True):
+    """A checkpoint folder; ``register``: also name it in Ray Train's snapshot as the latest."""
+    from trainers.stages.common import SNAPSHOT_FILE, STATE_FILE
+
+    path = storage / f"step_{step:07d}"
+    path.mkdir(parents=True)
+    (path / STATE_FILE).write_text(json.dumps({"step": step}))
+    if register:
+        snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": path.name, "metrics": {}}}
+        (storage / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+    return path
+
+
+def test_stage_stop_becomes_run_stopped_naming_the_newest_checkpoint(tmp_path):
+    from trainers.config import SFTConfig
+    from trainers.stages.common import _raise_if_stopped, newest_checkpoint
+
+    _checkpoint(tmp_path, 2)
+    newest = _checkpoint(tmp_path, 4)
+    assert newest_checkpoint(tmp_path) == newest
+    _raise_if_stopped("sft", None, SFTConfig(), tmp_path)  # a normal finish
+    with pytest.raises(RunStopped) as err:
+        _raise_if_stopped("sft", {"stopped": {"step": 13, "longest": 3}}, SFTConfig(), tmp_path)
+    assert str(err.value).startswith("sft step 13: 3 optimizer steps in a row")
+    assert str(err.value).endswith(f"resume from {newest}")
+    assert newest_checkpoint(tmp_path / "missing") is None
+
+
+def test_the_resume_point_is_ray_trains_registered_checkpoint_not_the_newest_folder(tmp_path):
+    """Workers outliving a killed driver can leave folders Ray Train never registered; it resumes from
+    the one its snapshot names, and so must every message that says where a rerun resumes."""
+    from trainers.stages.common import SNAPSHOT_FILE, latest_checkpoint_state, newest_checkpoint
+
+    registered = _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 6, register=False)
+    assert newest_checkpoint(tmp_path) == registered
+    assert latest_checkpoint_state(tmp_path) == {"step": 2}
+    (tmp_path / SNAPSHOT_FILE).unlink()  # nothing registered yet: Ray Train starts over
+    assert newest_checkpoint(tmp_path) is None and latest_checkpoint_state(tmp_path) is None

@@ -1,0 +1,132 @@
+"""Pure logic of PPO's fault handling: fault-injection specs, the once-only crash point, the stop message,
+and the engine-recovery loop (with the Ray parts replaced by recording fakes; no Ray started)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from ray.exceptions import ActorDiedError, RayActorError
+
+from cluster.actor_group import ActorGroup
+from cluster.faults import fault_env, lost_actor_id, parse_fault_spec
+from trainers import ppo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_parse_fault_spec_reads_entries_and_rejects_malformed_ones():
+    assert parse_fault_spec("generate:5@/tmp/a; weights:3@/tmp/b;") == [
+        ("generate:5", "/tmp/a"),
+        ("weights:3", "/tmp/b"),
+    ]
+    assert parse_fault_spec("") == []
+    with pytest.raises(ValueError, match="generate:5"):
+        parse_fault_spec("generate:5")
+
+
+def crash_point(point: str, env: dict) -> int:
+    """Exit status of a fresh interpreter that passes ``fault_point('KILL_ENGINE', point)``."""
+    code = f"from cluster.faults import fault_point; fault_point('KILL_ENGINE', {point!r}); print('went on')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert (proc.returncode == 0) == ("went on" in proc.stdout), proc.stderr
+    return proc.returncode
+
+
+def test_fault_point_crashes_once_per_marker_and_only_at_its_point(tmp_path):
+    import os
+
+    marker = tmp_path / "marker"
+    env = dict(os.environ, PYTHONPATH=str(REPO), RLHF_FAULT_KILL_ENGINE=f"generate:7@{marker}")
+    assert crash_point("generate:8", env) == 0 and not marker.exists()  # another point: nothing
+    assert crash_point("generate:7", env) == 1 and marker.exists()  # crashes, leaves the marker
+    assert crash_point("generate:7", env) == 0  # the restarted process goes on
+    env.pop("RLHF_FAULT_KILL_ENGINE")
+    marker.unlink()
+    assert crash_point("generate:7", env) == 0  # unset: never fires
+
+
+def test_fault_env_forwards_only_fault_variables():
+    assert fault_env({"RLHF_FAULT_KILL_ENGINE": "x@y", "RLHF_OTHER": "1", "PATH": "/bin"}) == {
+        "RLHF_FAULT_KILL_ENGINE": "x@y"
+    }
+
+
+def test_lost_actor_id_of_direct_and_unrelated_errors():
+    assert lost_actor_id(RayActorError(actor_id="ab12")) == "ab12"
+    assert lost_actor_id(ValueError("no actor")) is None
+
+
+def test_stop_message_names_newest_complete_checkpoint(tmp_path):
+    lost = ppo.ActorLost("policy", 1, "died (its process is gone)")
+    root = tmp_path / "checkpoints"
+    message = ppo.stop_message(lost, root, 0)
+    assert message.startswith("policy rank 1 died") and "a rerun starts from iteration 0" in message
+    for name in ("iter_000001", "iter_000002", "iter_000003.tmp"):  # .tmp: a save cut short
+        (root / name).mkdir(parents=True)
+    message = ppo.stop_message(lost, root, 2)
+    assert f"resume from {root / 'iter_000002'}" in message and "after iteration 2;" in message
+    assert "\n" not in message
+
+
+class FakeHandle:
+    def __init__(self, hex_id: str):
+        self._actor_id = SimpleNamespace(hex=lambda: hex_id)
+
+
+def fake_roles(max_restarts: int) -> SimpleNamespace:
+    group = object.__new__(ActorGroup)
+    group.actors = [FakeHandle("e0"), FakeHandle("e1")]
+    roles = SimpleNamespace(rollout=group, engine_restarts=0, max_engine_restarts=max_restarts)
+    roles.engines = lambda: group.actors
+    return roles
+
+
+def test_engine_recovery_pushes_weights_then_retries_the_whole_phase(monkeypatch):
+    events: list = []
+    monkeypatch.setattr(ppo, "recover_engine", lambda roles, rank, phase: events.append(("recover", rank)))
+    monkeypatch.setattr(ppo, "push_policy_weights", lambda roles: events.append("push"))
+    failures = [True, False]  # the first call loses engine 1
+
+    def phase():
+        events.append("call")
+        if failures.pop(0):
+            raise RayActorError(actor_id="e1")
+        return "samples"
+
+    assert ppo.with_engine_recovery(fake_roles(2), "generate", phase) == "samples"
+    assert events == ["call", ("recover", 1), "push", "call"]
+
+    events.clear()
+    failures[:] = [True, False]
+    assert ppo.with_engine_recovery(fake_roles(2), "sync", phase, push_first=False) == "samples"
+    assert events == ["call", ("recover", 1), "call"]  # the phase is the push itself
+
+
+def test_engine_recovery_reraises_errors_about_other_actors(monkeypatch):
+    monkeypatch.setattr(ppo, "recover_engine", lambda *a: pytest.fail("not an engine"))
+
+    def phase():
+        raise ActorDiedError()  # no actor id: not one of the engines
+
+    with pytest.raises(ActorDiedError):
+        ppo.with_engine_recovery(fake_roles(2), "generate", phase)
+
+
+def test_engine_loss_past_the_budget_stops_without_waiting():
+    roles = fake_roles(1)
+    roles.engine_restarts = 1
+    with pytest.raises(
+        ppo.ActorLost, match=r"rollout engine 0 was lost during generate .*max_engine_restarts=1"
+    ):
+        ppo.recover_engine(roles, 0, "generate")
+    assert roles.engine_restarts == 2
+
+
+def test_lost_actor_ignores_ordinary_errors_and_passes_actor_lost_through():
+    lost = ppo.ActorLost("rollout", 0, "did not come back")
+    assert ppo.lost_actor(SimpleNamespace(), lost) is lost
+    assert ppo.lost_actor(SimpleNamespace(), ValueError("a bug")) is None
