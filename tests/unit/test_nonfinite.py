@@ -1,5 +1,5 @@
 """Non-finite steps: fault-injection parsing, streak bookkeeping, the PPO driver's metrics and stop rule,
-the stages' stop translation (pure parts; the DeepSpeed side is in tests/integration/test_nonfinite.py)."""
+the stages' stop translation (pure parts; the DeepSpeed side is in tests/integration/test_nonfinite_runs.py)."""
 
 from __future__ import annotations
 

@@ -397,6 +397,7 @@ def run_stage(
     storage = out / "checkpoints"
     if not fresh:
         check_resumable(latest_checkpoint_state(storage / spec.name), plan)
+    _connect(spec, cfg)  # an unreachable ray_address is a user error: found before OUT is touched
     prepare_output(out, cfg, fresh)
     resumed = latest_checkpoint_state(storage / spec.name)
     _announce(spec, plan, data, resumed)
@@ -449,17 +450,23 @@ def _announce(spec: StageSpec, plan: dict, data: PreparedData, resumed: dict | N
     )
 
 
+def _connect(spec: StageSpec, cfg: Config):
+    """Ray for this stage (joined, or started locally with room for the workers); the ray module."""
+    from cluster.connect import connect
+
+    num_cpus = cfg.cluster.num_cpus or max(4, stage_config(cfg, spec.name).num_workers + 2)
+    return connect(cfg.cluster.ray_address, num_cpus=num_cpus, torch_threads=cfg.cluster.torch_threads)
+
+
 def _fit(spec: StageSpec, cfg: Config, plan: dict, data: PreparedData, storage: Path):
     """Connect to Ray, put the data in the object store and run the TorchTrainer; its Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.connect import connect
     from trainers.engine import backend_for
 
     st = stage_config(cfg, spec.name)
-    num_cpus = cfg.cluster.num_cpus or max(4, st.num_workers + 2)
-    ray = connect(cfg.cluster.ray_address, num_cpus=num_cpus, torch_threads=cfg.cluster.torch_threads)
+    ray = _connect(spec, cfg)
     plan = dict(plan, data_ref=ray.put(data))
     use_gpu = plan["device"] == "cuda"
     resources = {"GPU": 1} if use_gpu else {"CPU": cfg.cluster.cpus_per_actor}
