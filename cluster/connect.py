@@ -9,7 +9,9 @@ Ray 2.60 enables token authentication by default; we never turn it off.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 from trainers.errors import UserError
 
@@ -44,7 +46,17 @@ def connect(address: str | None = None, num_cpus: int | None = None, torch_threa
     if address is None and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     try:
-        ray.init(address=address, **kwargs)
+        with warnings.catch_warnings():
+            # Ray Client warns before it raises on a timeout, and logs the init arguments it forwards
+            # (ray.init always forwards log_to_driver); the error line below says what went wrong once.
+            warnings.filterwarnings("ignore", message="Ray Client connection timed out")
+            client_log = logging.getLogger("ray.client_builder")
+            level = client_log.level
+            client_log.setLevel(logging.WARNING)
+            try:
+                ray.init(address=address, **kwargs)
+            finally:
+                client_log.setLevel(level)
     except ConnectionError as err:
         raise UserError(f"cannot connect to Ray at '{address}': {err}") from None
     return ray

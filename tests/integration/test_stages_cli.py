@@ -86,3 +86,25 @@ def test_sft_without_a_safetensors_model_exits_2(world_dir, tmp_path):
         == f"rlhf: error: model.path='{model}' holds no .safetensors weights (only safetensors are loaded)"
     )
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_unreachable_ray_address_exits_2_before_writing_and_hides_the_password(world_dir, tmp_path):
+    """Connecting comes before the output directory is touched; Ray Client's own warning and log line are
+    silenced so the error stays one line; the URL's password never reaches the terminal (~35 s: Ray
+    Client's connection timeout)."""
+    out = tmp_path / "out"
+    result = run_cli(
+        "pretrain",
+        "--config",
+        str(TINY_CONFIG),
+        f"data.dir={world_dir}",
+        "cluster.ray_address=ray://someone:hunter2hunter2@127.0.0.1:1",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot connect to Ray at 'ray://someone:<redacted>@127.0.0.1:1'" in lines[0]
+    assert "hunter2hunter2" not in result.stderr + result.stdout
+    assert not out.exists()
