@@ -519,15 +519,21 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump_yaml(cfg: Config, with_docs: bool = False) -> str:
-    """The resolved config as YAML, optionally with each field's documentation as a comment."""
+    """The resolved config as YAML, optionally with each field's documentation as a comment.
+
+    Every config that is printed or written (``config show``, each run's ``config.yaml``) comes from
+    here, so credentials are redacted here (:func:`trainers.outputs.redact`).
+    """
+    from trainers.outputs import redact
+
+    values = redact(to_dict(cfg))
     if not with_docs:
-        return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        return yaml.safe_dump(values, sort_keys=False)
     lines = []
     for name, cls in _section_types().items():
         lines.append(f"{name}:  # {cls.__doc__.strip().splitlines()[0]}")
-        section = getattr(cfg, name)
         for f in dataclasses.fields(cls):
-            value = yaml.safe_dump(getattr(section, f.name), default_flow_style=True).strip()
+            value = yaml.safe_dump(values[name][f.name], default_flow_style=True).strip()
             value = value.removesuffix("\n...").removesuffix("...").strip()
             lines.append(f"  {f.name}: {value}  # {f.metadata.get('doc', '')}")
     return "\n".join(lines) + "\n"

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from trainers.config import config_from_dict, dump_yaml, load_config, to_dict
+from trainers.config import dump_yaml, load_config
 
 
 def _show(args: argparse.Namespace) -> int:
     """Print the resolved config, with credentials (e.g. a password in cluster.ray_address) redacted."""
-    from trainers.outputs import redact
-
-    cfg = config_from_dict(redact(to_dict(load_config(args.config, args.overrides))))
-    print(dump_yaml(cfg, with_docs=args.doc), end="")
+    print(dump_yaml(load_config(args.config, args.overrides), with_docs=args.doc), end="")
     return 0
 
 

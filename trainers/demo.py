@@ -498,10 +498,8 @@ def run_demo(
 
     ``runners`` replaces stage runners by name (tests); by default :func:`default_runners`.
     """
-    import yaml
-
-    from trainers.config import to_dict
-    from trainers.outputs import atomic_write_text, redact
+    from trainers.config import dump_yaml
+    from trainers.outputs import atomic_write_text
     from trainers.report import read_metrics
 
     start = time.time()
@@ -511,8 +509,7 @@ def run_demo(
     elif first is not None:
         rerun_from(out, first, diffs)
     out.mkdir(parents=True, exist_ok=True)
-    # Secret-looking values never reach disk (the same rule as every stage's config snapshot).
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(redact(to_dict(configs["base"])), sort_keys=False))
+    atomic_write_text(out / "config.yaml", dump_yaml(configs["base"]))  # redacted, as every run's snapshot
     runners = {**default_runners(), **(runners or {})}
     summaries, timings, skipped = {}, {}, []
     try:

@@ -213,8 +213,7 @@ class MetricsWriter:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
-        # None (and no import) when unset; the run config is shared with W&B: never a credential
-        self._wandb = open_wandb(logging_cfg, out_dir, redact(run_config) if run_config else None)
+        self._wandb = open_wandb(logging_cfg, out_dir, run_config)  # None (and no import) when unset
         self._fh = self.path.open("a")
         self._tb = None
         if tensorboard:
@@ -289,9 +288,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 def prepare_output(out: Path, cfg, fresh: bool) -> None:
     """Create a stage's output directory (call only after validation passed) and write the resolved
     ``config.yaml``; ``fresh`` removes an earlier run's checkpoints, logs, metrics and summary."""
-    import yaml
-
-    from trainers.config import to_dict
+    from trainers.config import dump_yaml
 
     out.mkdir(parents=True, exist_ok=True)
     if fresh:
@@ -299,5 +296,4 @@ def prepare_output(out: Path, cfg, fresh: bool) -> None:
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("metrics.jsonl", "summary.json"):
             (out / name).unlink(missing_ok=True)
-    # The snapshot is shared with whoever reads the run: never a credential (see :func:`redact`).
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))  # redacted: never a credential

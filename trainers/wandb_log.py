@@ -108,5 +108,8 @@ def open_wandb(logging_cfg: Any, out_dir: str | Path, config: Mapping | None = N
     ``wandb`` is not imported."""
     if not wandb_enabled(logging_cfg):
         return None
+    from trainers.outputs import redact
+
     mode = setting(logging_cfg, "wandb_mode", "online")
-    return WandbRun(setting(logging_cfg, "wandb_project"), mode, out_dir, config)
+    # The run config is shared with whoever reads the project: never a credential.
+    return WandbRun(setting(logging_cfg, "wandb_project"), mode, out_dir, redact(config) if config else None)
