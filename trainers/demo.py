@@ -233,7 +233,7 @@ def _ray_stage(stage: str) -> Callable[[dict, Path], dict]:
     return run
 
 
-def _sampling(cfg) -> dict:
+def eval_sampling(cfg) -> dict:
     """Evaluation decoding: the rollout's length and temperature, the world's seed for both models."""
     return {
         "max_new_tokens": cfg.rollout.max_new_tokens,
@@ -251,7 +251,7 @@ def evaluate_responses(cfg, out: Path) -> dict:
     dirs = model_dirs(out)
     print(f"evaluation: sampling {len(prompts)} held-out test prompts with SFT and PPO-ptx", flush=True)
     responses = {
-        name: ev.generate(dirs[name], prompts, batch_size=EVAL_BATCH_SIZE, **_sampling(cfg))
+        name: ev.generate(dirs[name], prompts, batch_size=EVAL_BATCH_SIZE, **eval_sampling(cfg))
         for name in ("sft", "ppo_ptx")
     }
     gold = ev.win_rate(prompts, responses["ppo_ptx"], responses["sft"], ev.GoldJudge())
@@ -265,7 +265,7 @@ def evaluate_responses(cfg, out: Path) -> dict:
         "eval/win_rate_gold": gold,
         "eval/win_rate_rm": rm,
         "eval/gold_scores": {name: ev.gold_scores(prompts, responses[name]) for name in responses},
-        "eval/sampling": _sampling(cfg),
+        "eval/sampling": eval_sampling(cfg),
         "eval/examples": examples,
     }
 

@@ -647,8 +647,12 @@ class Roles:
     def training_actors(self) -> dict[tuple[str, int], Any]:
         """``(role, rank) -> handle`` of every DeepSpeed actor: ranks of torch.distributed worlds, which
         cannot be restarted one by one (a lost one stops the run)."""
-        groups = {"policy": self.policy, "critic": self.critic, "reference": self.reference}
-        groups["reward"] = self.reward
+        groups = {
+            "policy": self.policy,
+            "critic": self.critic,
+            "reference": self.reference,
+            "reward": self.reward,
+        }
         return {(role, rank): a for role, group in groups.items() for rank, a in enumerate(group.actors)}
 
     def shutdown(self) -> None:

