@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _redacted(text: str) -> str:
     """``text`` without secrets (an address echoed back may carry a password; env tokens never show)."""
-    from trainers.outputs import redact_text
+    from trainers.redact import redact_text
 
     return redact_text(text)
 

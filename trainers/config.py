@@ -522,9 +522,9 @@ def dump_yaml(cfg: Config, with_docs: bool = False) -> str:
     """The resolved config as YAML, optionally with each field's documentation as a comment.
 
     Every config that is printed or written (``config show``, each run's ``config.yaml``) comes from
-    here, so credentials are redacted here (:func:`trainers.outputs.redact`).
+    here, so credentials are redacted here (:func:`trainers.redact.redact`).
     """
-    from trainers.outputs import redact
+    from trainers.redact import redact
 
     values = redact(to_dict(cfg))
     if not with_docs:

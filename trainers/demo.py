@@ -199,7 +199,7 @@ def clear_outputs(out: Path) -> None:
 def run_world(configs: dict, out: Path) -> dict:
     """Synthesize the world into ``OUT/world`` (deterministic for ``data.seed``/``data.synth_scale``)."""
     from trainers.data.world import synthesize
-    from trainers.outputs import atomic_write_json
+    from trainers.files import atomic_write_json
 
     start = time.time()
     data = configs["base"].data
@@ -291,7 +291,7 @@ def evaluate_models(cfg, out: Path) -> dict:
 def run_evaluation(configs: dict, out: Path) -> dict:
     """The evaluation stage: ``OUT/eval/summary.json`` (see :func:`evaluate_responses`,
     :func:`evaluate_models`)."""
-    from trainers.outputs import atomic_write_json
+    from trainers.files import atomic_write_json
 
     start = time.time()
     cfg = configs["base"]
@@ -426,7 +426,7 @@ def write_demo_report(out: Path, summary: Mapping, win_rates: Mapping[str, Mappi
 
 def update_json(path: Path, values: Mapping) -> dict:
     """Merge ``values`` into the top level of the JSON object in ``path`` (atomically); the result."""
-    from trainers.outputs import atomic_write_json
+    from trainers.files import atomic_write_json
 
     merged = {**json.loads(path.read_text()), **values}
     atomic_write_json(path, merged)
@@ -499,7 +499,7 @@ def run_demo(
     ``runners`` replaces stage runners by name (tests); by default :func:`default_runners`.
     """
     from trainers.config import dump_yaml
-    from trainers.outputs import atomic_write_text
+    from trainers.files import atomic_write_text
     from trainers.report import read_metrics
 
     start = time.time()

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from trainers.outputs import replace_dir
+from trainers.files import replace_dir
 
 ADAM_BETAS = (0.9, 0.95)
 """AdamW betas (GPT-3 / InstructGPT-era LM training; 0.95 reacts faster than 0.999 to loss spikes)."""

@@ -183,7 +183,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"pretraining loss on {args.pretrain_file}: {loss:.4f}")
         results["pretrain_loss"] = loss
     if args.out:
-        from trainers.outputs import atomic_write_json
+        from trainers.files import atomic_write_json
 
         atomic_write_json(Path(args.out), results)
     return 0

@@ -17,11 +17,8 @@ checkpoint's step so a step never appears twice.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -29,116 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from trainers.errors import ConfigError
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values: tensors and numpy scalars become floats, non-finite floats become null."""
-    if hasattr(value, "item") and callable(value.item):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def atomic_write_json(path: str | Path, obj: Mapping) -> None:
-    """Write ``obj`` as indented JSON, atomically (see :func:`atomic_write_text`)."""
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
-
-
-def replace_dir(tmp_dir: str | Path, final_dir: str | Path) -> None:
-    """Move a fully written ``tmp_dir`` to ``final_dir``, replacing an older ``final_dir``.
-
-    The old directory is first renamed aside, so at every moment ``final_dir`` is either the old
-    complete directory or the new complete one (never a mixture).
-    """
-    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
-    old = final_dir.with_name(final_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final_dir.exists():
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-# --------------------------------------------------------------------------------------------------
-# Secrets: what must never reach a printed line, a config snapshot or a metrics file
-# --------------------------------------------------------------------------------------------------
-
-REDACTED = "<redacted>"
-"""What a secret is replaced with."""
-SECRET_KEY = re.compile(
-    r"secret|passw|api_?key|access_?key|private_?key|credential|(^|[_.-])(auth_?)?token$", re.IGNORECASE
-)
-"""Key or variable names that hold a secret (``WANDB_API_KEY``, ``RAY_AUTH_TOKEN``, ``hf_token``...);
-``max_new_tokens``, ``tokenizer`` or ``RAY_AUTH_TOKEN_PATH`` do not match."""
-URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)([^/\s@]+)(@)", re.IGNORECASE)
-"""The password of ``scheme://user:password@host`` (e.g. a ``cluster.ray_address``)."""
-MIN_SECRET_CHARS = 8
-"""Shorter values of secret variables (``1``, ``true``) are not searched for in text."""
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a config key or environment variable name looks like it holds a secret (:data:`SECRET_KEY`)."""
-    return bool(SECRET_KEY.search(key))
-
-
-def known_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Secret values this process can see, longest first: environment variables with a secret-looking
-    name (Ray's ``RAY_AUTH_TOKEN``, ``WANDB_API_KEY``...) and Ray's token file (``RAY_AUTH_TOKEN_PATH``,
-    else ``~/.ray/auth_token``)."""
-    environ = os.environ if environ is None else environ
-    values = [v.strip() for k, v in environ.items() if is_secret_key(k)]
-    token_file = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    with contextlib.suppress(OSError):  # no token file, or unreadable: nothing to hide from it
-        values.append(token_file.read_text().strip())
-    return sorted({v for v in values if len(v) >= MIN_SECRET_CHARS}, key=len, reverse=True)
-
-
-def redact_text(text: str, secrets: list[str] | None = None) -> str:
-    """``text`` with URL passwords and every known secret value (:func:`known_secrets`) replaced."""
-    text = URL_CREDENTIALS.sub(rf"\1{REDACTED}\3", text)
-    for secret in known_secrets() if secrets is None else secrets:
-        text = text.replace(secret, REDACTED)
-    return text
-
-
-def redact(mapping: Mapping, secrets: list[str] | None = None) -> dict:
-    """A copy of ``mapping`` (nested mappings and lists too) safe to write or print: the value of every
-    secret-looking key becomes :data:`REDACTED`, and strings go through :func:`redact_text`."""
-    secrets = known_secrets() if secrets is None else secrets
-
-    def clean(key: str | None, value: Any) -> Any:
-        if key is not None and is_secret_key(key) and value not in (None, ""):
-            return REDACTED
-        if isinstance(value, Mapping):
-            return {k: clean(str(k), v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [clean(None, v) for v in value]
-        return redact_text(value, secrets) if isinstance(value, str) else value
-
-    return clean(None, mapping)
+from trainers.files import atomic_write_text, jsonable
 
 
 def check_output_dir(out_dir: str | Path) -> Path:
@@ -231,7 +119,7 @@ class MetricsWriter:
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Write ``{"step": step, **metrics}`` as one line (and TensorBoard/W&B scalars); return the record."""
-        record = _jsonable({"step": int(step), **metrics})
+        record = jsonable({"step": int(step), **metrics})
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
         scalars = self.scalars(record)

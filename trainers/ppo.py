@@ -40,14 +40,8 @@ from trainers import algos
 from trainers.config import Config, to_dict
 from trainers.data.collate import collate_lm
 from trainers.errors import ConfigError, DataError, RunStopped
-from trainers.outputs import (
-    MetricsWriter,
-    atomic_write_json,
-    format_number,
-    prepare_output,
-    read_metrics,
-    truncate_metrics,
-)
+from trainers.files import atomic_write_json
+from trainers.outputs import MetricsWriter, format_number, prepare_output, read_metrics, truncate_metrics
 
 # --------------------------------------------------------------------------------------------------
 # Pure helpers: seeds, data positions, rollout batches, shards, minibatch plans, metrics

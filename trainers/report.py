@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from trainers.errors import DataError
-from trainers.outputs import atomic_write_json, atomic_write_text
+from trainers.files import atomic_write_json, atomic_write_text
 
 CURVES: tuple[tuple[str, str], ...] = (
     ("objective/score", "reward-model score"),

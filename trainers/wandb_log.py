@@ -108,7 +108,7 @@ def open_wandb(logging_cfg: Any, out_dir: str | Path, config: Mapping | None = N
     ``wandb`` is not imported."""
     if not wandb_enabled(logging_cfg):
         return None
-    from trainers.outputs import redact
+    from trainers.redact import redact
 
     mode = setting(logging_cfg, "wandb_mode", "online")
     # The run config is shared with whoever reads the project: never a credential.

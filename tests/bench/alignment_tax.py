@@ -193,7 +193,7 @@ def run_all(demo: Path, out: Path, coefs: Sequence[float], seeds: Sequence[int],
 
 def cached(path: Path, compute) -> dict:
     """``path``'s JSON if it exists, else ``compute()`` written there (evaluations survive a rerun)."""
-    from trainers.outputs import atomic_write_json
+    from trainers.files import atomic_write_json
 
     if path.is_file():
         return json.loads(path.read_text())
@@ -438,7 +438,8 @@ def results_document(args, demo: Path, ref: Mapping, records: Sequence[Mapping],
 def experiment(args: argparse.Namespace) -> dict:
     """Run the sweep and the evaluation; the results written to ``args.json`` (and returned)."""
     from trainers import evaluate as ev
-    from trainers.outputs import atomic_write_json, check_output_dir
+    from trainers.files import atomic_write_json
+    from trainers.outputs import check_output_dir
 
     started = time.time()
     env = environment(started)  # load average before the runs add to it

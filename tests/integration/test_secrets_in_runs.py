@@ -1,5 +1,5 @@
 """Real stage runs write no secret: Ray's auth token (token authentication is on by default in Ray
-2.60) and every secret-named environment variable's value (``trainers.outputs.known_secrets``) are
+2.60) and every secret-named environment variable's value (``trainers.redact.known_secrets``) are
 absent from every file the session's pretrain, SFT and RM runs wrote -- config snapshot,
 metrics.jsonl, TensorBoard events, summary.json, Ray Train checkpoints, the saved model.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainers.outputs import known_secrets
+from trainers.redact import known_secrets
 
 pytestmark = pytest.mark.integration
 

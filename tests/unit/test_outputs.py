@@ -9,16 +9,8 @@ import pytest
 import torch
 
 from trainers.errors import ConfigError
-from trainers.outputs import (
-    MetricsWriter,
-    atomic_write_json,
-    atomic_write_text,
-    check_output_dir,
-    progress_line,
-    read_metrics,
-    replace_dir,
-    truncate_metrics,
-)
+from trainers.files import atomic_write_json, atomic_write_text, replace_dir
+from trainers.outputs import MetricsWriter, check_output_dir, progress_line, read_metrics, truncate_metrics
 
 
 def test_atomic_write_text_replaces_and_leaves_no_temp_files(tmp_path):

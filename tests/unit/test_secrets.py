@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from trainers.config import config_from_dict, load_config, to_dict
-from trainers.outputs import REDACTED, is_secret_key, known_secrets, prepare_output, redact, redact_text
+from trainers.outputs import prepare_output
+from trainers.redact import REDACTED, is_secret_key, known_secrets, redact, redact_text
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "trainers" / "configs" / "tiny.yaml"

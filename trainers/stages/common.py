@@ -71,14 +71,8 @@ import torch
 
 from trainers.config import Config, to_dict
 from trainers.errors import ConfigError, DataError
-from trainers.outputs import (
-    MetricsWriter,
-    atomic_write_json,
-    check_output_dir,
-    prepare_output,
-    progress_line,
-    truncate_metrics,
-)
+from trainers.files import atomic_write_json
+from trainers.outputs import MetricsWriter, check_output_dir, prepare_output, progress_line, truncate_metrics
 
 CHECKPOINT_TAG = "engine"
 """DeepSpeed checkpoint tag inside each Ray Train checkpoint directory."""
