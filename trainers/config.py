@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 
 from trainers.errors import ConfigError
+from trainers.redact import redact
+from trainers.runs.sinks import check_wandb
 
 
 class _Loader(yaml.SafeLoader):
@@ -358,9 +360,7 @@ class Config:
             raise ConfigError(
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be below model.max_len={self.model.max_len}"
             )
-        from trainers.wandb_log import check_wandb  # finds the package without importing it
-
-        check_wandb(self.logging)
+        check_wandb(self.logging.wandb_project)  # finds the package without importing it
         return self
 
 
@@ -524,8 +524,6 @@ def dump_yaml(cfg: Config, with_docs: bool = False) -> str:
     Every config that is printed or written (``config show``, each run's ``config.yaml``) comes from
     here, so credentials are redacted here (:func:`trainers.redact.redact`).
     """
-    from trainers.redact import redact
-
     values = redact(to_dict(cfg))
     if not with_docs:
         return yaml.safe_dump(values, sort_keys=False)

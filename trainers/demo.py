@@ -441,7 +441,7 @@ def update_json(path: Path, values: Mapping) -> dict:
 def prepare(config: str | Path | None, overrides: Sequence[str], out_dir: str | Path, fresh: bool):
     """Every user error, before any work: config (all stages), output directory, the recorded config.
     Returns ``(out, configs, changed)`` with ``changed`` as :func:`changed_since_last_run` answers."""
-    from trainers.outputs import check_output_dir
+    from trainers.runs.outdir import check_output_dir
 
     out = check_output_dir(out_dir)
     configs = stage_configs(config or DEFAULT_CONFIG, overrides, out)
@@ -500,7 +500,7 @@ def run_demo(
     """
     from trainers.config import dump_yaml
     from trainers.files import atomic_write_text
-    from trainers.report import read_metrics
+    from trainers.runs.metrics import read_metrics
 
     start = time.time()
     out, configs, (diffs, first) = prepare(config, overrides, out_dir, fresh)

@@ -68,7 +68,7 @@ def _positive(value: int | None, flag: str) -> None:
 
 def check_out_file(path: str | None) -> None:
     """UserError unless ``--out FILE.json`` could be written: not a directory, in a writable place."""
-    from trainers.outputs import check_output_dir
+    from trainers.runs.outdir import check_output_dir
 
     if path is None:
         return

@@ -37,11 +37,14 @@ from typing import Any
 import torch
 
 from trainers import algos
-from trainers.config import Config, to_dict
+from trainers.config import Config, dump_yaml, to_dict
 from trainers.data.collate import collate_lm
 from trainers.errors import ConfigError, DataError, RunStopped
 from trainers.files import atomic_write_json
-from trainers.outputs import MetricsWriter, format_number, prepare_output, read_metrics, truncate_metrics
+from trainers.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
+from trainers.runs.outdir import prepare_output
+from trainers.runs.progress import format_number
+from trainers.runs.sinks import open_sinks
 
 # --------------------------------------------------------------------------------------------------
 # Pure helpers: seeds, data positions, rollout batches, shards, minibatch plans, metrics
@@ -519,7 +522,7 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
     written: output directory, both model directories (config.json + safetensors), tokenizer (PAD !=
     EOS, the same in the RM directory), prompts and -- with ``ppo.ptx_coef > 0`` -- the pretraining text."""
     from trainers.models import check_model_dir, load_tokenizer, load_tokenizer_dir, tokenizer_path
-    from trainers.outputs import check_output_dir
+    from trainers.runs.outdir import check_output_dir
     from trainers.stages.pretrain import read_texts
 
     out = check_output_dir(out_dir)
@@ -1224,7 +1227,7 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
     found = [] if fresh else complete_checkpoints(out / "checkpoints")
     check_resumable(found[-1] if found else None, cfg)
     device = check_resources(cfg)
-    prepare_output(out, cfg, fresh)
+    prepare_output(out, dump_yaml(cfg), fresh)
     p = cfg.ppo
     clock = time.perf_counter()
     roles = start_roles(cfg, device, run_name=f"ppo-{uuid.uuid4().hex[:6]}")
@@ -1242,13 +1245,7 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
             sync_weights(roles)  # the engines started from the SFT weights
             print(f"ppo: resumed from {found[-1]} (iteration {state.iteration})", flush=True)
         truncate_metrics(out / "metrics.jsonl", state.iteration)  # before the writer opens the file
-        writer = MetricsWriter(
-            out,
-            prefix="ppo",
-            tensorboard=cfg.logging.tensorboard,
-            logging_cfg=cfg.logging,
-            run_config=to_dict(cfg),
-        )
+        writer = MetricsWriter(out, prefix="ppo", sinks=open_sinks(out, cfg.logging, to_dict(cfg)))
         iterate(roles, cfg, data, state, kl_ctl, writer, out)
         ray.get(roles.policy.map(lambda a, _r: a.save_model.remote(str(out / "model"))))
         summary = summarize(

@@ -16,7 +16,6 @@ around the 0.5 line, and a panel listing the summary numbers. matplotlib runs on
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from trainers.errors import DataError
 from trainers.files import atomic_write_json, atomic_write_text
+from trainers.runs.metrics import read_metrics
 
 CURVES: tuple[tuple[str, str], ...] = (
     ("objective/score", "reward-model score"),
@@ -34,22 +34,6 @@ CURVES: tuple[tuple[str, str], ...] = (
 """PPO metrics drawn as curves over iterations, with their panel titles."""
 MAX_SUMMARY_LINES = 16
 """The summary panel lists at most this many numbers (the table and JSON hold all)."""
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The JSON objects of a ``metrics.jsonl``, in order; blank and unparseable lines are skipped."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"PPO metrics file '{p}' does not exist")
-    records = []
-    for line in p.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a crash can cut the last line short
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _number(value) -> float | None:
@@ -190,6 +174,8 @@ def write_report(
     """
     report = Path(out_dir) / "report"
     report.mkdir(parents=True, exist_ok=True)
+    if ppo_metrics_path is not None and not Path(ppo_metrics_path).is_file():
+        raise DataError(f"PPO metrics file '{ppo_metrics_path}' does not exist")
     records = read_metrics(ppo_metrics_path) if ppo_metrics_path is not None else []
     curves = curve_summary(records)
     paths = {"summary": report / "summary.json", "png": report / "report.png", "text": report / "report.txt"}

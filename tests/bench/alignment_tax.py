@@ -231,7 +231,7 @@ def evaluate_run(
     """One policy: gold and RM win rate over SFT, gold scores, pretraining loss, KL to SFT from its metrics."""
     from trainers import evaluate as ev
     from trainers.demo import kl_to_sft
-    from trainers.outputs import read_metrics
+    from trainers.runs.metrics import read_metrics
 
     def compute() -> dict:
         print(f"alignment_tax: evaluating {run_dir.name}", flush=True)
@@ -439,7 +439,7 @@ def experiment(args: argparse.Namespace) -> dict:
     """Run the sweep and the evaluation; the results written to ``args.json`` (and returned)."""
     from trainers import evaluate as ev
     from trainers.files import atomic_write_json
-    from trainers.outputs import check_output_dir
+    from trainers.runs.outdir import check_output_dir
 
     started = time.time()
     env = environment(started)  # load average before the runs add to it

@@ -165,8 +165,8 @@ def skipped_run(ray_local, ppo_inputs, tmp_path_factory):
     """(a): 2 iterations; policy steps 2 and 3 and critic step 8 (the last of iteration 2) poisoned."""
     from trainers.config import load_config
     from trainers.nonfinite import FAULT_ENV
-    from trainers.outputs import read_metrics
     from trainers.ppo import run_ppo
+    from trainers.runs.metrics import read_metrics
 
     out = tmp_path_factory.mktemp("nonfinite") / "ppo"
     cfg = load_config(TINY, [*ppo_inputs, *PPO_OVERRIDES, "ppo.iterations=2"])
@@ -237,7 +237,7 @@ def test_sft_skips_a_poisoned_step_and_a_streak_stops_it(base_model_dir, world_d
     step 4's checkpoint holds streak 1, step 6 makes 3 in a row -> RunStopped naming step 4's checkpoint,
     no checkpoint or model after it. The same command without the fault resumes from step 4."""
     from trainers.errors import RunStopped
-    from trainers.outputs import read_metrics
+    from trainers.runs.metrics import read_metrics
 
     out = tmp_path / "sft"
     extra = [

@@ -75,8 +75,8 @@ def ppo_config(inputs: list[str], extra: list[str] = ()):
 
 @pytest.fixture(scope="module")
 def ppo_run(ray_local, world_dir, sft_model_dir, rm_model_dir, tmp_path_factory) -> PPORun:
-    from trainers.outputs import read_metrics
     from trainers.ppo import run_ppo
+    from trainers.runs.metrics import read_metrics
 
     inputs = [f"data.dir={world_dir}", f"model.path={sft_model_dir}", f"reward.path={rm_model_dir}"]
     out = tmp_path_factory.mktemp("ppo") / "run"
@@ -211,8 +211,8 @@ def test_resume_from_checkpoint_redoes_the_next_iteration_exactly(ppo_run, tmp_p
     """Stop after iteration 3 (only its checkpoint kept, plus a half-written one from a crash), rerun:
     the run restores policy, critic, optimizer states, KL coefficient and data positions, and its
     iteration 4 equals the uninterrupted run's."""
-    from trainers.outputs import read_metrics
     from trainers.ppo import run_ppo
+    from trainers.runs.metrics import read_metrics
 
     out = tmp_path / "run"
     shutil.copytree(ppo_run.out, out)

@@ -154,13 +154,13 @@ def kill_mid_run(cmd: list[str], out: Path, stage: str, log: Path) -> tuple[int,
 
 
 def reference_records(run) -> dict[int, dict]:
-    from trainers.outputs import read_metrics
+    from trainers.runs.metrics import read_metrics
 
     return {r["step"]: r for r in read_metrics(run.out / "metrics.jsonl") if r["step"] <= MAX_STEPS}
 
 
 def assert_same_as_reference(out: Path, reference: dict[int, dict], units: str) -> None:
-    from trainers.outputs import read_metrics
+    from trainers.runs.metrics import read_metrics
 
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, MAX_STEPS + 1))  # every step once, in order

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from tests.integration.conftest import run_stage_for_test
-from trainers.outputs import read_metrics
+from trainers.runs.metrics import read_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

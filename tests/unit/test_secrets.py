@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from trainers.config import config_from_dict, load_config, to_dict
-from trainers.outputs import prepare_output
+from trainers.config import config_from_dict, dump_yaml, load_config, to_dict
 from trainers.redact import REDACTED, is_secret_key, known_secrets, redact, redact_text
+from trainers.runs.outdir import prepare_output
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "trainers" / "configs" / "tiny.yaml"
@@ -86,7 +86,7 @@ def test_config_snapshot_holds_no_secret(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
     cfg = load_config(TINY, [f"cluster.ray_address={ADDRESS}", f"data.dir={tmp_path / 'world'}"])
     out = tmp_path / "out"
-    prepare_output(out, cfg, fresh=False)
+    prepare_output(out, dump_yaml(cfg), fresh=False)
     assert_no_marker(out, "")
     snapshot = yaml.safe_load((out / "config.yaml").read_text())
     assert snapshot["cluster"]["ray_address"] == f"ray://alice:{REDACTED}@head.example:10001"

@@ -70,7 +70,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def check_synth_args(args: argparse.Namespace) -> None:
     """UserError (before anything is written) for a scale that is not positive or an unusable ``--out``."""
-    from trainers.outputs import check_output_dir
+    from trainers.runs.outdir import check_output_dir
 
     if not args.scale > 0:
         raise UserError(f"--scale must be > 0 (1.0 is the full size), got {args.scale}")

@@ -69,10 +69,13 @@ from typing import Any
 
 import torch
 
-from trainers.config import Config, to_dict
+from trainers.config import Config, LoggingConfig, dump_yaml, to_dict
 from trainers.errors import ConfigError, DataError
 from trainers.files import atomic_write_json
-from trainers.outputs import MetricsWriter, check_output_dir, prepare_output, progress_line, truncate_metrics
+from trainers.runs.metrics import MetricsWriter, truncate_metrics
+from trainers.runs.outdir import check_output_dir, prepare_output
+from trainers.runs.progress import progress_line
+from trainers.runs.sinks import open_sinks
 
 CHECKPOINT_TAG = "engine"
 """DeepSpeed checkpoint tag inside each Ray Train checkpoint directory."""
@@ -392,7 +395,7 @@ def run_stage(
     if not fresh:
         check_resumable(latest_checkpoint_state(storage / spec.name), plan)
     _connect(spec, cfg)  # an unreachable ray_address is a user error: found before OUT is touched
-    prepare_output(out, cfg, fresh)
+    prepare_output(out, dump_yaml(cfg), fresh)
     resumed = latest_checkpoint_state(storage / spec.name)
     _announce(spec, plan, data, resumed)
     result = _fit(spec, cfg, plan, data, storage)
@@ -613,13 +616,8 @@ def _open_writer(plan: dict, state: LoopState) -> MetricsWriter:
     """Rank 0's metrics writer; on resume, records past the checkpoint's step are dropped first."""
     out = Path(plan["out_dir"])
     truncate_metrics(out / "metrics.jsonl", state.step)
-    return MetricsWriter(
-        out,
-        prefix=plan["stage"],
-        tensorboard=plan["logging"]["tensorboard"],
-        logging_cfg=plan["logging"],
-        run_config=plan.get("config"),
-    )
+    sinks = open_sinks(out, LoggingConfig(**plan["logging"]), plan.get("config"))
+    return MetricsWriter(out, prefix=plan["stage"], sinks=sinks)
 
 
 def _train(

@@ -1,4 +1,4 @@
-"""Optional W&B logging (trainers/wandb_log.py) and its hook in MetricsWriter, with a fake ``wandb``
+"""Metrics sinks (trainers/runs/sinks.py): TensorBoard and optional W&B, fed by MetricsWriter, with a fake ``wandb``
 module injected in ``sys.modules`` (the real package is an optional extra and needs no network here)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import types
 
 import pytest
 
-from trainers.config import LoggingConfig, to_dict
+from trainers.config import LoggingConfig, config_from_dict
 from trainers.errors import ConfigError
-from trainers.outputs import MetricsWriter, read_metrics
-from trainers.wandb_log import MISSING_PACKAGE, check_wandb, open_wandb, run_name, wandb_importable
+from trainers.runs.metrics import MetricsWriter, read_metrics
+from trainers.runs.sinks import MISSING_PACKAGE, check_wandb, open_sinks, run_name, wandb_importable
 
 
 class FakeRun:
@@ -52,16 +52,19 @@ def no_wandb(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
 
 
+def wandb_only(project, mode="online") -> LoggingConfig:
+    """A logging section with W&B on and TensorBoard off (the tests look at W&B alone)."""
+    return LoggingConfig(tensorboard=False, wandb_project=project, wandb_mode=mode)
+
+
 def test_writer_sends_every_step_to_one_run_and_finishes_it_on_close(fake_wandb, tmp_path):
     out = tmp_path / "demo" / "sft"
-    logging_cfg = LoggingConfig(wandb_project="rlhf-test", wandb_mode="offline")
-    run_config = {"sft": {"lr": 5e-4}, "logging": to_dict_logging(logging_cfg)}
-    writer = MetricsWriter(
-        out, prefix="sft", tensorboard=False, logging_cfg=logging_cfg, run_config=run_config
-    )
+    run_config = {"sft": {"lr": 5e-4}, "logging": {"wandb_project": "rlhf-test"}}
+    writer = MetricsWriter(out, "sft", open_sinks(out, wandb_only("rlhf-test", "offline"), run_config))
     writer.log(1, {"loss": 3.0, "epoch": 0, "finite": True})
     writer.log(2, {"loss": 2.5, "grad_norm": float("inf")})
     writer.close()
+    writer.close()  # closing twice finishes the run once
 
     assert len(fake_wandb.inits) == 1
     init = fake_wandb.inits[0]
@@ -75,28 +78,21 @@ def test_writer_sends_every_step_to_one_run_and_finishes_it_on_close(fake_wandb,
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]  # the file is unchanged
 
 
-def to_dict_logging(logging_cfg: LoggingConfig) -> dict:
-    """The logging section as the Ray Train plan carries it (a dict)."""
-    return {k: getattr(logging_cfg, k) for k in ("wandb_project", "wandb_mode", "log_every")}
-
-
-def test_writer_takes_the_logging_section_as_a_dict_too(fake_wandb, tmp_path):
-    plan_logging = {"tensorboard": False, "wandb_project": "p", "wandb_mode": "online"}
-    writer = MetricsWriter(tmp_path / "rm", prefix="rm", tensorboard=False, logging_cfg=plan_logging)
-    writer.log(7, {"accuracy": 0.75})
-    writer.close()
-    writer.close()  # closing twice finishes the run once
-    assert [(i["project"], i["mode"], i["config"]) for i in fake_wandb.inits] == [("p", "online", {})]
-    assert fake_wandb.runs[0].logged == [({"rm/accuracy": 0.75}, 7)]
-    assert fake_wandb.runs[0].finished == 1
+def test_the_factory_builds_what_the_logging_section_asks_for(fake_wandb, tmp_path):
+    both = open_sinks(tmp_path, LoggingConfig(wandb_project="p"))
+    assert [type(s).__name__ for s in both] == ["WandbSink", "TensorBoardSink"]
+    for sink in both:
+        sink.close()
+    assert open_sinks(tmp_path, LoggingConfig(tensorboard=False)) == []
+    assert len(fake_wandb.inits) == 1
 
 
 def test_nothing_is_imported_when_no_project_is_set(no_wandb, tmp_path):
     """With wandb unimportable, an unset project must still work: proof that nothing imports it."""
-    for logging_cfg in (None, LoggingConfig(), {"wandb_project": None}, {"wandb_project": ""}):
-        check_wandb(logging_cfg)
-        assert open_wandb(logging_cfg, tmp_path) is None
-    writer = MetricsWriter(tmp_path, prefix="ppo", tensorboard=False, logging_cfg=LoggingConfig())
+    for project in (None, ""):
+        check_wandb(project)
+        assert open_sinks(tmp_path, wandb_only(project)) == []
+    writer = MetricsWriter(tmp_path, "ppo", open_sinks(tmp_path, LoggingConfig(tensorboard=False)))
     writer.log(1, {"objective/kl": 0.0})
     writer.close()
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "objective/kl": 0.0}]
@@ -104,15 +100,16 @@ def test_nothing_is_imported_when_no_project_is_set(no_wandb, tmp_path):
 
 
 def test_a_project_without_the_package_is_a_config_error_before_any_work(no_wandb, tmp_path):
-    logging_cfg = LoggingConfig(wandb_project="rlhf-test")
     assert not wandb_importable()
     with pytest.raises(ConfigError) as err:
-        check_wandb(logging_cfg)
+        check_wandb("rlhf-test")
     assert str(err.value) == MISSING_PACKAGE
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="wandb package is not installed"):
-        MetricsWriter(tmp_path / "out", prefix="sft", tensorboard=False, logging_cfg=logging_cfg)
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # failed before writing anything
+        config_from_dict({"logging": {"wandb_project": "rlhf-test"}})  # Config.validate() checks it
+    with pytest.raises(ConfigError, match="wandb package is not installed"):
+        open_sinks(tmp_path / "out", wandb_only("rlhf-test"))
+    assert not (tmp_path / "out").exists()  # failed before writing anything
 
 
 def test_check_looks_the_package_up_without_importing_it(monkeypatch):
@@ -125,26 +122,18 @@ def test_check_looks_the_package_up_without_importing_it(monkeypatch):
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ConfigError, match="pip install wandb or unset it"):
-        check_wandb({"wandb_project": "p"})
+        check_wandb("p")
     assert looked_up == ["wandb"] and "wandb" not in sys.modules
 
 
 def test_check_passes_when_the_package_is_there(fake_wandb):
-    check_wandb(LoggingConfig(wandb_project="p"))
+    check_wandb("p")
     assert fake_wandb.inits == []  # a check never starts a run
 
 
 def test_run_name_is_the_output_directory_with_its_parent(tmp_path):
     assert run_name(tmp_path / "demo" / "ppo") == "demo/ppo"
     assert run_name(tmp_path.anchor) is None  # the root has no name; W&B then picks one
-
-
-def test_the_logging_section_round_trips_through_the_config_dict():
-    """MetricsWriter's callers pass ``to_dict(cfg)["logging"]`` in Ray Train plans: it must carry both keys."""
-    from trainers.config import Config
-
-    section = to_dict(Config())["logging"]
-    assert section["wandb_project"] is None and section["wandb_mode"] == "online"
 
 
 def test_the_run_config_reaches_wandb_without_secrets(fake_wandb, tmp_path, monkeypatch):
@@ -154,10 +143,8 @@ def test_the_run_config_reaches_wandb_without_secrets(fake_wandb, tmp_path, monk
         "logging": {"wandb_project": "p", "note": "key marker-wandb-key-31c9d0 pasted by mistake"},
         "ppo": {"kl_coef": 0.1},
     }
-    writer = MetricsWriter(
-        tmp_path, prefix="ppo", tensorboard=False, logging_cfg={"wandb_project": "p"}, run_config=run_config
-    )
-    writer.close()
+    for sink in open_sinks(tmp_path, wandb_only("p"), run_config):
+        sink.close()
     sent = repr(fake_wandb.inits[0]["config"])
     assert "marker-pw-5e2a" not in sent and "marker-wandb-key-31c9d0" not in sent
     assert fake_wandb.inits[0]["config"]["ppo"] == {"kl_coef": 0.1}  # the rest is untouched

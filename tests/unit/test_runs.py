@@ -1,4 +1,5 @@
-"""trainers.outputs: atomic files, the metrics writer, resume truncation, progress lines, output checks."""
+"""The run directory: atomic files (trainers/files.py), the metrics writer, resume truncation, progress lines,
+output checks (trainers/runs)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import torch
 
 from trainers.errors import ConfigError
 from trainers.files import atomic_write_json, atomic_write_text, replace_dir
-from trainers.outputs import MetricsWriter, check_output_dir, progress_line, read_metrics, truncate_metrics
+from trainers.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
+from trainers.runs.outdir import check_output_dir
+from trainers.runs.progress import progress_line
+from trainers.runs.sinks import TensorBoardSink
 
 
 def test_atomic_write_text_replaces_and_leaves_no_temp_files(tmp_path):
@@ -76,7 +80,7 @@ def test_progress_line_has_step_loss_and_throughput():
 
 
 def test_metrics_writer_appends_lines_and_tensorboard_events(tmp_path):
-    writer = MetricsWriter(tmp_path, prefix="sft", tensorboard=True)
+    writer = MetricsWriter(tmp_path, "sft", [TensorBoardSink(tmp_path)])
     writer.log(1, {"loss": 3.0, "epoch": 0})
     writer.log(2, {"loss": torch.tensor(2.5), "grad_norm": math.inf})
     writer.close()
