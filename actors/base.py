@@ -17,7 +17,6 @@ Conventions every actor follows:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from cluster.actor_group import DistributedWorker
+from trainers.runtime.zero import gathered
 
 CHECKPOINT_TAG = "engine"
 """DeepSpeed checkpoint tag under each role's checkpoint folder."""
@@ -90,16 +90,6 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int) -> Iterator[dict[st
         yield {k: v[start : start + size] for k, v in batch.items()}
 
 
-def gathered(param: torch.nn.Parameter):
-    """Context in which a ZeRO-3 partitioned parameter is whole on every rank (collective); a no-op for
-    parameters DeepSpeed does not partition."""
-    if not hasattr(param, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-
-
 class EngineWorker(DistributedWorker):
     """Base of the PPO actors: spec, device, DeepSpeed engine, micro-batched no-grad passes, checkpoints."""
 
@@ -114,7 +104,7 @@ class EngineWorker(DistributedWorker):
     # --- construction ---------------------------------------------------------------------------
 
     def _ds_config(self, grad_accum: int = 1, grad_clip: float = 0.0) -> dict:
-        from trainers.engine import ds_config
+        from trainers.runtime.zero import ds_config
 
         return ds_config(
             self.spec.zero_stage,
@@ -141,7 +131,8 @@ class EngineWorker(DistributedWorker):
 
     def build(self) -> dict:
         """Load the model and wrap it in DeepSpeed; returns facts for the driver's log."""
-        from trainers.engine import hf_deepspeed_context, init_distributed
+        from trainers.runtime.dist import init_distributed
+        from trainers.runtime.zero import hf_deepspeed_context
 
         if self.device.type == "cuda":
             torch.cuda.set_device(0)
@@ -173,7 +164,7 @@ class EngineWorker(DistributedWorker):
         """``(logprobs (m, R), response logits (m, R, V))`` of the response tokens at the sampling
         temperature (PPO_DETAILS 3); padding entries hold garbage and must be masked by the caller."""
         from trainers.algos import logprobs_from_logits
-        from trainers.models import forward_logits
+        from trainers.runtime.models import forward_logits
 
         r_len = mb["response_mask"].shape[1]
         logits = forward_logits(self.engine, mb["sequences"], mb["attention_mask"])  # (m, L, V)
@@ -203,7 +194,7 @@ class EngineWorker(DistributedWorker):
         """
         module = self.engine.module
         for name, param in module.named_parameters(remove_duplicate=False):
-            with gathered(param):
+            with gathered([param]):
                 full = param.detach().to("cpu", copy=True) if self.rank == 0 else None
             if full is not None:
                 yield name, full
@@ -232,11 +223,11 @@ class TrainableWorker(EngineWorker):
         return self._ds_config(grad_accum=self.spec.grad_accum, grad_clip=self.spec.grad_clip)
 
     def _make_engine(self, model: torch.nn.Module, config: dict):
-        from trainers.engine import init_engine
+        from trainers.runtime.zero import init_deepspeed
 
         # PPO runs at a constant learning rate (min_lr_ratio 1, no warm-up), as InstructGPT's PPO did
         # within one run; the schedule object still lives in DeepSpeed's checkpoints.
-        return init_engine(
+        return init_deepspeed(
             model,
             config,
             lr=self.spec.lr,
@@ -264,13 +255,13 @@ class TrainableWorker(EngineWorker):
         return 0.0 if norm is None else float(norm)
 
     def _step_guard(self):
-        """A :class:`trainers.engine.StepGuard` for the next optimizer step (skips it, on every rank
+        """A :class:`trainers.runtime.step_guard.StepGuard` for the next optimizer step (skips it, on every rank
         alike, if a loss or the gradient norm is non-finite)."""
-        from trainers.engine import StepGuard
+        from trainers.runtime.step_guard import StepGuard
 
         return StepGuard(self.engine, scale_wrt_gas=False)
 
     def _poisoned(self, loss: torch.Tensor, poison: bool) -> torch.Tensor:
-        """Fault injection (``trainers.nonfinite``): NaN added to rank 0's loss of a poisoned step; the
+        """Fault injection (``trainers.runtime.nonfinite``): NaN added to rank 0's loss of a poisoned step; the
         gradients stay finite, so only the all-ranks loss check can catch it."""
         return loss + float("nan") if poison and self.rank == 0 else loss

@@ -5,7 +5,7 @@
     save_state(dir) / load_state(dir)
 
 The value model is the RM's class loaded from the RM directory (PPO_DETAILS 23): its scalar head
-applied at every position (``trainers.models.token_scores``), without the RM's ``reward_bias``. The
+applied at every position (``trainers.runtime.models.token_scores``), without the RM's ``reward_bias``. The
 value of response token t is read at the position that predicts it (``actors.base.response_slice``).
 Loss aggregation as for the policy (``actors/policy.py``): ``sum / (N / W)`` per micro-batch with
 the step's global token count N, ``engine.backward(loss, scale_wrt_gas=False)``.
@@ -27,7 +27,8 @@ class CriticWorker(TrainableWorker):
     spec: TrainSpec
 
     def _load_model(self) -> torch.nn.Module:
-        from trainers.models import build_value_model, torch_dtype
+        from trainers.runtime.device import torch_dtype
+        from trainers.runtime.models import build_value_model
 
         return build_value_model(
             self.spec.model_path,
@@ -37,7 +38,7 @@ class CriticWorker(TrainableWorker):
 
     def _values(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(m, R)`` values of the response tokens (padding entries are garbage; callers mask)."""
-        from trainers.models import token_scores
+        from trainers.runtime.models import token_scores
 
         per_position = token_scores(self.engine, mb["sequences"], mb["attention_mask"])  # (m, L)
         return response_slice(per_position, mb["response_mask"].shape[1]).float()  # (m, R)

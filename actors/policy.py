@@ -31,7 +31,8 @@ class PolicyWorker(TrainableWorker):
     spec: TrainSpec
 
     def _load_model(self) -> torch.nn.Module:
-        from trainers.models import build_causal_lm, torch_dtype
+        from trainers.runtime.device import torch_dtype
+        from trainers.runtime.models import build_causal_lm
 
         return build_causal_lm(
             path=self.spec.model_path,
@@ -44,7 +45,7 @@ class PolicyWorker(TrainableWorker):
     def _ptx_loss(self, ptx: dict[str, torch.Tensor], num_tokens: float) -> torch.Tensor:
         """LM loss on a pretraining micro-batch as ``sum / num_tokens`` (temperature 1: data likelihood)."""
         from trainers.algos import lm_loss, shift_for_lm
-        from trainers.models import forward_logits
+        from trainers.runtime.models import forward_logits
 
         ptx = self._to_device(ptx)
         logits = forward_logits(self.engine, ptx["input_ids"], ptx["attention_mask"])  # (b, T, V)
@@ -107,7 +108,7 @@ class PolicyWorker(TrainableWorker):
         ``old_logprobs``, ``advantages``; N rows). ``plan[step]``: this rank's micro-batches (row
         indices). ``ptx[step][micro]``: pretraining micro-batch or None. ``step_tokens[step]`` /
         ``ptx_tokens[step]``: global token counts of the step (see the module docstring).
-        ``poison_steps``: indices of steps made non-finite (fault injection, ``trainers.nonfinite``).
+        ``poison_steps``: indices of steps made non-finite (fault injection, ``trainers.runtime.nonfinite``).
         A step with a non-finite loss or gradient norm is skipped on every rank; its stats carry
         ``skipped`` 1 (else 0) and its other sums are not meaningful.
         """
@@ -152,10 +153,11 @@ class PolicyWorker(TrainableWorker):
     def save_model(self, out_dir: str) -> str | None:
         """The policy as a Hugging Face directory (safetensors + tokenizer, dropout 0) at ``out_dir``,
         written atomically by rank 0; collective."""
-        from trainers.engine import save_hf
-        from trainers.models import load_tokenizer_dir, no_dropout_updates
+        from trainers.data.tokenizer import load_tokenizer
+        from trainers.runtime.export import save_hf
+        from trainers.runtime.models import no_dropout_updates
 
-        tokenizer = load_tokenizer_dir(self.spec.tokenizer_path) if self.spec.tokenizer_path else None
+        tokenizer = load_tokenizer(self.spec.tokenizer_path) if self.spec.tokenizer_path else None
         module = self.engine.module
         path = save_hf(self.engine, tokenizer, out_dir, config_updates=no_dropout_updates(module.config))
         return None if path is None else str(path)

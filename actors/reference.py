@@ -17,7 +17,8 @@ class ReferenceWorker(EngineWorker):
     """Reference rank: frozen SFT weights; ``logprobs`` comes from :class:`actors.base.EngineWorker`."""
 
     def _load_model(self) -> torch.nn.Module:
-        from trainers.models import build_causal_lm, torch_dtype
+        from trainers.runtime.device import torch_dtype
+        from trainers.runtime.models import build_causal_lm
 
         model = build_causal_lm(
             path=self.spec.model_path,

@@ -3,7 +3,7 @@
     scores(shard)   (n,) RM score of prompt + response at the last real token, + reward_bias
 
 The score is read at each row's last real token found from the attention mask (PPO_DETAILS 7), i.e.
-the EOS when the response has one, else its last sampled token; ``trainers.models.reward_scores``
+the EOS when the response has one, else its last sampled token; ``trainers.runtime.models.reward_scores``
 adds the RM's normalising bias (PPO_DETAILS 9). Clipping (PPO_DETAILS 14) happens in the driver so
 that raw and clipped scores can both be logged.
 """
@@ -19,7 +19,8 @@ class RewardWorker(EngineWorker):
     """Reward rank: frozen RM weights."""
 
     def _load_model(self) -> torch.nn.Module:
-        from trainers.models import build_value_model, torch_dtype
+        from trainers.runtime.device import torch_dtype
+        from trainers.runtime.models import build_value_model
 
         # The RM's own class and weights with dropout forced off: the same loader as the critic's.
         model = build_value_model(
@@ -32,7 +33,7 @@ class RewardWorker(EngineWorker):
 
     def scores(self, shard: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(n,)`` scores, no grad."""
-        from trainers.models import reward_scores
+        from trainers.runtime.models import reward_scores
 
         return self._map_micro(
             shard, lambda mb: reward_scores(self.engine, mb["sequences"], mb["attention_mask"])

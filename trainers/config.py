@@ -108,7 +108,7 @@ class ModelConfig:
         None, "Hugging Face model directory to start from (SFT: the base model; PPO: the SFT model)."
     )
     preset: str = opt(
-        "tiny", "Architecture preset used when pretraining from scratch (see trainers/presets.py)."
+        "tiny", "Architecture preset used when pretraining from scratch (see trainers/runtime/presets.py)."
     )
     tokenizer: str | None = opt(None, "Tokenizer directory (default: model.path, else data.dir/tokenizer).")
     max_len: int = opt(256, "Longest prompt + response in tokens; longer examples are a data error.", ge=8)
@@ -535,6 +535,18 @@ def dump_yaml(cfg: Config, with_docs: bool = False) -> str:
             value = value.removesuffix("\n...").removesuffix("...").strip()
             lines.append(f"  {f.name}: {value}  # {f.metadata.get('doc', '')}")
     return "\n".join(lines) + "\n"
+
+
+def tokenizer_dir(cfg: Config) -> Path:
+    """Where the tokenizer lives: ``model.tokenizer``, else ``model.path`` (if it holds one), else
+    ``data.dir/tokenizer``."""
+    if cfg.model.tokenizer:
+        return Path(cfg.model.tokenizer)
+    if cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
+        return Path(cfg.model.path)
+    if cfg.data.dir:
+        return Path(cfg.data.dir) / "tokenizer"
+    raise ConfigError("no tokenizer: set model.tokenizer, or a model.path / data.dir that holds one")
 
 
 def section_dict(cfg: Config, *names: str) -> dict:

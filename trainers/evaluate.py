@@ -51,7 +51,9 @@ from trainers.data.collate import (
     left_pad,
     position_ids_from_mask,
 )
+from trainers.data.tokenizer import load_tokenizer
 from trainers.errors import DataError, UserError
+from trainers.runtime.device import resolve_device, resolve_dtype, torch_dtype, vllm_dtype
 
 WILSON_Z = 1.959963984540054
 """z of a two-sided 95% interval."""
@@ -73,29 +75,12 @@ VLLM_CPU_KV_CACHE_BYTES = 256 * 2**20
 def resolve_model_dir(path: str | Path, what: str = "model") -> Path:
     """The model directory for ``path``: ``path/model`` for a stage output directory, else ``path``.
 
-    :func:`trainers.models.check_model_dir` with a stage output accepted and ``tokenizer.json``
+    :func:`trainers.runtime.models.check_model_dir` with a stage output accepted and ``tokenizer.json``
     required; a :class:`~trainers.errors.ConfigError` (one line naming ``what``) when anything is missing.
     """
-    from trainers.models import check_model_dir
+    from trainers.runtime.models import check_model_dir
 
     return check_model_dir(path, what, stage_output=True, need_tokenizer=True)
-
-
-def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _dtype(device: str) -> torch.dtype:
-    """fp32 on CPU (the CPU path's precision), bf16 on GPU."""
-    return torch.float32 if device == "cpu" else torch.bfloat16
-
-
-def load_tokenizer(model_dir: str | Path):
-    """The tokenizer saved with a model (PAD distinct from EOS is checked)."""
-    from trainers.data.tokenizer import load_tokenizer as load
-
-    return load(resolve_model_dir(model_dir))
 
 
 def load_causal_lm(model_dir: str | Path, device: str | None = None):
@@ -103,8 +88,10 @@ def load_causal_lm(model_dir: str | Path, device: str | None = None):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_dir(model_dir)
-    device = device or default_device()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(device), use_safetensors=True)
+    device = device or resolve_device()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype(resolve_dtype("auto", device)), use_safetensors=True
+    )
     return model.to(device).eval(), load_tokenizer(path)
 
 
@@ -204,7 +191,7 @@ def generate_ids_vllm(
 
     kwargs = {"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if device == "cpu" else {}
     engine = RolloutEngine(
-        str(model_dir), seed=seed, device=device, dtype="float32" if device == "cpu" else "bfloat16", **kwargs
+        str(model_dir), seed=seed, device=device, dtype=vllm_dtype(resolve_dtype("auto", device)), **kwargs
     )
     try:
         sampling = {"n": 1, "max_new_tokens": max_new_tokens, "temperature": float(temperature)}
@@ -244,7 +231,7 @@ def generate(
     if temperature < 0:
         raise UserError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     path = resolve_model_dir(model_dir)
-    device = device or default_device()
+    device = device or resolve_device()
     if backend == "vllm":
         tok = load_tokenizer(path)
         prompt_ids = [encode_prompt(tok, p) for p in prompts]
@@ -280,7 +267,7 @@ class RewardModelJudge:
     """A trained reward model as a judge: the RM score of ``prompt + response + EOS``.
 
     The sequence is built as in RM training and PPO (``encode_prompt`` + ``encode_response``), and
-    scored through :func:`trainers.models.reward_scores` (last real token + ``config.reward_bias``).
+    scored through :func:`trainers.runtime.models.reward_scores` (last real token + ``config.reward_bias``).
     """
 
     def __init__(self, rm_dir: str | Path, *, batch_size: int = 32, device: str | None = None):
@@ -288,18 +275,18 @@ class RewardModelJudge:
         from transformers import AutoModelForSequenceClassification
 
         self.name = f"rm:{path}"
-        self.device = device or default_device()
+        self.device = device or resolve_device()
         self.batch_size = batch_size
         self.tok = load_tokenizer(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), dtype=_dtype(self.device), use_safetensors=True
+            str(path), dtype=torch_dtype(resolve_dtype("auto", self.device)), use_safetensors=True
         )
         self.model.to(self.device).eval()
 
     @torch.no_grad()
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """RM score of each response to its prompt (left-padded batches of ``batch_size``)."""
-        from trainers.models import reward_scores
+        from trainers.runtime.models import reward_scores
 
         seqs = [
             encode_prompt(self.tok, p) + encode_response(self.tok, r)

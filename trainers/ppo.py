@@ -467,7 +467,7 @@ class DriverState:
     nonfinite_streak: dict = field(default_factory=dict)
     """Per training role (``policy``, ``critic``): optimizer steps skipped in a row (non-finite loss or
     gradient) up to the end of the last iteration. Saved, so a resumed run stops where an uninterrupted
-    one would (``trainers.nonfinite``)."""
+    one would (``trainers.runtime.nonfinite``)."""
 
 
 def run_shape(cfg: Config) -> dict:
@@ -521,18 +521,20 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
     """Everything the user can get wrong, except resources, checked before anything starts or is
     written: output directory, both model directories (config.json + safetensors), tokenizer (PAD !=
     EOS, the same in the RM directory), prompts and -- with ``ppo.ptx_coef > 0`` -- the pretraining text."""
-    from trainers.models import check_model_dir, load_tokenizer, load_tokenizer_dir, tokenizer_path
+    from trainers.config import tokenizer_dir
+    from trainers.data.tokenizer import load_tokenizer
     from trainers.runs.outdir import check_output_dir
+    from trainers.runtime.models import check_model_dir
     from trainers.stages.pretrain import read_texts
 
     out = check_output_dir(out_dir)
     check_model_dir(cfg.model.path, "model.path")
     rm_dir = check_model_dir(cfg.reward.path, "reward.path")
-    tokenizer = load_tokenizer(cfg)
-    rm_tokenizer = load_tokenizer_dir(rm_dir) if (rm_dir / "tokenizer.json").is_file() else None
+    tokenizer = load_tokenizer(tokenizer_dir(cfg))
+    rm_tokenizer = load_tokenizer(rm_dir) if (rm_dir / "tokenizer.json").is_file() else None
     if rm_tokenizer is not None and rm_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
-            f"reward.path='{rm_dir}' has another tokenizer than the policy ({tokenizer_path(cfg)}); the reward "
+            f"reward.path='{rm_dir}' has another tokenizer than the policy ({tokenizer_dir(cfg)}); the reward "
             "model must read the policy's token ids (PPO_DETAILS 7)"
         )
     prompts = read_prompts(cfg, tokenizer)
@@ -550,7 +552,7 @@ def role_specs(cfg: Config, device: str) -> dict:
     Policy and reference start from ``model.path`` (SFT), reward and critic from ``reward.path`` (RM).
     """
     from actors.base import EngineSpec, TrainSpec
-    from trainers.engine import resolve_dtype
+    from trainers.runtime.device import resolve_dtype
 
     p = cfg.ppo
     common = {
@@ -591,16 +593,16 @@ def role_specs(cfg: Config, device: str) -> dict:
 
 def tokenizer_dir_of(cfg: Config) -> Path:
     """The run's tokenizer directory, absolute (actors may run elsewhere)."""
-    from trainers.models import tokenizer_path
+    from trainers.config import tokenizer_dir
 
-    return tokenizer_path(cfg).resolve()
+    return tokenizer_dir(cfg).resolve()
 
 
 def rollout_kwargs(cfg: Config, device: str) -> dict:
     """Keyword arguments of every :class:`actors.rollout.RolloutEngine` (the seed is added per engine)."""
-    from trainers.engine import resolve_dtype
+    from trainers.runtime.device import resolve_dtype, vllm_dtype
 
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}[resolve_dtype(cfg.model.dtype, device)]
+    dtype = vllm_dtype(resolve_dtype(cfg.model.dtype, device))
     kwargs = {
         "device": device,
         "dtype": dtype,
@@ -1005,10 +1007,10 @@ def train(
 
 
 def fault_poison(iteration: int, steps: int) -> dict[str, list[int]]:
-    """Fault injection for tests (``trainers.nonfinite``): per role, the indices of this iteration's
+    """Fault injection for tests (``trainers.runtime.nonfinite``): per role, the indices of this iteration's
     optimizer steps that ``RLHF_FAULT_NONFINITE_STEPS`` poisons (steps counted over the run, 1-based);
     prints a line when any is armed."""
-    from trainers.nonfinite import FAULT_ENV, fault_steps_from_env, local_indices
+    from trainers.runtime.nonfinite import FAULT_ENV, fault_steps_from_env, local_indices
 
     out = {
         role: local_indices(fault_steps_from_env(role), iteration * steps + 1, steps)
@@ -1030,7 +1032,7 @@ def check_nonfinite(
     when steps were skipped, and raise :class:`RunStopped` once a role has ``limit`` in a row -- before
     anything of this iteration is saved. The message names the newest complete checkpoint under
     ``checkpoints`` (when given)."""
-    from trainers.nonfinite import resume_hint, stop_message, update_streak
+    from trainers.runtime.nonfinite import resume_hint, stop_message, update_streak
 
     longest = {}
     for role, flags in skipped.items():

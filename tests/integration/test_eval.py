@@ -26,7 +26,7 @@ from trainers.data import gold
 from trainers.data.collate import encode_prompt, encode_response
 from trainers.data.tokenizer import load_tokenizer
 from trainers.data.world import synthesize
-from trainers.presets import build_config
+from trainers.runtime.presets import build_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[2]

@@ -3,7 +3,7 @@
 - ``StepGuard`` on real DeepSpeed engines (2 gloo processes, ZeRO-0 and ZeRO-3): a NaN loss on rank 0
   only, and an inf gradient with a finite loss on rank 1 only, are both skipped on *both* ranks, and
   the weights and LR afterwards are bit-identical to a run that never saw those steps.
-- PPO (fault injection through ``RLHF_FAULT_NONFINITE_STEPS``, trainers/nonfinite.py): (a) a 2-iteration
+- PPO (fault injection through ``RLHF_FAULT_NONFINITE_STEPS``, trainers/runtime/nonfinite.py): (a) a 2-iteration
   run with 3 poisoned steps finishes, counts them in ``policy/skipped_steps``/``value/skipped_steps``,
   saves finite weights and the critic's streak in its checkpoint; (b) ``rlhf ppo`` continuing it to 4
   iterations with two more poisoned critic steps stops (exit 3, one line) because the streak carried
@@ -59,7 +59,9 @@ def _rank_main(rank: int, world: int, port: int, stages: list[int], queue) -> No
     torch.set_num_threads(1)
     import deepspeed
 
-    from trainers.engine import StepGuard, ds_config, init_distributed, init_engine
+    from trainers.runtime.dist import init_distributed
+    from trainers.runtime.step_guard import StepGuard
+    from trainers.runtime.zero import ds_config, init_deepspeed
 
     init_distributed("cpu")
     data = [torch.randn(2, 8, generator=torch.Generator().manual_seed(i)) for i in range(12)]
@@ -68,7 +70,7 @@ def _rank_main(rank: int, world: int, port: int, stages: list[int], queue) -> No
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         config = ds_config(stage, "fp32", micro_batch=2, grad_accum=2, world_size=world, grad_clip=1.0)
-        return init_engine(model, config, lr=1e-2, total_steps=10, warmup_ratio=0.0, min_lr_ratio=0.5)
+        return init_deepspeed(model, config, lr=1e-2, total_steps=10, warmup_ratio=0.0, min_lr_ratio=0.5)
 
     def step(engine, k: int, fault: str | None) -> bool:
         guard = StepGuard(engine)
@@ -164,9 +166,9 @@ def ppo_inputs(world_dir, sft_model_dir, rm_model_dir) -> list[str]:
 def skipped_run(ray_local, ppo_inputs, tmp_path_factory):
     """(a): 2 iterations; policy steps 2 and 3 and critic step 8 (the last of iteration 2) poisoned."""
     from trainers.config import load_config
-    from trainers.nonfinite import FAULT_ENV
     from trainers.ppo import run_ppo
     from trainers.runs.metrics import read_metrics
+    from trainers.runtime.nonfinite import FAULT_ENV
 
     out = tmp_path_factory.mktemp("nonfinite") / "ppo"
     cfg = load_config(TINY, [*ppo_inputs, *PPO_OVERRIDES, "ppo.iterations=2"])
@@ -203,7 +205,7 @@ def test_ppo_streak_across_a_resume_stops_with_one_line_and_the_checkpoint_intac
 ):
     """(b): the same command with ppo.iterations=4 resumes from iter_000002 (critic streak 1) and poisons
     critic steps 9 and 10: 3 in a row -> exit 3 during iteration 3, nothing saved after iteration 2."""
-    from trainers.nonfinite import FAULT_ENV
+    from trainers.runtime.nonfinite import FAULT_ENV
 
     out = skipped_run[0]
     checkpoint = out / "checkpoints" / "iter_000002"

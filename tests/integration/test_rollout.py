@@ -21,7 +21,7 @@ from cluster.weight_sync import CpuBlobSync
 from trainers.algos.logprobs import logprobs_from_logits, shift_for_lm
 from trainers.data.collate import left_pad, position_ids_from_mask
 from trainers.data.tokenizer import train_tokenizer
-from trainers.presets import build_config
+from trainers.runtime.presets import build_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

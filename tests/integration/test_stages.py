@@ -60,12 +60,14 @@ def test_first_step_is_the_global_token_mean(base_run, sft_run):
     """Step 1 of the 2-worker run equals one process computing the token mean of the whole global
     batch (PPO_DETAILS 24): loss and pre-clip gradient norm."""
     from trainers.algos import lm_loss, shift_for_lm
-    from trainers.models import forward_logits, load_tokenizer
+    from trainers.config import tokenizer_dir
+    from trainers.data.tokenizer import load_tokenizer
+    from trainers.runtime.models import forward_logits
     from trainers.stages.common import epoch_order, step_indices
     from trainers.stages.sft import LMTask, prepare
 
     cfg = sft_run.cfg
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg))
     train = prepare(cfg, tokenizer).train
     batch_ids = step_indices(epoch_order(len(train), cfg.sft.seed, 0), 0, cfg.sft.global_batch_size)
     task = LMTask({"model": {}, "stage_cfg": {}}, tokenizer)
@@ -121,7 +123,7 @@ def test_one_worker_matches_two_through_a_crash_and_a_continuation(sft_run, base
 
 def _mean_score(model, sequences, pad_id, batch_size=64) -> float:
     from trainers.data.collate import left_pad
-    from trainers.models import reward_scores
+    from trainers.runtime.models import reward_scores
 
     total = 0.0
     with torch.no_grad():
@@ -135,7 +137,8 @@ def test_reward_model_ranks_held_out_comparisons_and_is_normalised(rm_run, sft_r
     """Accuracy >= 0.75 on comparisons/valid, recomputed here with plain transformers from the saved
     model; the demonstrations' mean score is 0 after normalisation (reward_bias in config.json)."""
     from trainers.algos import ranking_loss
-    from trainers.models import load_tokenizer
+    from trainers.config import tokenizer_dir
+    from trainers.data.tokenizer import load_tokenizer
     from trainers.stages.rm import (
         NORMALIZE_MAX_DEMOS,
         RMTask,
@@ -149,7 +152,7 @@ def test_reward_model_ranks_held_out_comparisons_and_is_normalised(rm_run, sft_r
     assert summary["rm/valid_accuracy"] >= 0.75
     model = AutoModelForSequenceClassification.from_pretrained(rm_run.model_dir, use_safetensors=True).eval()
     assert model.config.reward_bias == pytest.approx(summary["rm/reward_bias"])
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg))
     task = RMTask({"model": {}, "stage_cfg": {}}, tokenizer)
     valid = read_comparisons(cfg, tokenizer, "valid")
     correct = pairs = 0.0

@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainers import presets
 from trainers.data import world
 from trainers.data.collate import (
     IGNORE_INDEX,
@@ -22,6 +21,7 @@ from trainers.data.collate import (
 )
 from trainers.data.tokenizer import format_prompt, load_tokenizer, train_tokenizer
 from trainers.errors import ConfigError, DataError
+from trainers.runtime import presets
 
 
 def _corpus(seed: int = 0, n: int = 150) -> list[str]:

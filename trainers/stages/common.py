@@ -14,7 +14,7 @@ Driver (:func:`run_stage`), in order:
    checkpoint (Ray Train V2 restores its checkpoint manager from storage; ``--fresh`` deletes it);
 3. write ``summary.json`` from the metrics of the last report.
 
-Worker (:func:`train_loop`): DeepSpeed ZeRO-3 engine (trainers.engine), the stage's *task* (model,
+Worker (:func:`train_loop`): DeepSpeed ZeRO-3 engine (trainers.runtime.zero), the stage's *task* (model,
 collation, loss, evaluation; see :class:`Task`), deterministic data order, checkpoints every
 ``checkpoint_every`` steps and at each epoch end through ``ray.train.report(checkpoint=...)``.
 
@@ -35,8 +35,8 @@ torch RNG state, so a resumed run continues exactly where the uninterrupted run 
 schedule always spans ``epochs``; ``max_steps`` only stops early, so raising it and running the
 same command again continues the same run.
 
-Non-finite steps (``trainers.nonfinite``). Every optimizer step goes through
-``trainers.engine.StepGuard``: a NaN/inf loss on any rank or a non-finite gradient norm skips the step
+Non-finite steps (``trainers.runtime.nonfinite``). Every optimizer step goes through
+``trainers.runtime.step_guard.StepGuard``: a NaN/inf loss on any rank or a non-finite gradient norm skips the step
 on all ranks (weights, AdamW state and LR schedule untouched; the data of that step is consumed, not
 retried). The metrics record of the step has ``skipped`` 1 and a null loss; ``LoopState`` counts
 skipped steps and the streak in a row (both saved in checkpoints). When the streak reaches
@@ -274,13 +274,14 @@ def validate_stage(spec: StageSpec, cfg: Config, out_dir: str | Path) -> tuple[P
     batch arithmetic against the data size. Returns ``(out_dir, data, steps)`` with ``steps`` as
     :func:`plan_steps` returns it.
     """
-    from trainers.models import load_tokenizer
+    from trainers.config import tokenizer_dir
+    from trainers.data.tokenizer import load_tokenizer
 
     cfg.validate()
     st = stage_config(cfg, spec.name)
     out = check_output_dir(out_dir)
     spec.check_model(cfg)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg))
     data = spec.prepare(cfg, tokenizer)
     steps = plan_steps(len(data.train), st.global_batch_size, st.epochs, st.max_steps)
     if steps[0] == 0:
@@ -334,7 +335,7 @@ def make_plan(
     spec: StageSpec, cfg: Config, out: Path, steps: tuple[int, int, int], device: str, dtype: str
 ) -> dict:
     """The picklable description of the run that every worker receives as ``train_loop_config``."""
-    from trainers.models import tokenizer_path
+    from trainers.config import tokenizer_dir
 
     st = stage_config(cfg, spec.name)
     model = to_dict(cfg)["model"]
@@ -348,7 +349,7 @@ def make_plan(
         "logging": to_dict(cfg)["logging"],
         "config": to_dict(cfg),  # for W&B's run config (redacted by the writer)
         "torch_threads": cfg.cluster.torch_threads,
-        "tokenizer_dir": str(tokenizer_path(cfg).resolve()),
+        "tokenizer_dir": str(tokenizer_dir(cfg).resolve()),
         "device": device,
         "dtype": dtype,
         "steps_per_epoch": steps[0],
@@ -375,14 +376,14 @@ def run_stage(
     (and its checkpoint, if one is due) unless the run resumed from a checkpoint, which
     exercises Ray Train's failure handling and resuming. ``nonfinite_at_steps`` is another: those
     optimizer steps (1-based) get a NaN loss on rank 0 (default: from ``RLHF_FAULT_NONFINITE_STEPS``,
-    see ``trainers.nonfinite``).
+    see ``trainers.runtime.nonfinite``).
 
     Raises :class:`~trainers.errors.RunStopped` when ``<stage>.max_nonfinite_steps`` steps in a row were
     skipped for a non-finite loss or gradient (the workers stop together without saving anything and
     return normally, so Ray Train does not retry it as a lost worker); the message names the checkpoint
     a rerun resumes from.
     """
-    from trainers.engine import resolve_device, resolve_dtype
+    from trainers.runtime.device import resolve_device, resolve_dtype
 
     start = time.time()
     out, data, steps = validate_stage(spec, cfg, out_dir)
@@ -412,8 +413,8 @@ def run_stage(
 
 
 def _fault_steps(stage: str, given: Sequence[int] | None) -> list[int]:
-    """Steps to poison (fault injection, ``trainers.nonfinite``): ``given``, else the environment's."""
-    from trainers.nonfinite import FAULT_ENV, fault_steps_from_env
+    """Steps to poison (fault injection, ``trainers.runtime.nonfinite``): ``given``, else the environment's."""
+    from trainers.runtime.nonfinite import FAULT_ENV, fault_steps_from_env
 
     steps = sorted(given if given is not None else fault_steps_from_env(stage))
     if steps:
@@ -426,7 +427,7 @@ def _fault_steps(stage: str, given: Sequence[int] | None) -> list[int]:
 def _raise_if_stopped(stage: str, returned: Any, st, storage: Path) -> None:
     """RunStopped if the workers stopped for non-finite steps (their return value says so)."""
     from trainers.errors import RunStopped
-    from trainers.nonfinite import resume_hint, stop_message
+    from trainers.runtime.nonfinite import resume_hint, stop_message
 
     stopped = returned.get("stopped") if isinstance(returned, dict) else None
     if stopped:
@@ -460,7 +461,7 @@ def _fit(spec: StageSpec, cfg: Config, plan: dict, data: PreparedData, storage: 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainers.engine import backend_for
+    from trainers.runtime.dist import backend_for
 
     st = stage_config(cfg, spec.name)
     ray = _connect(spec, cfg)
@@ -518,8 +519,10 @@ def train_loop(plan: dict) -> dict | None:
     import ray
     import ray.train
 
-    from trainers.engine import ds_config, grad_accum_steps, hf_deepspeed_context, init_distributed
-    from trainers.models import disable_cudnn_attention, load_tokenizer_dir
+    from trainers.data.tokenizer import load_tokenizer
+    from trainers.runtime.device import disable_cudnn_attention
+    from trainers.runtime.dist import init_distributed
+    from trainers.runtime.zero import ds_config, grad_accum_steps, hf_deepspeed_context
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -530,7 +533,7 @@ def train_loop(plan: dict) -> dict | None:
     init_distributed(plan["device"])
     st = plan["stage_cfg"]
     data: PreparedData = ray.get(plan["data_ref"])
-    tokenizer = load_tokenizer_dir(plan["tokenizer_dir"])
+    tokenizer = load_tokenizer(plan["tokenizer_dir"])
     task = _make_task(plan, tokenizer)
     accum = grad_accum_steps(st["global_batch_size"], st["micro_batch_size"], world)
     config = ds_config(st["zero_stage"], plan["dtype"], st["micro_batch_size"], accum, world, st["grad_clip"])
@@ -560,15 +563,15 @@ def _make_task(plan: dict, tokenizer) -> Task:
 
 def _build_engine(task: Task, plan: dict, config: dict):
     """The task's model inside a DeepSpeed engine with the stage's optimizer and schedule."""
-    from trainers.engine import init_engine
-    from trainers.models import torch_dtype
+    from trainers.runtime.device import torch_dtype
+    from trainers.runtime.zero import init_deepspeed
 
     st = plan["stage_cfg"]
     model = task.build_model(torch_dtype(plan["dtype"]))
     model.config.use_cache = False
     if plan["model"]["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return init_engine(
+    return init_deepspeed(
         model,
         config,
         lr=st["lr"],
@@ -673,7 +676,7 @@ def _train(
 def _count_skipped(state: LoopState, skipped: int, plan: dict, rank: int) -> int:
     """Carry the streak of skipped steps through this step; rank 0 prints a line for a skipped step.
     Returns the streak (what decides stopping)."""
-    from trainers.nonfinite import update_streak
+    from trainers.runtime.nonfinite import update_streak
 
     state.nonfinite_streak, longest = update_streak(state.nonfinite_streak, [bool(skipped)])
     state.skipped_steps += int(skipped)
@@ -705,12 +708,13 @@ def train_step(
 
     The global unit count is all-reduced first so every micro-batch loss is ``sum / (N / (W A))``
     (module docstring); the logged loss is the exact global mean. The step goes through a
-    :class:`~trainers.engine.StepGuard`: if any rank's loss or the gradient norm is non-finite it is
+    :class:`~trainers.runtime.step_guard.StepGuard`: if any rank's loss or the gradient norm is non-finite it is
     skipped on every rank (``skipped`` 1 in the metrics; weights, AdamW state and LR schedule
     untouched). ``poison`` (fault injection) adds NaN to this rank's first micro-batch loss.
     """
     from trainers.algos import loss_normaliser
-    from trainers.engine import StepGuard, all_reduce_sum
+    from trainers.runtime.dist import all_reduce_sum
+    from trainers.runtime.step_guard import StepGuard
 
     t0 = time.time()
     engine.train()
@@ -745,7 +749,7 @@ def train_step(
 @torch.no_grad()
 def evaluate(engine, task: Task, examples: list, batch_size: int, rank: int, world: int) -> dict:
     """Validation metrics over ``examples``, sharded over ranks (collective: every rank calls it)."""
-    from trainers.engine import all_reduce_sum
+    from trainers.runtime.dist import all_reduce_sum
 
     if not examples:
         return {}
@@ -795,8 +799,9 @@ def _finish(
     engine, task: Task, data: PreparedData, plan: dict, state: LoopState, tokenizer, shape: tuple
 ) -> None:
     """Final evaluation, the task's finishing step (RM normalisation), model export, final report."""
-    from trainers.engine import save_hf, unwrap
-    from trainers.models import no_dropout_updates
+    from trainers.runtime.export import save_hf
+    from trainers.runtime.models import no_dropout_updates
+    from trainers.runtime.zero import unwrap
 
     rank, world = shape
     st = plan["stage_cfg"]

@@ -46,8 +46,8 @@ def prepare(cfg: Config, tokenizer) -> PreparedData:
 
 def check_model(cfg: Config) -> None:
     """A model directory (continued pretraining) or a known preset (from scratch)."""
-    from trainers.models import check_model_dir
-    from trainers.presets import get_preset
+    from trainers.runtime.models import check_model_dir
+    from trainers.runtime.presets import get_preset
 
     if cfg.model.path:
         check_model_dir(cfg.model.path)

@@ -2,7 +2,7 @@
 
     rlhf rm --config trainers/configs/tiny.yaml data.dir=/tmp/world model.path=runs/sft/model --out runs/rm
 
-The model is the SFT trunk with a scalar head (:func:`trainers.models.build_reward_model`,
+The model is the SFT trunk with a scalar head (:func:`trainers.runtime.models.build_reward_model`,
 PPO_DETAILS 10). One batch element is one prompt with **all** its K responses, forwarded once as K
 rows (PPO_DETAILS 8: K forwards, not C(K,2)*2); the score is read at each row's last real token
 (item 7) and :func:`trainers.algos.ranking_loss` forms every pair (better, worse) of the prompt --
@@ -11,7 +11,7 @@ global batch. Held-out pairwise accuracy on ``comparisons/valid``.
 
 After training, when ``rm.normalize`` is on (PPO_DETAILS 9, InstructGPT 3.5), the mean raw score of
 the training demonstrations (a seeded sample of at most :data:`NORMALIZE_MAX_DEMOS`) is measured
-and ``reward_bias = -mean`` is stored in the saved ``config.json`` (see :mod:`trainers.models`:
+and ``reward_bias = -mean`` is stored in the saved ``config.json`` (see :mod:`trainers.runtime.models`:
 transformers' head has no bias). Summary: ``rm/train_loss``, ``rm/valid_loss``,
 ``rm/valid_accuracy``, ``rm/demo_mean_score_before`` (raw), ``rm/reward_bias``,
 ``rm/demo_mean_score_after`` (same demonstrations, bias added: 0 by construction),
@@ -56,7 +56,7 @@ class RMTask(Task):
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """The SFT trunk (``model.path``) with a fresh scalar head."""
-        from trainers.models import build_reward_model
+        from trainers.runtime.models import build_reward_model
 
         m = self.plan["model"]
         return build_reward_model(
@@ -80,7 +80,7 @@ class RMTask(Task):
 
     def _scores(self, engine, batch: dict) -> torch.Tensor:
         """``(N, Kmax)`` scores at the last real token of every response."""
-        from trainers.models import reward_scores
+        from trainers.runtime.models import reward_scores
 
         scores = reward_scores(engine, batch["input_ids"], batch["attention_mask"])  # (N*Kmax,)
         return scores.view(batch["ranks"].shape)  # (N, Kmax)
@@ -117,7 +117,7 @@ class RMTask(Task):
 
     def finish(self, engine, data: PreparedData, shape: tuple) -> tuple[dict, dict]:
         """Normalise (``rm.normalize``): ``reward_bias = -mean raw score of the demonstrations``."""
-        from trainers.models import REWARD_BIAS_KEY, reward_bias
+        from trainers.runtime.models import REWARD_BIAS_KEY, reward_bias
 
         if not self.plan["stage_cfg"].get("normalize", True):
             return {}, {}
@@ -139,8 +139,8 @@ class RMTask(Task):
 def mean_score(engine, sequences: list[list[int]], pad_id: int, batch_size: int, shape: tuple) -> float:
     """Mean reward score of ``sequences`` (prompt + response ids), sharded over ranks (collective)."""
     from trainers.data.collate import left_pad
-    from trainers.engine import all_reduce_sum
-    from trainers.models import reward_scores
+    from trainers.runtime.dist import all_reduce_sum
+    from trainers.runtime.models import reward_scores
 
     rank, world = shape
     engine.eval()
@@ -200,7 +200,7 @@ def prepare(cfg: Config, tokenizer) -> PreparedData:
 
 def check_model(cfg: Config) -> None:
     """The RM starts from a model directory (the SFT model)."""
-    from trainers.models import check_model_dir
+    from trainers.runtime.models import check_model_dir
 
     check_model_dir(cfg.model.path)
 

@@ -37,7 +37,7 @@ class LMTask(Task):
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """From ``model.path`` (SFT, continued pretraining) or randomly from ``model.preset``."""
-        from trainers.models import build_causal_lm
+        from trainers.runtime.models import build_causal_lm
 
         m = self.plan["model"]
         return build_causal_lm(
@@ -65,7 +65,7 @@ class LMTask(Task):
     def _aligned(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits (B, T-1, V), labels (B, T-1))``: position t predicts token t + 1."""
         from trainers.algos import shift_for_lm
-        from trainers.models import forward_logits
+        from trainers.runtime.models import forward_logits
 
         logits = forward_logits(engine, batch["input_ids"], batch["attention_mask"])  # (B, T, V)
         return shift_for_lm(logits, batch["labels"])
@@ -121,7 +121,7 @@ def prepare(cfg: Config, tokenizer) -> PreparedData:
 
 def check_model(cfg: Config) -> None:
     """SFT starts from a model directory (the base model)."""
-    from trainers.models import check_model_dir
+    from trainers.runtime.models import check_model_dir
 
     check_model_dir(cfg.model.path)
 

@@ -11,7 +11,7 @@ import pytest
 
 from trainers import ppo
 from trainers.errors import RunStopped
-from trainers.nonfinite import (
+from trainers.runtime.nonfinite import (
     FAULT_ENV,
     fault_steps_from_env,
     local_indices,

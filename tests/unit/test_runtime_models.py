@@ -1,4 +1,4 @@
-"""trainers.models on CPU without Ray or DeepSpeed: building, dropout, left padding, reward scores, saving."""
+"""trainers.runtime.models on CPU without Ray or DeepSpeed: building, dropout, left padding, reward scores, saving."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from trainers.engine import save_hf
+from trainers.config import tokenizer_dir
 from trainers.errors import ConfigError
-from trainers.models import (
+from trainers.runtime.export import save_hf
+from trainers.runtime.models import (
     REWARD_BIAS_KEY,
     build_causal_lm,
     build_reward_model,
@@ -21,7 +22,6 @@ from trainers.models import (
     reward_scores,
     set_dropout,
     token_scores,
-    tokenizer_path,
 )
 
 
@@ -49,14 +49,14 @@ def _cfg(**sections):
     return types.SimpleNamespace(**{k: types.SimpleNamespace(**v) for k, v in base.items()})
 
 
-def test_tokenizer_path_precedence(tmp_path, lm_dir):
-    assert tokenizer_path(_cfg(model={"tokenizer": "/t"}, data={"dir": "/d"})) == type(lm_dir)("/t")
-    assert tokenizer_path(_cfg(model={"path": str(lm_dir)}, data={"dir": "/d"})) == lm_dir
-    assert tokenizer_path(_cfg(model={"path": str(tmp_path)}, data={"dir": "/d"})) == type(lm_dir)(
+def test_tokenizer_dir_precedence(tmp_path, lm_dir):
+    assert tokenizer_dir(_cfg(model={"tokenizer": "/t"}, data={"dir": "/d"})) == type(lm_dir)("/t")
+    assert tokenizer_dir(_cfg(model={"path": str(lm_dir)}, data={"dir": "/d"})) == lm_dir
+    assert tokenizer_dir(_cfg(model={"path": str(tmp_path)}, data={"dir": "/d"})) == type(lm_dir)(
         "/d/tokenizer"
     )
     with pytest.raises(ConfigError, match="no tokenizer"):
-        tokenizer_path(_cfg())
+        tokenizer_dir(_cfg())
 
 
 def test_check_model_dir_requires_config_and_safetensors(tmp_path, lm_dir):
@@ -89,7 +89,7 @@ def test_check_model_dir_options_stage_output_and_tokenizer(tmp_path, lm_dir):
 
 
 def test_set_dropout_touches_only_dropout_fields(tokenizer):
-    from trainers.presets import build_config
+    from trainers.runtime.presets import build_config
 
     config = build_config("tiny", tokenizer)
     assert set_dropout(config, 0.2) == ["attention_dropout"]  # Llama has no residual dropout field

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM
 
-from trainers import presets
 from trainers.errors import ConfigError
+from trainers.runtime import presets
 
 
 class _Tok:

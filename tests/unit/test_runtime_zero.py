@@ -1,21 +1,11 @@
-"""trainers.engine pure helpers: LR schedule, DeepSpeed config, accumulation, parameter groups."""
+"""trainers.runtime.zero pure helpers: LR schedule, DeepSpeed config, accumulation, parameter groups."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from trainers.engine import (
-    ds_config,
-    grad_accum_steps,
-    lr_lambda,
-    param_groups,
-    resolve_device,
-    resolve_dtype,
-    warmup_steps_for,
-)
+from trainers.runtime.zero import ds_config, grad_accum_steps, lr_lambda, param_groups, warmup_steps_for
 
 
 def test_lr_warmup_is_linear_and_starts_above_zero():
@@ -24,13 +14,13 @@ def test_lr_warmup_is_linear_and_starts_above_zero():
 
 
 def test_lr_cosine_goes_from_peak_to_floor_at_the_last_step():
-    total, warmup, floor = 20, 2, 0.1
+    total, warmup, floor = 20, 3, 0.1  # 16 decay steps after the warm-up: progress = (step - 3) / 16
     assert lr_lambda(warmup, total, warmup, floor) == pytest.approx(1.0)
     assert lr_lambda(total - 1, total, warmup, floor) == pytest.approx(floor)
-    mid = warmup + (total - warmup - 1) / 2
-    assert lr_lambda(int(mid), total, warmup, floor) == pytest.approx(
-        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * int(mid - warmup) / (total - warmup - 1)))
-    )
+    # Halfway through the decay the cosine term is 0: exactly halfway between peak and floor.
+    assert lr_lambda(11, total, warmup, floor) == pytest.approx(0.55)
+    # A quarter of the way: 0.1 + 0.9 * (1 + cos(pi / 4)) / 2 = 0.1 + 0.45 * 1.7071068 (worked by hand).
+    assert lr_lambda(7, total, warmup, floor) == pytest.approx(0.8681981, abs=1e-7)
     decay = [lr_lambda(s, total, warmup, floor) for s in range(warmup, total)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
     assert lr_lambda(total + 5, total, warmup, floor) == pytest.approx(floor)
@@ -73,14 +63,6 @@ def test_grad_accum_steps_requires_divisibility():
     assert grad_accum_steps(32, 16, 1) == 2
     with pytest.raises(ValueError, match="not a multiple"):
         grad_accum_steps(30, 8, 2)
-
-
-def test_device_and_dtype_resolution():
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("auto", "cpu") == "fp32"
-    assert resolve_dtype("auto", "cuda") == "bf16"
-    assert resolve_dtype("fp32", "cuda") == "fp32"
 
 
 def test_param_groups_decay_matrices_only():

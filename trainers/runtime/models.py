@@ -36,7 +36,10 @@ from pathlib import Path
 
 import torch
 
+from trainers.algos import last_token_index
+from trainers.data.collate import position_ids_from_mask
 from trainers.errors import ConfigError
+from trainers.runtime.zero import gathered
 
 REWARD_BIAS_KEY = "reward_bias"
 """config.json field holding the reward model's additive score bias (see the module docstring)."""
@@ -55,34 +58,8 @@ DROPOUT_KEYS: tuple[str, ...] = (
 
 
 # --------------------------------------------------------------------------------------------------
-# Paths and tokenizer
+# Model directories
 # --------------------------------------------------------------------------------------------------
-
-
-def tokenizer_path(cfg) -> Path:
-    """Where the tokenizer lives: ``model.tokenizer``, else ``model.path`` (if it holds one), else
-    ``data.dir/tokenizer``."""
-    if cfg.model.tokenizer:
-        return Path(cfg.model.tokenizer)
-    if cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
-        return Path(cfg.model.path)
-    if cfg.data.dir:
-        return Path(cfg.data.dir) / "tokenizer"
-    raise ConfigError("no tokenizer: set model.tokenizer, or a model.path / data.dir that holds one")
-
-
-def load_tokenizer(cfg):
-    """The run's tokenizer (see :func:`tokenizer_path`); DataError if it is missing or PAD == EOS."""
-    from trainers.data.tokenizer import load_tokenizer as load
-
-    return load(tokenizer_path(cfg))
-
-
-def load_tokenizer_dir(path: str | Path):
-    """A tokenizer directory written by ``save_pretrained`` (PAD distinct from EOS is checked)."""
-    from trainers.data.tokenizer import load_tokenizer as load
-
-    return load(path)
 
 
 def check_model_dir(
@@ -121,11 +98,6 @@ def check_model_dir(
             f"{key}='{p}' has no tokenizer.json (stage outputs save the tokenizer with the model)"
         )
     return p
-
-
-def torch_dtype(dtype: str) -> torch.dtype:
-    """``'fp32'`` / ``'bf16'`` -> the torch dtype."""
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +144,7 @@ def build_causal_lm(
         )
     if preset is None:
         raise ConfigError("model: set model.path (a model directory) or model.preset (random initialisation)")
-    from trainers.presets import build_config
+    from trainers.runtime.presets import build_config
 
     config = build_config(preset, tokenizer)
     set_dropout(config, dropout)
@@ -185,23 +157,12 @@ def init_score_head(model, seed: int = 0) -> None:
     Works on ZeRO-3-partitioned models (the weight is gathered, set on rank 0 and re-partitioned).
     """
     weight = model.score.weight
-    gather = _gathered([weight], modifier_rank=0)
+    gather = gathered([weight], modifier_rank=0)
     with gather, torch.no_grad():
         d = weight.shape[-1]
         g = torch.Generator().manual_seed(seed)
         init = torch.randn(tuple(weight.shape), generator=g, dtype=torch.float32) / (d + 1) ** 0.5
         weight.copy_(init.to(weight.dtype))
-
-
-def _gathered(params, modifier_rank=None):
-    """``deepspeed.zero.GatheredParameters`` for ZeRO-3 parameters, a no-op context otherwise."""
-    import contextlib
-
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def build_reward_model(
@@ -254,22 +215,7 @@ def build_value_model(
 # --------------------------------------------------------------------------------------------------
 
 
-def disable_cudnn_attention() -> None:
-    """Keep PyTorch's SDPA off the cuDNN backend (call once per GPU process, before training).
-
-    Seen on an H100 (torch 2.11, bf16, tiny Llama): with left padding, the default SDPA dispatch
-    picked cuDNN attention for some shapes (sequence length 64) and its backward returned non-finite
-    gradients for the fully-masked padding rows; DeepSpeed then skipped those steps ("OVERFLOW!").
-    The memory-efficient and math backends gave finite gradients at every length tried. A no-op
-    without CUDA.
-    """
-    if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(False)
-
-
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    from trainers.data.collate import position_ids_from_mask
-
     return position_ids_from_mask(attention_mask)
 
 
@@ -323,8 +269,6 @@ def reward_bias(model) -> float:
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B,)`` reward: the head's output at each row's last real token (by mask) + ``reward_bias``."""
-    from trainers.algos import last_token_index
-
     per_token = token_scores(model, input_ids, attention_mask)  # (B, T)
     last = last_token_index(attention_mask)  # (B,)
     if bool((last < 0).any()):

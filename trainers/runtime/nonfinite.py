@@ -1,7 +1,7 @@
 """Non-finite optimizer steps: the pure bookkeeping shared by the PPO driver and the Ray Train stages.
 
 An optimizer step whose loss (on any rank) or global gradient norm is NaN/inf is *skipped*: the
-weights, the optimizer moments and the LR schedule stay as they were (``trainers.engine.StepGuard``
+weights, the optimizer moments and the LR schedule stay as they were (``trainers.runtime.step_guard.StepGuard``
 does that inside each rank). The drivers count skipped steps and keep a *streak* -- skipped steps
 in a row, across iterations/epochs -- and stop the run (``trainers.errors.RunStopped``) once it
 reaches ``max_nonfinite_steps``, before anything is saved after the bad steps.
