@@ -23,7 +23,7 @@ COMMAND_MODULES = [
     "trainers.data.cli",
     "trainers.stages.cli",
     "trainers.ppo_cli",
-    "trainers.eval_cli",
+    "trainers.evaluation.cli",
     "trainers.config_cli",
 ]
 

@@ -14,7 +14,7 @@ Seven stages, each in its own sub-directory of ``--out``::
     ppo/       stage 3: PPO-ptx of the SFT model against the RM
     eval/      gold-labeler win rate of PPO-ptx over SFT on held-out test prompts, gold scores,
                RM-judged win rate, pretraining loss (alignment tax), held-out cluster accuracy
-    report/    summary.json, report.png, report.txt (trainers.report.write_report)
+    report/    summary.json, report.png, report.txt (trainers.evaluation.report.write_report)
 
 Decisions:
 
@@ -245,18 +245,18 @@ def eval_sampling(cfg) -> dict:
 def evaluate_responses(cfg, out: Path) -> dict:
     """SFT and PPO-ptx sample one response per held-out test prompt (same seed); the gold labeler
     and the RM compare them; gold scores and criteria (closing rate...) of both."""
-    from trainers import evaluate as ev
+    from trainers.evaluation import generation, judges
 
-    prompts = ev.read_prompts(out / "world" / "prompts" / "test.parquet")
+    prompts = generation.read_prompts(out / "world" / "prompts" / "test.parquet")
     dirs = model_dirs(out)
     print(f"evaluation: sampling {len(prompts)} held-out test prompts with SFT and PPO-ptx", flush=True)
     responses = {
-        name: ev.generate(dirs[name], prompts, batch_size=EVAL_BATCH_SIZE, **eval_sampling(cfg))
+        name: generation.generate(dirs[name], prompts, batch_size=EVAL_BATCH_SIZE, **eval_sampling(cfg))
         for name in ("sft", "ppo_ptx")
     }
-    gold = ev.win_rate(prompts, responses["ppo_ptx"], responses["sft"], ev.GoldJudge())
-    rm_judge = ev.RewardModelJudge(out / "rm" / "model", batch_size=EVAL_BATCH_SIZE)
-    rm = ev.win_rate(prompts, responses["ppo_ptx"], responses["sft"], rm_judge)
+    gold = judges.win_rate(prompts, responses["ppo_ptx"], responses["sft"], judges.GoldJudge())
+    rm_judge = judges.RewardModelJudge(out / "rm" / "model", batch_size=EVAL_BATCH_SIZE)
+    rm = judges.win_rate(prompts, responses["ppo_ptx"], responses["sft"], rm_judge)
     examples = [
         {"prompt": p, "sft": s, "ppo_ptx": r}
         for p, s, r in list(zip(prompts, responses["sft"], responses["ppo_ptx"], strict=True))[:5]
@@ -264,7 +264,7 @@ def evaluate_responses(cfg, out: Path) -> dict:
     return {
         "eval/win_rate_gold": gold,
         "eval/win_rate_rm": rm,
-        "eval/gold_scores": {name: ev.gold_scores(prompts, responses[name]) for name in responses},
+        "eval/gold_scores": {name: judges.gold_scores(prompts, responses[name]) for name in responses},
         "eval/sampling": eval_sampling(cfg),
         "eval/examples": examples,
     }
@@ -273,14 +273,14 @@ def evaluate_responses(cfg, out: Path) -> dict:
 def evaluate_models(cfg, out: Path) -> dict:
     """Pretraining loss on ``pretrain/valid`` (the alignment tax) and held-out cluster accuracy (rank
     classification) of the base, SFT and PPO-ptx models."""
-    from trainers import evaluate as ev
     from trainers.data.templates import HELDOUT_CLUSTERS
+    from trainers.evaluation import heldout, lm_loss
 
     world, dirs = out / "world", model_dirs(out)
-    texts = ev.read_texts(world / "pretrain" / "valid.parquet")
-    loss = {name: ev.pretrain_loss(dirs[name], texts, max_len=cfg.model.max_len) for name in MODELS}
+    texts = lm_loss.read_texts(world / "pretrain" / "valid.parquet")
+    loss = {name: lm_loss.pretrain_loss(dirs[name], texts, max_len=cfg.model.max_len) for name in MODELS}
     cluster = HELDOUT_CLUSTERS[0]
-    heldout = {name: ev.heldout_accuracy(dirs[name], cluster, world) for name in MODELS}
+    heldout = {name: heldout.heldout_accuracy(dirs[name], cluster, world) for name in MODELS}
     accuracy = {name: heldout[name]["accuracy"] for name in MODELS}
     return {
         "eval/pretrain_loss": loss,
@@ -414,9 +414,9 @@ def table_numbers(summary: Mapping) -> dict[str, float]:
 
 
 def write_demo_report(out: Path, summary: Mapping, win_rates: Mapping[str, Mapping]) -> Path:
-    """``OUT/report/``: :func:`trainers.report.write_report` (prints the table), then the demo's own
+    """``OUT/report/``: :func:`trainers.evaluation.report.write_report` (prints the table), then the demo's own
     keys merged into the top level of ``report/summary.json``; returns that file's path."""
-    from trainers.report import write_report
+    from trainers.evaluation.report import write_report
 
     metrics = out / "ppo" / "metrics.jsonl"
     paths = write_report(out, ppo_metrics_path=metrics, summary=table_numbers(summary), win_rates=win_rates)

@@ -204,20 +204,20 @@ def cached(path: Path, compute) -> dict:
 
 def reference_eval(demo: Path, out: Path, cfg, prompts: Sequence[str], texts: Sequence[str]) -> dict:
     """SFT's responses to the test prompts and the pretraining loss of the base and SFT models."""
-    from trainers import evaluate as ev
+    from trainers.evaluation import generation, judges, lm_loss
 
     def compute() -> dict:
         print(f"alignment_tax: evaluating base and SFT ({len(prompts)} prompts)", flush=True)
-        responses = ev.generate(
+        responses = generation.generate(
             demo / "sft" / "model", prompts, batch_size=EVAL_BATCH_SIZE, **eval_sampling(cfg)
         )
         loss = {
-            m: ev.pretrain_loss(demo / m / "model", texts, max_len=cfg.model.max_len)
+            m: lm_loss.pretrain_loss(demo / m / "model", texts, max_len=cfg.model.max_len)
             for m in ("pretrain", "sft")
         }
         return {
             "sft_responses": responses,
-            "gold_scores_sft": ev.gold_scores(prompts, responses),
+            "gold_scores_sft": judges.gold_scores(prompts, responses),
             "pretrain_loss": {"base": loss["pretrain"], "sft": loss["sft"]},
             "sampling": eval_sampling(cfg),
         }
@@ -229,21 +229,23 @@ def evaluate_run(
     run_dir: Path, cfg, prompts: Sequence[str], texts: Sequence[str], ref: Mapping, rm_judge
 ) -> dict:
     """One policy: gold and RM win rate over SFT, gold scores, pretraining loss, KL to SFT from its metrics."""
-    from trainers import evaluate as ev
     from trainers.demo import kl_to_sft
+    from trainers.evaluation import generation, judges, lm_loss
     from trainers.runs.metrics import read_metrics
 
     def compute() -> dict:
         print(f"alignment_tax: evaluating {run_dir.name}", flush=True)
         start = time.time()
-        responses = ev.generate(run_dir / "model", prompts, batch_size=EVAL_BATCH_SIZE, **eval_sampling(cfg))
+        responses = generation.generate(
+            run_dir / "model", prompts, batch_size=EVAL_BATCH_SIZE, **eval_sampling(cfg)
+        )
         sft = ref["sft_responses"]
         records = read_metrics(run_dir / "metrics.jsonl")
         return {
-            "win_rate_gold": ev.win_rate(prompts, responses, sft, ev.GoldJudge()),
-            "win_rate_rm": ev.win_rate(prompts, responses, sft, rm_judge()),
-            "gold_scores": ev.gold_scores(prompts, responses),
-            "pretrain_loss": ev.pretrain_loss(run_dir / "model", texts, max_len=cfg.model.max_len),
+            "win_rate_gold": judges.win_rate(prompts, responses, sft, judges.GoldJudge()),
+            "win_rate_rm": judges.win_rate(prompts, responses, sft, rm_judge()),
+            "gold_scores": judges.gold_scores(prompts, responses),
+            "pretrain_loss": lm_loss.pretrain_loss(run_dir / "model", texts, max_len=cfg.model.max_len),
             "kl_to_sft": kl_to_sft(records),
             "ptx_loss_last": records[-1].get("loss/ptx") if records else None,
             "examples": [
@@ -256,14 +258,14 @@ def evaluate_run(
 
 
 def lazy_rm_judge(rm_dir: Path):
-    """A function returning one shared :class:`~trainers.evaluate.RewardModelJudge`, loaded on first use."""
-    from trainers import evaluate as ev
+    """A function returning one shared :class:`~trainers.judges.RewardModelJudge`, loaded on first use."""
+    from trainers.evaluation import judges
 
     held: list = []
 
     def get():
         if not held:
-            held.append(ev.RewardModelJudge(rm_dir, batch_size=EVAL_BATCH_SIZE))
+            held.append(judges.RewardModelJudge(rm_dir, batch_size=EVAL_BATCH_SIZE))
         return held[0]
 
     return get
@@ -437,7 +439,7 @@ def results_document(args, demo: Path, ref: Mapping, records: Sequence[Mapping],
 
 def experiment(args: argparse.Namespace) -> dict:
     """Run the sweep and the evaluation; the results written to ``args.json`` (and returned)."""
-    from trainers import evaluate as ev
+    from trainers.evaluation import generation, lm_loss
     from trainers.files import atomic_write_json
     from trainers.runs.outdir import check_output_dir
 
@@ -448,8 +450,8 @@ def experiment(args: argparse.Namespace) -> dict:
     demo = demo_input(args, out)
     runs = run_all(demo, out, args.ptx_coefs, args.seeds, args.iterations)
     cfg = next(iter(runs.values()))[0]
-    prompts = ev.read_prompts(demo / "world" / "prompts" / "test.parquet")
-    texts = ev.read_texts(demo / "world" / "pretrain" / "valid.parquet")
+    prompts = generation.read_prompts(demo / "world" / "prompts" / "test.parquet")
+    texts = lm_loss.read_texts(demo / "world" / "pretrain" / "valid.parquet")
     ref = reference_eval(demo, out, cfg, prompts, texts)
     rm_judge = lazy_rm_judge(demo / "rm" / "model")
     records = [

@@ -20,12 +20,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
 
-from trainers import eval_cli
-from trainers import evaluate as ev
 from trainers.data import gold
 from trainers.data.collate import encode_prompt, encode_response
 from trainers.data.tokenizer import load_tokenizer
 from trainers.data.world import synthesize
+from trainers.evaluation import cli as eval_cli
+from trainers.evaluation import generation, heldout, judges, lm_loss
 from trainers.runtime.presets import build_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -75,17 +75,19 @@ def rm_dir(world, policy_run, tmp_path_factory):
 
 
 def test_greedy_generation_is_one_string_per_prompt_and_batch_invariant(policy_run, prompts):
-    batched = ev.generate(policy_run, prompts, max_new_tokens=12, temperature=0, batch_size=4)
-    single = ev.generate(policy_run / "model", prompts, max_new_tokens=12, temperature=0, batch_size=1)
+    batched = generation.generate(policy_run, prompts, max_new_tokens=12, temperature=0, batch_size=4)
+    single = generation.generate(
+        policy_run / "model", prompts, max_new_tokens=12, temperature=0, batch_size=1
+    )
     assert len(batched) == len(prompts) and all(isinstance(r, str) for r in batched)
     assert all(r.strip() for r in batched)  # an untied random model writes something
     assert batched == single  # left padding with masks and positions changes nothing
 
 
 def test_sampling_is_seeded(policy_run, prompts):
-    a = ev.generate(policy_run, prompts, max_new_tokens=12, temperature=1.0, seed=5)
-    b = ev.generate(policy_run, prompts, max_new_tokens=12, temperature=1.0, seed=5)
-    c = ev.generate(policy_run, prompts, max_new_tokens=12, temperature=1.0, seed=6)
+    a = generation.generate(policy_run, prompts, max_new_tokens=12, temperature=1.0, seed=5)
+    b = generation.generate(policy_run, prompts, max_new_tokens=12, temperature=1.0, seed=5)
+    c = generation.generate(policy_run, prompts, max_new_tokens=12, temperature=1.0, seed=6)
     assert a == b
     assert a != c
 
@@ -94,9 +96,9 @@ def test_sampling_is_seeded(policy_run, prompts):
 
 
 def test_model_against_itself_greedy_is_all_ties(policy_run, prompts):
-    first = ev.generate(policy_run, prompts, max_new_tokens=12, temperature=0)
-    second = ev.generate(policy_run, prompts, max_new_tokens=12, temperature=0)
-    r = ev.win_rate(prompts, first, second, ev.GoldJudge())
+    first = generation.generate(policy_run, prompts, max_new_tokens=12, temperature=0)
+    second = generation.generate(policy_run, prompts, max_new_tokens=12, temperature=0)
+    r = judges.win_rate(prompts, first, second, judges.GoldJudge())
     assert r["win_rate"] == 0.5
     assert (r["ties"], r["n"]) == (len(prompts), len(prompts))
     assert r["ci_low"] < 0.5 < r["ci_high"]
@@ -104,20 +106,20 @@ def test_model_against_itself_greedy_is_all_ties(policy_run, prompts):
 
 def test_gold_best_responses_beat_empty_and_model_garbage(policy_run, prompts):
     best = [gold.best_response(p) for p in prompts]
-    garbage = ev.generate(policy_run, prompts, max_new_tokens=12, temperature=1.0, seed=0)
-    judge = ev.GoldJudge()
+    garbage = generation.generate(policy_run, prompts, max_new_tokens=12, temperature=1.0, seed=0)
+    judge = judges.GoldJudge()
     for baseline in ([""] * len(prompts), garbage):
-        r = ev.win_rate(prompts, best, baseline, judge)
+        r = judges.win_rate(prompts, best, baseline, judge)
         assert r["win_rate"] == 1.0 and r["wins"] == len(prompts)
         assert r["ci_low"] > 0.5
-        assert ev.win_rate(prompts, baseline, best, judge)["win_rate"] == 0.0
-    assert ev.gold_scores(prompts, best)["score"] == 1.0
+        assert judges.win_rate(prompts, baseline, best, judge)["win_rate"] == 0.0
+    assert judges.gold_scores(prompts, best)["score"] == 1.0
 
 
 def test_reward_model_judge_adds_bias_and_is_batch_invariant(rm_dir, prompts):
     responses = [f"Answer number {i}." for i in range(len(prompts))]
-    batched = ev.RewardModelJudge(rm_dir, batch_size=4).scores(prompts, responses)
-    single = ev.RewardModelJudge(rm_dir, batch_size=1).scores(prompts, responses)
+    batched = judges.RewardModelJudge(rm_dir, batch_size=4).scores(prompts, responses)
+    single = judges.RewardModelJudge(rm_dir, batch_size=1).scores(prompts, responses)
     assert batched == pytest.approx(single, abs=1e-5)
     # Independent path: transformers' own pooling on an unpadded row, plus the bias from config.json.
     tok = load_tokenizer(rm_dir)
@@ -126,7 +128,7 @@ def test_reward_model_judge_adds_bias_and_is_batch_invariant(rm_dir, prompts):
     with torch.no_grad():
         raw = float(model(input_ids=ids).logits[0, 0])
     assert batched[0] == pytest.approx(raw + REWARD_BIAS, abs=1e-5)
-    r = ev.win_rate(prompts, responses, list(responses), ev.make_judge(f"rm:{rm_dir}"))
+    r = judges.win_rate(prompts, responses, list(responses), judges.make_judge(f"rm:{rm_dir}"))
     assert r["ties"] == len(prompts)
 
 
@@ -134,22 +136,24 @@ def test_reward_model_judge_adds_bias_and_is_batch_invariant(rm_dir, prompts):
 
 
 def test_heldout_accuracy_rank_classification(policy_run, world):
-    rows = ev.load_heldout("sentiment", world)
-    result = ev.heldout_accuracy(policy_run, "sentiment", world, method="rank")
+    rows = heldout.load_heldout("sentiment", world)
+    result = heldout.heldout_accuracy(policy_run, "sentiment", world, method="rank")
     assert result["n"] == len(rows) == len(pq.read_table(world / "heldout" / "test.parquet"))
     assert set(result["per_task"]) <= {"sentiment_said", "sentiment_review"}
     assert sum(t["n"] for t in result["per_task"].values()) == result["n"]
     assert result["chance"] == 0.5 and 0.0 <= result["accuracy"] <= 1.0
-    generated = ev.heldout_accuracy(
+    generated = heldout.heldout_accuracy(
         policy_run, "sentiment", world / "heldout" / "test.parquet", method="generate"
     )
     assert generated["n"] == result["n"] and generated["method"] == "generate"
 
 
 def test_option_logprobs_match_unpadded_forward(policy_run, world):
-    rows = ev.load_heldout("sentiment", world)[:3]
-    model, tok = ev.load_causal_lm(policy_run)
-    batched = ev.option_logprobs(model, tok, [r["prompt"] for r in rows], [r["options"] for r in rows], 4)
+    rows = heldout.load_heldout("sentiment", world)[:3]
+    model, tok = generation.load_causal_lm(policy_run)
+    batched = heldout.option_logprobs(
+        model, tok, [r["prompt"] for r in rows], [r["options"] for r in rows], 4
+    )
     for row, scores in zip(rows, batched):
         for option, score in zip(row["options"], scores):
             prompt_ids = encode_prompt(tok, row["prompt"])
@@ -167,16 +171,16 @@ def test_option_logprobs_match_unpadded_forward(policy_run, world):
 def test_pretrain_loss_matches_transformers_and_is_batch_invariant(policy_run, world):
     texts = [r["text"] for r in pq.read_table(world / "pretrain" / "valid.parquet").to_pylist()][:4]
     texts.append("Tilo lives in the forest.")  # a short one: rows of very different lengths
-    batched = ev.pretrain_loss(policy_run, texts, max_len=64, batch_size=5)
-    single = ev.pretrain_loss(policy_run, texts, max_len=64, batch_size=1)
+    batched = lm_loss.pretrain_loss(policy_run, texts, max_len=64, batch_size=5)
+    single = lm_loss.pretrain_loss(policy_run, texts, max_len=64, batch_size=1)
     assert batched == pytest.approx(single, rel=1e-5)
-    model, tok = ev.load_causal_lm(policy_run)
+    model, tok = generation.load_causal_lm(policy_run)
     ids = torch.tensor(
         [[tok.bos_token_id, *tok.encode(texts[-1], add_special_tokens=False), tok.eos_token_id]]
     )
     with torch.no_grad():
         hf_loss = float(model(input_ids=ids, labels=ids).loss)
-    assert ev.pretrain_loss(policy_run, texts[-1:]) == pytest.approx(hf_loss, rel=1e-5)
+    assert lm_loss.pretrain_loss(policy_run, texts[-1:]) == pytest.approx(hf_loss, rel=1e-5)
     assert abs(batched - math.log(len(tok))) < 0.2  # a random model is near uniform
 
 
@@ -184,7 +188,7 @@ def test_pretrain_loss_matches_transformers_and_is_batch_invariant(policy_run, w
 
 
 def test_cli_missing_model_dir_exits_2_with_one_line(tmp_path, world):
-    cmd = [sys.executable, "-m", "trainers.eval_cli", "--policy", str(tmp_path / "nowhere")]
+    cmd = [sys.executable, "-m", "trainers.evaluation.cli", "--policy", str(tmp_path / "nowhere")]
     cmd += ["--baseline", str(tmp_path / "nowhere"), "--prompts", str(world / "prompts" / "test.parquet")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -216,16 +220,16 @@ def test_cli_win_rate_and_heldout_end_to_end(tmp_path, world, policy_run, capsys
     result = json.loads(out.read_text())
     assert result["win_rate"]["win_rate"] == 0.5 and result["win_rate"]["n"] == 4
     assert result["sampling"] == {"max_new_tokens": 8, "temperature": 0.0, "seed": 0}
-    assert result["heldout"]["n"] == len(ev.load_heldout("sentiment", world))
+    assert result["heldout"]["n"] == len(heldout.load_heldout("sentiment", world))
     assert len(result["examples"]) == 4 and result["gold"]["policy"]["n"] == 4
 
 
 VLLM_SCRIPT = """
 import json, sys
-from trainers import evaluate as ev
+from trainers.evaluation import generation, heldout, judges, lm_loss
 if __name__ == "__main__":
     model, prompts = sys.argv[1], json.loads(sys.argv[2])
-    out = ev.generate(model, prompts, max_new_tokens=12, temperature=0, backend="vllm", device="cpu")
+    out = generation.generate(model, prompts, max_new_tokens=12, temperature=0, backend="vllm", device="cpu")
     print("RESULT " + json.dumps(out))
 """
 
@@ -242,4 +246,4 @@ def test_vllm_backend_greedy_matches_transformers(policy_run, prompts, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     vllm_out = json.loads(result[len("RESULT ") :])
-    assert vllm_out == ev.generate(policy_run, prompts, max_new_tokens=12, temperature=0)
+    assert vllm_out == generation.generate(policy_run, prompts, max_new_tokens=12, temperature=0)

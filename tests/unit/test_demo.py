@@ -11,7 +11,7 @@ import pytest
 from trainers import demo
 from trainers.config import load_config
 from trainers.errors import ConfigError
-from trainers.evaluate import win_rate_from_outcomes
+from trainers.evaluation.judges import win_rate_from_outcomes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

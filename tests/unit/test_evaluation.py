@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from trainers import eval_cli
-from trainers import evaluate as ev
 from trainers.data import gold
 from trainers.data.templates import render
 from trainers.errors import DataError, UserError
+from trainers.evaluation import cli as eval_cli
+from trainers.evaluation import generation, heldout, judges
 
 
 class LengthJudge:
@@ -33,7 +33,7 @@ def test_win_rate_counts_ties_as_half():
     prompts = ["p1", "p2", "p3", "p4", "p5"]
     a = ["long answer", "xx", "same", "abc", "z"]
     b = ["short", "yy", "same", "a", "zzzz"]  # win, tie (equal score), tie (identical), win, loss
-    r = ev.win_rate(prompts, a, b, LengthJudge())
+    r = judges.win_rate(prompts, a, b, LengthJudge())
     assert (r["wins"], r["ties"], r["losses"], r["n"]) == (2, 2, 1, 5)
     assert r["win_rate"] == pytest.approx((2 + 0.5 * 2) / 5)
     assert r["score_a"] == pytest.approx((11 + 2 + 4 + 3 + 1) / 5)
@@ -44,9 +44,9 @@ def test_judge_sees_each_side_with_its_prompts_and_order_matters():
     judge = LengthJudge()
     prompts = ["p1", "p2"]
     better, worse = ["aaaa", "bbbb"], ["a", "b"]
-    assert ev.win_rate(prompts, better, worse, judge)["win_rate"] == 1.0
+    assert judges.win_rate(prompts, better, worse, judge)["win_rate"] == 1.0
     assert judge.calls == [(prompts, better), (prompts, worse)]
-    assert ev.win_rate(prompts, worse, better, judge)["win_rate"] == 0.0
+    assert judges.win_rate(prompts, worse, better, judge)["win_rate"] == 0.0
 
 
 def test_identical_responses_tie_whatever_the_judge_says():
@@ -58,21 +58,21 @@ def test_identical_responses_tie_whatever_the_judge_says():
             self.counter += 1.0  # the second call (side B) always scores higher
             return [self.counter] * len(responses)
 
-    r = ev.win_rate(["p", "q"], ["same", "x"], ["same", "y"], Noisy())
+    r = judges.win_rate(["p", "q"], ["same", "x"], ["same", "y"], Noisy())
     assert (r["wins"], r["ties"], r["losses"]) == (0, 1, 1)
 
 
 def test_win_rate_rejects_empty_and_mismatched_inputs():
     with pytest.raises(DataError):
-        ev.win_rate([], [], [], LengthJudge())
+        judges.win_rate([], [], [], LengthJudge())
     with pytest.raises(ValueError, match="lengths differ"):
-        ev.win_rate(["p"], ["a", "b"], ["c"], LengthJudge())
+        judges.win_rate(["p"], ["a", "b"], ["c"], LengthJudge())
 
 
 def test_outcome():
-    assert ev.outcome(0.7, 0.2) == 1.0
-    assert ev.outcome(0.2, 0.7) == 0.0
-    assert ev.outcome(0.5, 0.5) == 0.5
+    assert judges.outcome(0.7, 0.2) == 1.0
+    assert judges.outcome(0.2, 0.7) == 0.0
+    assert judges.outcome(0.5, 0.5) == 0.5
 
 
 # --- Wilson interval -------------------------------------------------------------------------------
@@ -80,21 +80,21 @@ def test_outcome():
 
 def test_wilson_hand_computed():
     # p = 0.5, n = 10: centre 0.5, half-width z*sqrt(0.025 + z^2/400)/(1 + z^2/10) = 0.2634.
-    low, high = ev.wilson_interval(5, 10)
+    low, high = judges.wilson_interval(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-4)
     assert high == pytest.approx(0.7634, abs=1e-4)
     # All successes: lower bound n / (n + z^2), upper bound 1.
-    low, high = ev.wilson_interval(10, 10)
-    assert low == pytest.approx(10 / (10 + ev.WILSON_Z**2))
+    low, high = judges.wilson_interval(10, 10)
+    assert low == pytest.approx(10 / (10 + judges.WILSON_Z**2))
     assert high == pytest.approx(1.0)
-    assert ev.wilson_interval(0, 10)[0] == pytest.approx(0.0)
+    assert judges.wilson_interval(0, 10)[0] == pytest.approx(0.0)
 
 
 def test_ci_contains_the_estimate_and_shrinks_with_n():
     widths = []
     for n in (10, 100, 1000):
         outcomes = [1.0] * (6 * n // 10) + [0.5] * (n // 10) + [0.0] * (3 * n // 10)
-        r = ev.win_rate_from_outcomes(outcomes)
+        r = judges.win_rate_from_outcomes(outcomes)
         assert r["win_rate"] == pytest.approx(0.65)
         assert r["ci_low"] < r["win_rate"] < r["ci_high"]
         widths.append(r["ci_high"] - r["ci_low"])
@@ -102,7 +102,7 @@ def test_ci_contains_the_estimate_and_shrinks_with_n():
 
 
 def test_all_ties_interval_is_centred_on_half():
-    r = ev.win_rate_from_outcomes([0.5] * 20)
+    r = judges.win_rate_from_outcomes([0.5] * 20)
     assert r["win_rate"] == 0.5 and r["ties"] == 20
     assert r["ci_low"] == pytest.approx(1 - r["ci_high"])
 
@@ -112,18 +112,18 @@ def test_all_ties_interval_is_centred_on_half():
 
 def test_gold_judge_and_make_judge():
     prompt = render("qa_food", {"name": "Tilo"}, 0)
-    judge = ev.make_judge("gold")
+    judge = judges.make_judge("gold")
     assert judge.scores([prompt, prompt], [gold.best_response(prompt), ""]) == [1.0, 0.0]
     for bad in ("rm:", "judge", "RM:/x"):
         with pytest.raises(UserError, match="unknown judge"):
-            ev.make_judge(bad)
+            judges.make_judge(bad)
     with pytest.raises(UserError, match="does not exist"):
-        ev.make_judge("rm:/no/such/dir")
+        judges.make_judge("rm:/no/such/dir")
 
 
 def test_gold_scores_summary():
     prompt = render("qa_food", {"name": "Tilo"}, 0)
-    s = ev.gold_scores([prompt, prompt], [gold.best_response(prompt), ""])
+    s = judges.gold_scores([prompt, prompt], [gold.best_response(prompt), ""])
     assert s["n"] == 2
     assert s["score"] == pytest.approx(0.5)
     assert s["closing"] == pytest.approx(0.5)  # the best response ends with the closing, "" does not
@@ -134,8 +134,8 @@ def test_gold_scores_summary():
 
 
 def test_normalize_answer():
-    assert ev.normalize_answer("  Positive. I hope this helps.") == "positive"
-    assert ev.normalize_answer("The Small one!") == "small one"
+    assert heldout.normalize_answer("  Positive. I hope this helps.") == "positive"
+    assert heldout.normalize_answer("The Small one!") == "small one"
 
 
 @pytest.mark.parametrize(
@@ -149,11 +149,11 @@ def test_normalize_answer():
     ],
 )
 def test_match_option(response, expected):
-    assert ev.match_option(response, ["positive", "negative"]) == expected
+    assert heldout.match_option(response, ["positive", "negative"]) == expected
 
 
 def test_match_option_prefers_longer_option_at_same_place():
-    assert ev.match_option("I like ice cream", ["cream", "ice cream"]) == "ice cream"
+    assert heldout.match_option("I like ice cream", ["cream", "ice cream"]) == "ice cream"
 
 
 def test_accuracy_breakdown_hand_built():
@@ -164,7 +164,7 @@ def test_accuracy_breakdown_hand_built():
         {"task": "t3", "answer": "small"},
     ]
     predictions = ["yes", "yes", "positive", "Small."]
-    r = ev.accuracy_breakdown(rows, predictions)
+    r = heldout.accuracy_breakdown(rows, predictions)
     assert r["accuracy"] == pytest.approx(3 / 4)
     assert r["n"] == 4
     assert r["chance"] == pytest.approx((0.5 + 0.5 + 0.25 + 0.0) / 4)
@@ -173,7 +173,7 @@ def test_accuracy_breakdown_hand_built():
         "t2": {"accuracy": 1.0, "n": 1},
         "t3": {"accuracy": 1.0, "n": 1},
     }
-    assert ev.accuracy_breakdown(rows[:1], [None])["accuracy"] == 0.0
+    assert heldout.accuracy_breakdown(rows[:1], [None])["accuracy"] == 0.0
 
 
 def _write_jsonl(path, rows):
@@ -194,24 +194,24 @@ def test_load_heldout_filters_cluster_and_fills_task(tmp_path):
             {"prompt": review, "task": "sentiment_review"},  # no answer: cannot be scored
         ],
     )
-    rows = ev.load_heldout("sentiment", path)
+    rows = heldout.load_heldout("sentiment", path)
     assert [r["task"] for r in rows] == ["sentiment_said", "sentiment_review"]
     assert [r["answer"] for r in rows] == ["positive", "no"]
     with pytest.raises(DataError, match="no rows of cluster 'chat'"):
-        ev.load_heldout("chat", path)
+        heldout.load_heldout("chat", path)
 
 
 def test_load_heldout_unknown_cluster_names_the_valid_ones(tmp_path):
     with pytest.raises(UserError, match=r"unknown task cluster 'feelings'.*sentiment"):
-        ev.load_heldout("feelings", tmp_path)
+        heldout.load_heldout("feelings", tmp_path)
 
 
 def test_heldout_file_from_dir_or_file(tmp_path):
     (tmp_path / "heldout").mkdir()
     (tmp_path / "heldout" / "test.parquet").write_bytes(b"")
-    assert ev.heldout_file(tmp_path) == tmp_path / "heldout" / "test.parquet"
+    assert heldout.heldout_file(tmp_path) == tmp_path / "heldout" / "test.parquet"
     with pytest.raises(DataError, match="does not exist"):
-        ev.heldout_file(tmp_path / "nope.parquet")
+        heldout.heldout_file(tmp_path / "nope.parquet")
 
 
 # --- model directories ---------------------------------------------------------------------------------
@@ -230,8 +230,8 @@ def fake_model_dir(path, *, weights=True, tokenizer=True):
 
 def test_resolve_model_dir_accepts_stage_output_and_model_dir(tmp_path):
     model = fake_model_dir(tmp_path / "run" / "model")
-    assert ev.resolve_model_dir(tmp_path / "run") == model
-    assert ev.resolve_model_dir(model) == model
+    assert generation.resolve_model_dir(tmp_path / "run") == model
+    assert generation.resolve_model_dir(model) == model
 
 
 @pytest.mark.parametrize(
@@ -241,12 +241,12 @@ def test_resolve_model_dir_accepts_stage_output_and_model_dir(tmp_path):
 def test_resolve_model_dir_errors(tmp_path, weights, tokenizer, message):
     fake_model_dir(tmp_path / "m", weights=weights, tokenizer=tokenizer)
     with pytest.raises(UserError, match=message):
-        ev.resolve_model_dir(tmp_path / "m", what="--policy")
+        generation.resolve_model_dir(tmp_path / "m", what="--policy")
     with pytest.raises(UserError, match="--policy='.*nope' does not exist"):
-        ev.resolve_model_dir(tmp_path / "nope", what="--policy")
+        generation.resolve_model_dir(tmp_path / "nope", what="--policy")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
-        ev.resolve_model_dir(tmp_path / "empty")
+        generation.resolve_model_dir(tmp_path / "empty")
 
 
 # --- rlhf eval: user errors exit 2 with one line, before any model is loaded ----------------------------

@@ -9,7 +9,7 @@ Each part runs when its inputs are given (at least one must be). Model directori
 output directory (holding ``model/``) or the model directory itself. Defaults come from the config
 (``--config FILE`` and dotted overrides): ``rollout.max_new_tokens``, ``rollout.temperature``,
 ``data.dir``, ``model.max_len``. Every user error (missing directory, no safetensors, unknown
-cluster, bad prompts file) exits 2 before any model is loaded. ``python -m trainers.eval_cli ...``
+cluster, bad prompts file) exits 2 before any model is loaded. ``python -m trainers.evaluation.cli ...``
 runs the same command standalone.
 """
 
@@ -81,7 +81,7 @@ def check_out_file(path: str | None) -> None:
 def check_plain_args(args: argparse.Namespace) -> None:
     """The checks that read no file: counts, the judge's spelling, which parts were asked for, --out.
 
-    They run before :mod:`trainers.evaluate` (and torch) is imported, so these mistakes cost no wait.
+    They run before :mod:`trainers.evaluation` (and torch) is imported, so these mistakes cost no wait.
     """
     check_out_file(args.out)
     _positive(args.n, "--n")
@@ -102,14 +102,14 @@ def check_plain_args(args: argparse.Namespace) -> None:
 def check_args(args: argparse.Namespace, cfg) -> dict:
     """Validate every input before any model is loaded; return the resolved plan of what to run."""
     check_plain_args(args)
-    from trainers import evaluate as ev
+    from trainers.evaluation import generation, heldout, lm_loss
 
-    plan: dict = {"policy": ev.resolve_model_dir(args.policy, what="--policy")}
+    plan: dict = {"policy": generation.resolve_model_dir(args.policy, what="--policy")}
     if args.baseline:
-        plan["baseline"] = ev.resolve_model_dir(args.baseline, what="--baseline")
-        plan["prompts"] = ev.read_prompts(args.prompts, args.n)
+        plan["baseline"] = generation.resolve_model_dir(args.baseline, what="--baseline")
+        plan["prompts"] = generation.read_prompts(args.prompts, args.n)
         if args.judge != "gold":
-            ev.resolve_model_dir(args.judge[3:], what="--judge reward model")
+            generation.resolve_model_dir(args.judge[3:], what="--judge reward model")
         temperature = cfg.rollout.temperature if args.temperature is None else args.temperature
         plan["sampling"] = {
             "max_new_tokens": args.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -120,23 +120,23 @@ def check_args(args: argparse.Namespace, cfg) -> dict:
         data = args.heldout_file or args.data_dir or cfg.data.dir
         if not data:
             raise UserError("--heldout-cluster needs --data-dir DIR, --heldout-file FILE or data.dir=DIR")
-        plan["heldout"] = (args.heldout_cluster, ev.heldout_file(data))
-        ev.load_heldout(args.heldout_cluster, plan["heldout"][1])  # unknown cluster / bad rows fail here
+        plan["heldout"] = (args.heldout_cluster, heldout.heldout_file(data))
+        heldout.load_heldout(args.heldout_cluster, plan["heldout"][1])  # unknown cluster / bad rows fail here
     if args.pretrain_file:
-        plan["pretrain_texts"] = ev.read_texts(args.pretrain_file)
+        plan["pretrain_texts"] = lm_loss.read_texts(args.pretrain_file)
     return plan
 
 
 def run_win_rate(args: argparse.Namespace, plan: dict) -> dict:
     """Generate with both models on the same prompts and seed, judge, print the win rate."""
-    from trainers import evaluate as ev
+    from trainers.evaluation import generation, judges
 
     prompts, sampling = plan["prompts"], plan["sampling"]
     kwargs = {"batch_size": args.batch_size, "backend": args.backend, **sampling}
-    policy = ev.generate(plan["policy"], prompts, **kwargs)
-    baseline = ev.generate(plan["baseline"], prompts, **kwargs)
-    judge = ev.make_judge(args.judge, batch_size=args.batch_size)
-    result = ev.win_rate(prompts, policy, baseline, judge)
+    policy = generation.generate(plan["policy"], prompts, **kwargs)
+    baseline = generation.generate(plan["baseline"], prompts, **kwargs)
+    judge = judges.make_judge(args.judge, batch_size=args.batch_size)
+    result = judges.win_rate(prompts, policy, baseline, judge)
     print(
         f"win rate of {plan['policy']} over {plan['baseline']} (judge {judge.name}, n={result['n']}, "
         f"T={sampling['temperature']:g}): {result['win_rate']:.3f} "
@@ -146,8 +146,8 @@ def run_win_rate(args: argparse.Namespace, plan: dict) -> dict:
     out = {"win_rate": result, "judge": judge.name, "sampling": sampling}
     if judge.name == "gold":
         out["gold"] = {
-            "policy": ev.gold_scores(prompts, policy),
-            "baseline": ev.gold_scores(prompts, baseline),
+            "policy": judges.gold_scores(prompts, policy),
+            "baseline": judges.gold_scores(prompts, baseline),
         }
         print(
             f"mean gold score: policy {out['gold']['policy']['score']:.3f}, baseline {out['gold']['baseline']['score']:.3f}"
@@ -160,8 +160,8 @@ def run_win_rate(args: argparse.Namespace, plan: dict) -> dict:
 
 def run_eval(args: argparse.Namespace) -> int:
     """``rlhf eval``: check everything, then run each requested part and print one line per result."""
-    from trainers import evaluate as ev
     from trainers.config import load_config
+    from trainers.evaluation import heldout, lm_loss
 
     cfg = load_config(args.config, args.overrides)
     plan = check_args(args, cfg)
@@ -171,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
         results["baseline"] = str(plan["baseline"])
     if "heldout" in plan:
         cluster, path = plan["heldout"]
-        acc = ev.heldout_accuracy(
+        acc = heldout.heldout_accuracy(
             plan["policy"], cluster, path, method=args.method, batch_size=args.batch_size
         )
         tasks = ", ".join(f"{t} {v['accuracy']:.3f}" for t, v in acc["per_task"].items())
@@ -179,7 +179,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"{head} (chance {acc['chance']:.3f}; {tasks})")
         results["heldout"] = acc
     if "pretrain_texts" in plan:
-        loss = ev.pretrain_loss(plan["policy"], plan["pretrain_texts"], max_len=cfg.model.max_len)
+        loss = lm_loss.pretrain_loss(plan["policy"], plan["pretrain_texts"], max_len=cfg.model.max_len)
         print(f"pretraining loss on {args.pretrain_file}: {loss:.4f}")
         results["pretrain_loss"] = loss
     if args.out:
@@ -200,7 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m trainers.eval_cli ...``: the same as ``rlhf eval ...``."""
+    """Standalone ``python -m trainers.evaluation.cli ...``: the same as ``rlhf eval ...``."""
     from trainers import cli
 
     return cli.main(["eval", *(sys.argv[1:] if argv is None else argv)])

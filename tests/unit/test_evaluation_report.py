@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from trainers import report
 from trainers.errors import DataError
-from trainers.evaluate import win_rate_from_outcomes
+from trainers.evaluation import report
+from trainers.evaluation.judges import win_rate_from_outcomes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

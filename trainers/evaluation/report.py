@@ -1,9 +1,9 @@
 """The run report: PPO curves, win rates with confidence intervals, the summary numbers.
 
-    from trainers.report import write_report
+    from trainers.evaluation.report import write_report
     write_report("runs/demo", ppo_metrics_path="runs/demo/ppo/metrics.jsonl",
                  summary={"rm/accuracy": 0.71, "pretrain_loss/ppo_ptx": 2.31, ...},
-                 win_rates={"PPO-ptx vs SFT": evaluate.win_rate(...), ...})
+                 win_rates={"PPO-ptx vs SFT": judges.win_rate(...), ...})
 
 writes ``OUT/report/summary.json`` (``{"summary": ..., "win_rates": ..., "ppo": {metric: {first, last,
 min, max, iterations}}}``), ``OUT/report/report.png`` and ``OUT/report/report.txt`` (the plain-text
@@ -169,7 +169,7 @@ def write_report(
     """Write ``OUT/report/{summary.json, report.png, report.txt}``; print the table when ``echo``.
 
     ``summary``: any flat mapping of names to numbers (RM accuracy, KL, pretraining losses...).
-    ``win_rates``: name -> a :func:`trainers.evaluate.win_rate` result (``win_rate``, ``ci_low``,
+    ``win_rates``: name -> a :func:`trainers.judges.win_rate` result (``win_rate``, ``ci_low``,
     ``ci_high``, counts). ``ppo_metrics_path`` None draws no curves. Returns the written paths.
     """
     report = Path(out_dir) / "report"

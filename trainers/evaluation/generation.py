@@ -1,0 +1,205 @@
+"""One response per prompt from a model directory: transformers ``generate`` or an in-process vLLM engine.
+
+A *model directory* is a Hugging Face ``save_pretrained`` folder with safetensors and a tokenizer; a
+stage's output directory (holding ``model/``) is accepted too (:func:`resolve_model_dir`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from trainers.data import read_records
+from trainers.data.collate import encode_prompt, left_pad
+from trainers.data.tokenizer import load_tokenizer
+from trainers.errors import DataError, UserError
+from trainers.runtime.device import resolve_device, resolve_dtype, torch_dtype, vllm_dtype
+from trainers.runtime.models import check_model_dir
+
+DEFAULT_TEMPERATURE = 1.0
+"""Evaluation samples at the rollout temperature (see the module docstring); 0 means greedy."""
+BACKENDS = ("hf", "vllm")
+VLLM_CPU_KV_CACHE_BYTES = 256 * 2**20
+"""KV cache of an evaluation vLLM engine on CPU (a fraction of host memory fails at start-up)."""
+
+
+def resolve_model_dir(path: str | Path, what: str = "model") -> Path:
+    """The model directory for ``path``: ``path/model`` for a stage output directory, else ``path``.
+
+    :func:`trainers.runtime.models.check_model_dir` with a stage output accepted and ``tokenizer.json``
+    required; a :class:`~trainers.errors.ConfigError` (one line naming ``what``) when anything is missing.
+    """
+    return check_model_dir(path, what, stage_output=True, need_tokenizer=True)
+
+
+def load_causal_lm(model_dir: str | Path, device: str | None = None):
+    """``(model, tokenizer)`` of a causal LM directory, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_dir(model_dir)
+    device = device or resolve_device()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype(resolve_dtype("auto", device)), use_safetensors=True
+    )
+    return model.to(device).eval(), load_tokenizer(path)
+
+
+def _max_prompt_len(model, max_new_tokens: int) -> int:
+    """Longest prompt that leaves room for ``max_new_tokens`` in the model's positions."""
+    return int(model.config.max_position_embeddings) - max_new_tokens
+
+
+def _check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], limit: int) -> None:
+    """DataError naming the first prompt that does not fit (with the room left for the response)."""
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) > limit:
+            raise DataError(f"prompt {i} is {len(ids)} tokens long; at most {limit} fit before the response")
+
+
+def decode_responses(tok, token_lists: Sequence[Sequence[int]]) -> list[str]:
+    """Response texts: each token list cut at its first EOS, special tokens dropped, stripped."""
+    texts = []
+    for ids in token_lists:
+        ids = list(ids)
+        if tok.eos_token_id in ids:
+            ids = ids[: ids.index(tok.eos_token_id)]
+        texts.append(tok.decode(ids, skip_special_tokens=True).strip())
+    return texts
+
+
+def _generation_config(tok, max_new_tokens: int, temperature: float):
+    """Plain ancestral sampling at ``temperature`` (no top-k/top-p: the policy's own distribution), or greedy."""
+    from transformers import GenerationConfig
+
+    sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        do_sample=temperature > 0,
+        **sampling,
+    )
+
+
+@torch.no_grad()
+def generate_ids_hf(
+    model,
+    tok,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+) -> list[list[int]]:
+    """New token ids per prompt from transformers ``generate`` on LEFT-padded batches with masks.
+
+    Batch ``k`` is sampled after ``torch.manual_seed(seed + k)``, so outputs depend only on the seed,
+    the prompts and the batch size. Rows that stopped early are padded after their EOS.
+    """
+    config = _generation_config(tok, max_new_tokens, temperature)
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for k, start in enumerate(range(0, len(prompt_ids), batch_size)):
+        input_ids, attention_mask = left_pad(
+            prompt_ids[start : start + batch_size], tok.pad_token_id
+        )  # (B, P)
+        torch.manual_seed(seed + k)
+        sequences = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+        )  # (B, P + R)
+        out += sequences[:, input_ids.shape[1] :].tolist()
+    return out
+
+
+def generate_ids_vllm(
+    model_dir: Path,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    device: str,
+) -> list[list[int]]:
+    """New token ids per prompt from an in-process vLLM engine (the rollout actor's class, no Ray).
+
+    Uses :class:`actors.rollout.RolloutEngine` so evaluation starts vLLM exactly as PPO's rollouts do
+    (on CPU: in-process ``uni`` executor, a KV cache given in bytes). Request seeds follow
+    :func:`actors.rollout.request_seeds`, so outputs do not depend on batching. A script that uses
+    this backend on GPU needs an ``if __name__ == "__main__":`` guard (vLLM spawns processes there).
+    """
+    import gc
+
+    from actors.rollout import RolloutEngine
+
+    kwargs = {"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if device == "cpu" else {}
+    engine = RolloutEngine(
+        str(model_dir), seed=seed, device=device, dtype=vllm_dtype(resolve_dtype("auto", device)), **kwargs
+    )
+    try:
+        sampling = {"n": 1, "max_new_tokens": max_new_tokens, "temperature": float(temperature)}
+        samples = engine.generate([list(p) for p in prompt_ids], sampling, seed=seed)
+    finally:
+        del engine
+        gc.collect()
+    return [s["token_ids"] for s in sorted(samples, key=lambda s: s["prompt_index"])]
+
+
+def _positions_of(model_dir: Path) -> int:
+    """``max_position_embeddings`` from a model directory's config (without loading weights)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(str(model_dir)).max_position_embeddings)
+
+
+def generate(
+    model_dir: str | Path,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = DEFAULT_TEMPERATURE,
+    seed: int = 0,
+    batch_size: int = 32,
+    backend: str = "hf",
+    device: str | None = None,
+) -> list[str]:
+    """One response per prompt from the causal LM in ``model_dir`` (decoded, cut at EOS, stripped).
+
+    ``temperature`` 0 is greedy decoding; > 0 samples from the full distribution at that temperature
+    (the default 1.0: see the module docstring). ``backend`` ``hf`` (transformers, left padding) or
+    ``vllm`` (in-process engine; starting it costs ~20 s on CPU).
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"unknown generation backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    path = resolve_model_dir(model_dir)
+    device = device or resolve_device()
+    if backend == "vllm":
+        tok = load_tokenizer(path)
+        prompt_ids = [encode_prompt(tok, p) for p in prompts]
+        _check_prompt_lengths(prompt_ids, _positions_of(path) - max_new_tokens)
+        ids = generate_ids_vllm(
+            path, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, device=device
+        )
+        return decode_responses(tok, ids)
+    model, tok = load_causal_lm(path, device)
+    prompt_ids = [encode_prompt(tok, p) for p in prompts]
+    _check_prompt_lengths(prompt_ids, _max_prompt_len(model, max_new_tokens))
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    ids = generate_ids_hf(model, tok, prompt_ids, batch_size=batch_size, **sampling)
+    return decode_responses(tok, ids)
+
+
+def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
+    """The ``prompt`` field of a validated prompts file (Parquet or JSONL); the first ``n`` if given."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"prompts file '{p}' does not exist")
+    prompts = [r["prompt"] for r in read_records("prompts", [p])]
+    if not prompts:
+        raise DataError(f"{p}: no prompts")
+    return prompts[:n] if n else prompts

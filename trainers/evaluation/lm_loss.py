@@ -1,0 +1,81 @@
+"""Pretraining loss of a model directory on held-out pretraining text: the alignment tax of SFT and PPO."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from trainers.algos import logprobs_from_logits, shift_for_lm
+from trainers.data import read_records
+from trainers.data.collate import encode_text, left_pad, position_ids_from_mask
+from trainers.errors import DataError
+from trainers.evaluation.generation import load_causal_lm
+
+DEFAULT_PRETRAIN_MAX_LEN = 256
+"""Window length of :func:`pretrain_loss`: ``model.max_len``'s default, the pretrain stage's windows."""
+
+
+def text_windows(tok, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """``BOS + text + EOS`` of each text cut into consecutive pieces of at most ``max_len`` tokens.
+
+    The same pieces as the pretrain stage's validation (lone-token pieces dropped: nothing to predict).
+    """
+    pieces = []
+    for text in texts:
+        ids = encode_text(tok, text)
+        pieces += [
+            ids[i : i + max_len] for i in range(0, len(ids), max_len) if len(ids[i : i + max_len]) >= 2
+        ]
+    return pieces
+
+
+@torch.no_grad()
+def lm_loss_on(model, pieces: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> float:
+    """Token-mean next-token loss over all pieces (each piece's first token is context only)."""
+    device = next(model.parameters()).device
+    nll_sum, count = 0.0, 0
+    for start in range(0, len(pieces), batch_size):
+        input_ids, attention_mask = left_pad(pieces[start : start + batch_size], pad_id)  # (B, T)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).logits  # (B, T, V)
+        logits, labels = shift_for_lm(logits, input_ids)  # (B, T-1, V), (B, T-1)
+        target = (
+            attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        )  # (B, T-1): real token, real context
+        logp = logprobs_from_logits(logits, labels)  # (B, T-1)
+        # where, not a product: a padding row's log-prob may be nan, and nan * 0 is nan.
+        nll_sum += float(-torch.where(target, logp, torch.zeros_like(logp)).sum())
+        count += int(target.sum())
+    return nll_sum / max(1, count)
+
+
+def pretrain_loss(
+    model_dir: str | Path,
+    texts: Sequence[str],
+    *,
+    max_len: int = DEFAULT_PRETRAIN_MAX_LEN,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> float:
+    """Token-mean LM loss (nats) of the model on pretraining ``texts`` (e.g. ``pretrain/valid``).
+
+    Compare base, SFT, PPO and PPO-ptx with the same texts and ``max_len`` for the alignment tax.
+    """
+    if not texts:
+        raise DataError("pretraining loss of zero texts")
+    model, tok = load_causal_lm(model_dir, device)
+    return lm_loss_on(model, text_windows(tok, texts, max_len), tok.pad_token_id, batch_size)
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The ``text`` field of a validated pretraining file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"pretraining file '{p}' does not exist")
+    return [r["text"] for r in read_records("pretrain", [p])]
