@@ -28,7 +28,7 @@ $(STAMP): setup.cfg pyproject.toml
 # The whole pipeline on this machine: synthetic world -> pretrain -> SFT -> RM -> PPO-ptx -> report
 # (runs/demo/report/). Options pass through: make demo DEMO_ARGS="--out /tmp/demo ppo.iterations=10"
 demo: install
-	$(PY) -m trainers.demo $(DEMO_ARGS)
+	$(PY) -m trainers.cli demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests/unit tests/integration tests/gpu

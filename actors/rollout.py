@@ -13,7 +13,7 @@ On GPU vLLM keeps its default engine process; ``tensor_parallel_size > 1`` uses 
 inside this actor, which must then hold that many GPUs in one bundle (``cluster/resources.py``).
 
 The driver gives the actor Ray restarts: a restarted engine runs ``__init__`` again (the SFT weights from
-disk) and the driver pushes the current weights before using it (``trainers/ppo.py``).
+disk) and the driver pushes the current weights before using it (``trainers/ppo/``).
 
 Fault injection for tests (``cluster/faults.py``): ``RLHF_FAULT_KILL_ENGINE`` entries
 ``generate:<seed>@<marker>`` crash the engine at the start of the ``generate`` call with that request seed

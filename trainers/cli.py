@@ -1,10 +1,13 @@
-"""The `rlhf` command line.
+"""The `rlhf` command line (``python -m trainers.cli`` is the same without the console script).
 
     rlhf config show --config trainers/configs/tiny.yaml ppo.kl_coef=0.1
     rlhf data synth --out /tmp/world
+    rlhf demo
 
-Each command module exposes ``register(subparsers)``; a leaf command sets ``func(args) -> int``.
-A :class:`trainers.errors.UserError` becomes its line(s) on stderr and exit code 2; any other
+Each command module exposes ``register(subparsers)``; a leaf command sets ``func(args) -> int``. The
+modules are imported here, at the top, and import nothing heavy themselves (torch, Ray and the models
+load inside the command that needs them), so ``rlhf --help`` and every argument or config error are
+instant. A :class:`trainers.errors.UserError` becomes its line(s) on stderr and exit code 2; any other
 exception is internal and keeps its traceback, except :class:`trainers.errors.RunStopped` (a run that
 cannot go on: one line, exit code 3).
 """
@@ -12,28 +15,19 @@ cannot go on: one line, exit code 3).
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from trainers import demo
+from trainers.config import add_config_args, dump_yaml, load_config
+from trainers.data import cli as data_cli
 from trainers.errors import RunStopped, UserError
+from trainers.evaluation import cli as eval_cli
+from trainers.ppo import cli as ppo_cli
+from trainers.redact import redact_text
+from trainers.stages import cli as stage_cli
 
-# Command modules, in help order. A module is listed here only once its commands work.
-COMMAND_MODULES = [
-    "trainers.demo",
-    "trainers.data.cli",
-    "trainers.stages.cli",
-    "trainers.ppo_cli",
-    "trainers.evaluation.cli",
-    "trainers.config_cli",
-]
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """The arguments every config-driven command takes: --config FILE and key=value overrides."""
-    parser.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. ppo.kl_coef=0.05"
-    )
+COMMAND_MODULES = (demo, data_cli, stage_cli, ppo_cli, eval_cli)
+"""Modules whose ``register(subparsers)`` adds their commands, in help order (``config`` is added last)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,20 +37,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    """Print the resolved config, with credentials (e.g. a password in cluster.ray_address) redacted."""
+    print(dump_yaml(load_config(args.config, args.overrides), with_docs=args.doc), end="")
+    return 0
+
+
+def register_config(sub: argparse._SubParsersAction) -> None:
+    """``rlhf config show``: the resolved configuration as YAML (``--doc``: every key documented)."""
+    config = sub.add_parser("config", help="inspect configuration")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", parser_class=type(config))
+    config_sub.required = True
+    show = config_sub.add_parser("show", help="print the resolved config (file + overrides) as YAML")
+    add_config_args(show)
+    show.add_argument("--doc", action="store_true", help="annotate every key with its documentation")
+    show.set_defaults(func=_config_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlhf", description="InstructGPT-style RLHF (SFT, reward model, PPO-ptx) on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    register_config(sub)
     return parser
-
-
-def _redacted(text: str) -> str:
-    """``text`` without secrets (an address echoed back may carry a password; env tokens never show)."""
-    from trainers.redact import redact_text
-
-    return redact_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as err:
         # Problem lists (e.g. data validation) are printed verbatim, one per line; a plain message gets
-        # the usual prefix. Either way: no traceback, exit code 2.
+        # the usual prefix. Either way: no traceback, exit code 2. An address echoed back may carry a
+        # password, and an environment token must never show: every line is redacted.
         lines = err.lines if err.verbatim else [f"rlhf: error: {err}"]
-        print(_redacted("\n".join(lines)), file=sys.stderr)
+        print(redact_text("\n".join(lines)), file=sys.stderr)
         return 2
     except RunStopped as err:
         # Not the user's input and not a bug in this program: one line, and a rerun resumes.
-        print(_redacted(f"rlhf: stopped: {err}"), file=sys.stderr)
+        print(redact_text(f"rlhf: stopped: {err}"), file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("rlhf: interrupted", file=sys.stderr)

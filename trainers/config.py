@@ -13,6 +13,7 @@ Derived batch arithmetic is checked in :meth:`Config.validate`, the only place t
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -482,6 +483,14 @@ def config_from_dict(raw: dict, overrides: list[str] | None = None) -> Config:
             raise ConfigError(f"unknown config section '{name}'" + _suggest(name, list(sections)))
     built = {name: _build_section(name, cls, raw.get(name)) for name, cls in sections.items()}
     return Config(**built).validate()
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments every config-driven command takes: ``--config FILE`` and ``key=value`` overrides."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. ppo.kl_coef=0.05"
+    )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

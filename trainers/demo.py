@@ -3,7 +3,7 @@
     rlhf demo                                   # runs/demo, trainers/configs/tiny.yaml
     rlhf demo --out /tmp/demo ppo.iterations=10 # dotted overrides as in every command
     rlhf demo --out /tmp/demo --fresh           # start over
-    python -m trainers.demo ...                 # the same, standalone
+    python -m trainers.cli demo ...             # the same without the console script (make demo)
 
 Seven stages, each in its own sub-directory of ``--out``::
 
@@ -39,7 +39,6 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -220,7 +219,7 @@ def _ray_stage(stage: str) -> Callable[[dict, Path], dict]:
 
     def run(configs: dict, out: Path) -> dict:
         from cluster.connect import connect
-        from trainers.ppo import run_ppo
+        from trainers.ppo.driver import run_ppo
         from trainers.stages import run_pretrain, run_rm, run_sft
 
         cfg = configs[stage]
@@ -585,14 +584,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help=_HELP, description=_HELP)
     add_demo_arguments(p)
     p.set_defaults(func=_run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m trainers.demo [--out DIR] ...`` (what ``make demo`` runs): ``rlhf demo``."""
-    from trainers import cli
-
-    return cli.main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

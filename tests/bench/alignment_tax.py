@@ -150,7 +150,7 @@ def ppo_config(demo: Path, coef: float, seed: int, iterations: int | None):
 def run_one(cfg, run_dir: Path) -> dict:
     """One PPO run into ``run_dir`` (skipped when its summary exists); its ``summary.json`` contents."""
     from cluster.connect import connect
-    from trainers.ppo import run_ppo
+    from trainers.ppo.driver import run_ppo
 
     done = run_dir / "summary.json"
     if done.is_file():

@@ -20,11 +20,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
 
+from trainers import cli
 from trainers.data import gold
 from trainers.data.collate import encode_prompt, encode_response
 from trainers.data.tokenizer import load_tokenizer
 from trainers.data.world import synthesize
-from trainers.evaluation import cli as eval_cli
 from trainers.evaluation import generation, heldout, judges, lm_loss
 from trainers.runtime.presets import build_config
 
@@ -188,7 +188,7 @@ def test_pretrain_loss_matches_transformers_and_is_batch_invariant(policy_run, w
 
 
 def test_cli_missing_model_dir_exits_2_with_one_line(tmp_path, world):
-    cmd = [sys.executable, "-m", "trainers.evaluation.cli", "--policy", str(tmp_path / "nowhere")]
+    cmd = [sys.executable, "-m", "trainers.cli", "eval", "--policy", str(tmp_path / "nowhere")]
     cmd += ["--baseline", str(tmp_path / "nowhere"), "--prompts", str(world / "prompts" / "test.parquet")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -210,7 +210,7 @@ def test_cli_win_rate_and_heldout_end_to_end(tmp_path, world, policy_run, capsys
         "--out",
         str(out),
     ]
-    assert eval_cli.main(argv) == 0
+    assert cli.main(["eval", *argv]) == 0
     printed = capsys.readouterr().out
     assert (
         "win rate of" in printed

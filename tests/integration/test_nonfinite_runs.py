@@ -166,7 +166,7 @@ def ppo_inputs(world_dir, sft_model_dir, rm_model_dir) -> list[str]:
 def skipped_run(ray_local, ppo_inputs, tmp_path_factory):
     """(a): 2 iterations; policy steps 2 and 3 and critic step 8 (the last of iteration 2) poisoned."""
     from trainers.config import load_config
-    from trainers.ppo import run_ppo
+    from trainers.ppo.driver import run_ppo
     from trainers.runs.metrics import read_metrics
     from trainers.runtime.nonfinite import FAULT_ENV
 

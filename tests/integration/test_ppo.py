@@ -75,7 +75,7 @@ def ppo_config(inputs: list[str], extra: list[str] = ()):
 
 @pytest.fixture(scope="module")
 def ppo_run(ray_local, world_dir, sft_model_dir, rm_model_dir, tmp_path_factory) -> PPORun:
-    from trainers.ppo import run_ppo
+    from trainers.ppo.driver import run_ppo
     from trainers.runs.metrics import read_metrics
 
     inputs = [f"data.dir={world_dir}", f"model.path={sft_model_dir}", f"reward.path={rm_model_dir}"]
@@ -211,7 +211,7 @@ def test_resume_from_checkpoint_redoes_the_next_iteration_exactly(ppo_run, tmp_p
     """Stop after iteration 3 (only its checkpoint kept, plus a half-written one from a crash), rerun:
     the run restores policy, critic, optimizer states, KL coefficient and data positions, and its
     iteration 4 equals the uninterrupted run's."""
-    from trainers.ppo import run_ppo
+    from trainers.ppo.driver import run_ppo
     from trainers.runs.metrics import read_metrics
 
     out = tmp_path / "run"
@@ -238,7 +238,7 @@ def test_unsatisfiable_resources_exit_2_naming_the_role(world_dir, sft_model_dir
     out = tmp_path / "never"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     args = [
-        sys.executable, "-m", "trainers.ppo_cli", "ppo", "--config", str(TINY), "--out", str(out),
+        sys.executable, "-m", "trainers.cli", "ppo", "--config", str(TINY), "--out", str(out),
         f"data.dir={world_dir}", f"model.path={sft_model_dir}", f"reward.path={rm_model_dir}",
         "cluster.num_cpus=8", "ppo.reward_workers=64",
     ]  # fmt: skip

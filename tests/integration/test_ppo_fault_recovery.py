@@ -59,7 +59,7 @@ def cfg(world_dir, sft_model_dir, rm_model_dir):
 @pytest.fixture(scope="module")
 def reference(ray_local, cfg, tmp_path_factory) -> list[dict]:
     """Metrics of the uninterrupted run."""
-    from trainers.ppo import run_ppo
+    from trainers.ppo.driver import run_ppo
     from trainers.runs.metrics import read_metrics
 
     out = tmp_path_factory.mktemp("reference") / "run"
@@ -76,7 +76,7 @@ def test_lost_engine_is_restarted_resynced_and_the_phase_retried(
     iteration 3's sync. Both times Ray restarts it (SFT weights from disk), the driver pushes the current
     policy weights and redoes the phase: all iterations run, each lost engine is counted, vLLM's log-probs
     match the policy's as closely as ever, and every metric equals the uninterrupted run's."""
-    from trainers.ppo import derived_seed, run_ppo
+    from trainers.ppo.driver import derived_seed, run_ppo
     from trainers.runs.metrics import read_metrics
 
     generate_marker, sync_marker = tmp_path / "killed-in-generate", tmp_path / "killed-in-sync"
@@ -129,7 +129,7 @@ def test_lost_training_rank_stops_with_one_line_and_the_rerun_resumes(ray_local,
     complete checkpoint, no actor of the run left; the same call again resumes from that checkpoint and
     the whole run's metrics equal the uninterrupted run's."""
     from trainers.errors import RunStopped
-    from trainers.ppo import complete_checkpoints, run_ppo
+    from trainers.ppo.driver import complete_checkpoints, run_ppo
     from trainers.runs.metrics import read_metrics
 
     out = tmp_path / "run"

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """``python -m trainers.stages.cli ARGS`` from the repository root."""
     return subprocess.run(
-        [sys.executable, "-m", "trainers.stages.cli", *args],
+        [sys.executable, "-m", "trainers.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

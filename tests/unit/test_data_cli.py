@@ -139,7 +139,7 @@ def test_module_entry_point_in_a_subprocess(tmp_path):
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     write_jsonl(good, [{"prompt": "hello"}])
     write_jsonl(bad, [{"prompt": "   "}])
-    cmd = [sys.executable, "-m", "trainers.data.cli", "validate", "--kind", "prompts"]
+    cmd = [sys.executable, "-m", "trainers.cli", "data", "validate", "--kind", "prompts"]
     ok = subprocess.run(cmd + [str(good)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert (ok.returncode, ok.stdout, ok.stderr) == (0, "OK: 1 record in 1 file\n", "")
     fail = subprocess.run(cmd + [str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)

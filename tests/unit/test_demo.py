@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from trainers import demo
+from trainers import cli, demo
 from trainers.config import load_config
 from trainers.errors import ConfigError
 from trainers.evaluation.judges import win_rate_from_outcomes
@@ -241,16 +241,16 @@ def test_result_lines(tmp_path):
 def test_cli_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert demo.main(["--out", str(blocker)]) == 2
+    assert cli.main(["demo", "--out", str(blocker)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert (
         len(err) == 1 and err[0].startswith("rlhf: error: output directory") and "not a directory" in err[0]
     )
     out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "ppo.kl_coeff=0.1"]) == 2
+    assert cli.main(["demo", "--out", str(out), "ppo.kl_coeff=0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ppo.kl_coef" in err[0]  # unknown key, with the suggestion
-    assert demo.main(["--out", str(out), "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert cli.main(["demo", "--out", str(out), "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not out.exists()
 
@@ -261,7 +261,7 @@ def test_unwritable_out_is_a_user_error(tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        assert demo.main(["--out", str(locked / "demo")]) == 2
+        assert cli.main(["demo", "--out", str(locked / "demo")]) == 2
         assert "not writable" in capsys.readouterr().err
     finally:
         locked.chmod(0o700)

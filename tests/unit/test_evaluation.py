@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from trainers import cli
 from trainers.data import gold
 from trainers.data.templates import render
 from trainers.errors import DataError, UserError
-from trainers.evaluation import cli as eval_cli
 from trainers.evaluation import generation, heldout, judges
 
 
@@ -253,7 +253,7 @@ def test_resolve_model_dir_errors(tmp_path, weights, tokenizer, message):
 
 
 def _run_cli(capsys, argv):
-    rc = eval_cli.main(argv)
+    rc = cli.main(["eval", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     return rc, err
 

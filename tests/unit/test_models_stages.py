@@ -114,7 +114,7 @@ def test_stage_commands_parse_config_overrides_out_and_fresh():
 
 
 def test_stage_cli_config_error_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
-    from trainers.stages.cli import main
+    from trainers.cli import main
 
     out = tmp_path / "out"
     code = main(["pretrain", "--config", str(TINY), "pretrain.lr=-1", "--out", str(out)])

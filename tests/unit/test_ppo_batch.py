@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainers import ppo
+from trainers.ppo import driver as ppo
 
 PAD, EOS = 0, 2
 

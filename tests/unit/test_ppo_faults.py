@@ -13,7 +13,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 
 from cluster.actor_group import ActorGroup
 from cluster.faults import fault_env, lost_actor_id, parse_fault_spec
-from trainers import ppo
+from trainers.ppo import driver as ppo
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from trainers import algos, ppo
+from trainers import algos
+from trainers.ppo import driver as ppo
 
 
 def test_epoch_permutations_are_fresh_and_deterministic():

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from trainers import ppo
 from trainers.config import config_from_dict
 from trainers.data.io import write_parquet
 from trainers.data.tokenizer import train_tokenizer
 from trainers.errors import ConfigError, DataError
+from trainers.ppo import driver as ppo
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from trainers import ppo
 from trainers.errors import RunStopped
+from trainers.ppo import driver as ppo
 from trainers.runtime.nonfinite import (
     FAULT_ENV,
     fault_steps_from_env,

@@ -7,7 +7,7 @@
 The top-level ``rlhf`` CLI calls :func:`register`; every leaf command sets ``func(args) -> int`` (the
 exit code). User errors are raised as :class:`~trainers.errors.UserError` whose ``lines`` are complete
 on their own (for ``validate``: exactly the problem lines); the caller prints them to stderr and
-exits 2. ``python -m trainers.data.cli ...`` runs the same commands standalone (see :func:`main`).
+exits 2.
 """
 
 from __future__ import annotations
@@ -171,14 +171,3 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add_data_commands(parser)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m trainers.data.cli ...``: the same as ``rlhf data ...``."""
-    from trainers import cli
-
-    return cli.main(["data", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,16 +9,15 @@ Each part runs when its inputs are given (at least one must be). Model directori
 output directory (holding ``model/``) or the model directory itself. Defaults come from the config
 (``--config FILE`` and dotted overrides): ``rollout.max_new_tokens``, ``rollout.temperature``,
 ``data.dir``, ``model.max_len``. Every user error (missing directory, no safetensors, unknown
-cluster, bad prompts file) exits 2 before any model is loaded. ``python -m trainers.evaluation.cli ...``
-runs the same command standalone.
+cluster, bad prompts file) exits 2 before any model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from trainers.config import add_config_args
 from trainers.errors import UserError
 
 _HELP = "evaluate a model: win rate over a baseline, held-out zero-shot accuracy, pretraining loss"
@@ -191,20 +190,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` to the top-level ``rlhf`` CLI."""
-    from trainers.cli import add_config_args
-
     p = sub.add_parser("eval", help=_HELP, description=_HELP)
     add_config_args(p)
     add_eval_arguments(p)
     p.set_defaults(func=run_eval)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m trainers.evaluation.cli ...``: the same as ``rlhf eval ...``."""
-    from trainers import cli
-
-    return cli.main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,14 +6,14 @@
 
 Running the same command again resumes from the newest checkpoint in ``OUT/checkpoints``;
 ``--fresh`` starts over. A user error (bad config, bad data row, missing model) prints its line(s)
-and exits 2 before any worker starts, leaving ``--out`` untouched. ``python -m trainers.stages.cli``
-runs the same commands standalone.
+and exits 2 before any worker starts, leaving ``--out`` untouched.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from trainers.config import add_config_args
 
 _HELP = {
     "pretrain": "stage 0: pretrain a base model (from model.preset, or continue model.path)",
@@ -39,8 +39,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_stage_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``pretrain``, ``sft`` and ``rm`` to a subparsers object."""
-    from trainers.cli import add_config_args
-
     for stage, text in _HELP.items():
         p = sub.add_parser(stage, help=text, description=text)
         add_config_args(p)
@@ -56,14 +54,3 @@ def add_stage_commands(sub: argparse._SubParsersAction) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the stage commands to the top-level ``rlhf`` CLI."""
     add_stage_commands(subparsers)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m trainers.stages.cli STAGE ...``: the same as ``rlhf STAGE ...``."""
-    from trainers import cli
-
-    return cli.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

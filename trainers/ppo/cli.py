@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from trainers.config import add_config_args
+
 
 def check_local_resources(cfg) -> None:
     """UserError now, rather than after Ray's start-up, for a request a local Ray could never meet.
@@ -22,7 +24,7 @@ def check_local_resources(cfg) -> None:
     ``rlhf ppo`` without ``cluster.ray_address`` (and outside ``ray job submit``, which sets
     RAY_ADDRESS) starts a one-node Ray with ``cluster.num_cpus`` CPUs (else the machine's) and the
     visible GPUs; the roles' bundles are checked against that node. A cluster is checked once joined
-    (:func:`trainers.ppo.check_resources`). The machine's CPU count can only overstate what Ray
+    (:func:`trainers.ppo.driver.check_resources`). The machine's CPU count can only overstate what Ray
     detects, so this never refuses a request that Ray would meet.
     """
     import torch
@@ -44,10 +46,10 @@ def _run(args: argparse.Namespace) -> int:
     """Load the config, check resources a local Ray would have, run PPO, print the summary."""
     from trainers.config import load_config
 
-    # Before trainers.ppo's imports (torch, seconds): a config error is reported at once.
+    # Before the driver's imports (torch, seconds): a config error is reported at once.
     cfg = load_config(args.config, args.overrides)
     check_local_resources(cfg)
-    from trainers.ppo import run_ppo
+    from trainers.ppo.driver import run_ppo
 
     summary = run_ppo(cfg, args.out, fresh=args.fresh)
     for key, value in summary.items():
@@ -57,8 +59,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``ppo`` to the top-level ``rlhf`` CLI."""
-    from trainers.cli import add_config_args
-
     text = "stage 3: PPO-ptx of the SFT model (model.path) against the reward model (reward.path)"
     p = sub.add_parser("ppo", help=text, description=text)
     add_config_args(p)
@@ -69,16 +69,3 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--fresh", action="store_true", help="ignore and delete earlier checkpoints/metrics in DIR"
     )
     p.set_defaults(func=_run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m trainers.ppo_cli ppo ...``: the same as ``rlhf ppo ...``."""
-    from trainers import cli
-
-    return cli.main(argv)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())
