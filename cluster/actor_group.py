@@ -1,6 +1,6 @@
 """N Ray actors of one role, placed by a placement group and joined into one torch.distributed world.
 
-    placements = place_roles(role_bundles(cfg, gpu), colocated=False, timeout_s=600)
+    placements = place_roles(role_bundles({"policy": RoleRequest(ranks=2)}, gpu=False), colocated=False, timeout_s=600)
     policy = ActorGroup(PolicyActor, placements["policy"], run_name="ppo", backend="gloo",
                         init_kwargs={"cfg": section_dict(cfg, "model", "ppo")})
     refs = policy.map(lambda actor, rank: actor.logprobs.remote(shards[rank]))   # fan out

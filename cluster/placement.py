@@ -1,7 +1,7 @@
 """Placement groups for the PPO roles, and the visible wait while the cluster finds (or grows) room.
 
-    plan = role_bundles(cfg, gpu)                      # cluster/resources.py
-    placements = place_roles(plan, colocated=False, timeout_s=cfg.cluster.placement_timeout_s)
+    bundles = role_bundles(requests, gpu=gpu)           # cluster/resources.py
+    placements = place_roles(bundles, colocated=False, timeout_s=600)
     ActorGroup(PolicyActor, placements["policy"], ...)   # cluster/actor_group.py
 
 Dedicated: one placement group per role (``PACK``: ranks of one role close together, e.g. one ZeRO-3

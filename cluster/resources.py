@@ -1,11 +1,12 @@
-"""What the cluster has and what each PPO role asks for; pure functions except :func:`detect_resources`.
+"""What the cluster has and what each role asks for; pure functions except :func:`detect_resources`.
 
 A *bundle* is a Ray resource dict (``{"GPU": 1, "CPU": 1}``). :func:`role_bundles` gives one bundle
-per rank (actor) of every role:
+per rank (actor) of every role, from plain values (ranks and GPUs per rank of each role, CPUs per actor,
+the placement mode) -- this module knows roles by name only, not what they do:
 
 | placement | GPU cluster | CPU-only cluster |
 |---|---|---|
-| dedicated | 1 GPU per rank; ``tensor_parallel_size`` GPUs per rollout engine | ``cluster.cpus_per_actor`` CPUs per actor |
+| dedicated | ``gpus_per_rank`` GPUs per rank (1; a tensor-parallel engine more) | ``cpus_per_actor`` CPUs per actor |
 | colocated | every role's rank r shares GPU r: a GPU fraction each (vLLM sleeps while others train) | same as dedicated |
 
 :func:`check_feasible` turns a request that can never be met (more GPUs than the cluster has and no
@@ -21,7 +22,6 @@ from collections.abc import Iterable, Mapping
 
 from trainers.errors import UserError
 
-ROLES = ("policy", "critic", "reference", "reward", "rollout")
 Bundle = dict[str, float]
 EPS = 1e-9
 
@@ -93,44 +93,44 @@ def use_gpu(device: str, cluster: ClusterResources) -> bool:
     return has_gpu
 
 
-def role_ranks(cfg) -> dict[str, int]:
-    """Number of actors (ranks) of each role: ``ppo.*_workers`` and ``rollout.num_engines``."""
-    p = cfg.ppo
-    return {
-        "policy": p.policy_workers,
-        "critic": p.critic_workers,
-        "reference": p.reference_workers,
-        "reward": p.reward_workers,
-        "rollout": cfg.rollout.num_engines,
-    }
+@dataclasses.dataclass(frozen=True)
+class RoleRequest:
+    """What one role asks of the cluster: its number of ranks (actors) and, on a GPU cluster, the GPUs
+    each rank holds (a tensor-parallel vLLM engine holds several)."""
+
+    ranks: int
+    gpus_per_rank: int = 1
 
 
-def role_bundles(cfg, gpu: bool) -> dict[str, list[Bundle]]:
-    """Resources of each rank of each role (one bundle per actor), from the config's placement mode.
+def role_bundles(
+    roles: Mapping[str, RoleRequest],
+    *,
+    gpu: bool,
+    placement: str = "dedicated",
+    cpus_per_actor: float = 1.0,
+) -> dict[str, list[Bundle]]:
+    """One bundle per rank of every role (module docstring's table).
 
-    ``cfg`` is a :class:`trainers.config.Config` (sections ``cluster``, ``rollout``, ``ppo``).
+    ``placement`` 'dedicated' gives each GPU rank its own ``gpus_per_rank`` GPUs; 'colocated' puts rank r of
+    every role on shared GPU r, each taking an equal fraction of it (so every rank must ask for one GPU).
+    On a CPU-only cluster every actor gets ``cpus_per_actor`` CPUs whatever the placement.
     """
-    ranks = role_ranks(cfg)
-    cpus = float(cfg.cluster.cpus_per_actor)
+    cpus = float(cpus_per_actor)
     if not gpu:
-        return {role: [{"CPU": cpus} for _ in range(n)] for role, n in ranks.items()}
-    tp = cfg.rollout.tensor_parallel_size
-    if cfg.cluster.placement == "dedicated":
-        out = {
-            role: [{"GPU": 1.0, "CPU": cpus} for _ in range(n)]
-            for role, n in ranks.items()
-            if role != "rollout"
+        return {role: [{"CPU": cpus} for _ in range(r.ranks)] for role, r in roles.items()}
+    if placement == "dedicated":
+        return {
+            role: [{"GPU": float(r.gpus_per_rank), "CPU": cpus} for _ in range(r.ranks)]
+            for role, r in roles.items()
         }
-        out["rollout"] = [{"GPU": float(tp), "CPU": cpus} for _ in range(ranks["rollout"])]
-        return out
-    if tp != 1:
-        raise UserError(
-            f"cluster.placement=colocated needs rollout.tensor_parallel_size=1, got {tp}: "
-            "each engine shares one GPU with the training ranks"
-        )
+    if placement != "colocated":
+        raise ValueError(f"unknown placement {placement!r}")
+    wide = [role for role, r in roles.items() if r.gpus_per_rank != 1]
+    if wide:
+        raise ValueError(f"colocated placement shares one GPU per rank; {wide} ask for more")
     # Every role's rank r lands on shared GPU r; fractions are rounded down so they never sum above 1.
-    share = int(1e4 / len(ranks)) / 1e4
-    return {role: [{"GPU": share, "CPU": cpus} for _ in range(n)] for role, n in ranks.items()}
+    share = int(1e4 / len(roles)) / 1e4
+    return {role: [{"GPU": share, "CPU": cpus} for _ in range(r.ranks)] for role, r in roles.items()}
 
 
 def colocated_bundles(bundles: Mapping[str, list[Bundle]]) -> list[Bundle]:

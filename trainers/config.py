@@ -357,6 +357,11 @@ class Config:
             raise ConfigError(
                 "rollout.top_p must be 1.0 and rollout.top_k -1 for PPO: log-probs must match the sampler"
             )
+        if self.cluster.placement == "colocated" and self.rollout.tensor_parallel_size != 1:
+            raise ConfigError(
+                f"cluster.placement=colocated needs rollout.tensor_parallel_size=1, got "
+                f"{self.rollout.tensor_parallel_size}: each engine shares one GPU with the training ranks"
+            )
         if self.rollout.max_new_tokens >= self.model.max_len:
             raise ConfigError(
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be below model.max_len={self.model.max_len}"

@@ -6,24 +6,32 @@ import pytest
 import torch
 
 from cluster.actor_group import merge_from_ranks, shard_bounds, split_for_ranks
-from cluster.resources import ClusterResources, check_feasible, colocated_bundles, role_bundles, use_gpu
+from cluster.resources import (
+    ClusterResources,
+    RoleRequest,
+    check_feasible,
+    colocated_bundles,
+    role_bundles,
+    use_gpu,
+)
 from trainers.config import config_from_dict
-from trainers.errors import UserError
+from trainers.errors import ConfigError, UserError
 
 
-def make_cfg(placement="dedicated", engines=2, tp=1, cpus=1.0, policy=2, critic=1):
-    return config_from_dict(
-        {
-            "cluster": {"placement": placement, "cpus_per_actor": cpus},
-            "rollout": {"num_engines": engines, "tensor_parallel_size": tp},
-            "ppo": {
-                "policy_workers": policy,
-                "critic_workers": critic,
-                "mini_batch_size": 16,
-                "micro_batch_size": 8,
-            },
-        }
-    )
+def make_roles(engines=2, tp=1, policy=2, critic=1) -> dict[str, RoleRequest]:
+    """The five PPO roles as the PPO driver asks for them (trainers.ppo.driver.role_requests)."""
+    return {
+        "policy": RoleRequest(policy),
+        "critic": RoleRequest(critic),
+        "reference": RoleRequest(1),
+        "reward": RoleRequest(1),
+        "rollout": RoleRequest(engines, gpus_per_rank=tp),
+    }
+
+
+def bundles_of(placement="dedicated", engines=2, tp=1, cpus=1.0, policy=2, critic=1, gpu=True):
+    roles = make_roles(engines, tp, policy, critic)
+    return role_bundles(roles, gpu=gpu, placement=placement, cpus_per_actor=cpus)
 
 
 def gpu_cluster(gpus_per_node=8, nodes=1, cpus=32, max_total=None, extra_shapes=()):
@@ -42,7 +50,7 @@ def cpu_cluster(cpus=4):
 
 
 def test_dedicated_gpu_one_gpu_per_rank_and_tp_gpus_per_engine():
-    bundles = role_bundles(make_cfg(engines=2, tp=2, cpus=2), gpu=True)
+    bundles = bundles_of(engines=2, tp=2, cpus=2)
     assert bundles["policy"] == [{"GPU": 1.0, "CPU": 2.0}] * 2
     assert bundles["critic"] == [{"GPU": 1.0, "CPU": 2.0}]
     assert bundles["reference"] == [{"GPU": 1.0, "CPU": 2.0}]
@@ -51,8 +59,7 @@ def test_dedicated_gpu_one_gpu_per_rank_and_tp_gpus_per_engine():
 
 
 def test_colocated_gpu_roles_share_gpus_by_fraction():
-    cfg = make_cfg(placement="colocated", engines=2, policy=2)
-    bundles = role_bundles(cfg, gpu=True)
+    bundles = bundles_of(placement="colocated", engines=2, policy=2)
     assert set(bundles) == {"policy", "critic", "reference", "reward", "rollout"}
     fractions = {b["GPU"] for role in bundles.values() for b in role}
     assert fractions == {0.2}  # five roles on one GPU
@@ -63,13 +70,16 @@ def test_colocated_gpu_roles_share_gpus_by_fraction():
 
 
 def test_colocated_rejects_tensor_parallel_engines():
-    with pytest.raises(UserError, match="tensor_parallel_size=1"):
-        role_bundles(make_cfg(placement="colocated", tp=2), gpu=True)
+    with pytest.raises(ValueError, match="shares one GPU per rank"):
+        bundles_of(placement="colocated", tp=2)
+    # The config refuses it first, naming its keys (the user's mistake is there, not in cluster/).
+    with pytest.raises(ConfigError, match="tensor_parallel_size=1"):
+        config_from_dict({"cluster": {"placement": "colocated"}, "rollout": {"tensor_parallel_size": 2}})
 
 
 @pytest.mark.parametrize("placement", ["dedicated", "colocated"])
 def test_cpu_bundles_are_cpus_per_actor_for_every_rank(placement):
-    bundles = role_bundles(make_cfg(placement=placement, engines=3, cpus=0.5), gpu=False)
+    bundles = bundles_of(placement=placement, engines=3, cpus=0.5, gpu=False)
     assert bundles["rollout"] == [{"CPU": 0.5}] * 3
     assert bundles["policy"] == [{"CPU": 0.5}] * 2
     assert all("GPU" not in b for role in bundles.values() for b in role)
@@ -79,7 +89,7 @@ def test_cpu_bundles_are_cpus_per_actor_for_every_rank(placement):
 
 
 def test_feasible_request_passes():
-    check_feasible(role_bundles(make_cfg(), gpu=True), gpu_cluster(gpus_per_node=8))
+    check_feasible(bundles_of(), gpu_cluster(gpus_per_node=8))
 
 
 def test_too_many_gpus_without_autoscaler_names_role_and_amounts():
@@ -97,16 +107,18 @@ def test_role_total_exceeding_cluster_names_role():
 
 
 def test_all_roles_together_exceeding_cluster_mentions_dedicated():
-    cfg = make_cfg(engines=2, policy=2)  # 2 + 1 + 1 + 1 + 2 = 7 GPUs
+    bundles = bundles_of(engines=2, policy=2)  # 2 + 1 + 1 + 1 + 2 = 7 GPUs
     with pytest.raises(
         UserError, match="together .dedicated placement. needs 7 GPU but the cluster has 4 GPU"
     ):
-        check_feasible(role_bundles(cfg, gpu=True), gpu_cluster(gpus_per_node=4))
+        check_feasible(bundles, gpu_cluster(gpus_per_node=4))
 
 
 def test_colocated_fits_where_dedicated_does_not():
-    cfg = make_cfg(placement="colocated", engines=2, policy=2)
-    check_feasible(role_bundles(cfg, gpu=True), gpu_cluster(gpus_per_node=2), colocated=True)
+    two_gpus = gpu_cluster(gpus_per_node=2)
+    check_feasible(bundles_of(placement="colocated", engines=2, policy=2), two_gpus, colocated=True)
+    with pytest.raises(UserError, match="needs 7 GPU but the cluster has 2 GPU"):  # 2 + 1 + 1 + 1 + 2
+        check_feasible(bundles_of(placement="dedicated", engines=2, policy=2), two_gpus)
 
 
 def test_autoscaler_maximum_makes_request_feasible():
@@ -137,7 +149,7 @@ def test_bundle_larger_than_any_node_is_infeasible_even_if_total_suffices():
 
 
 def test_cpu_request_beyond_cpus():
-    bundles = role_bundles(make_cfg(engines=1), gpu=False)  # 2 + 1 + 1 + 1 + 1 = 6 actors
+    bundles = bundles_of(engines=1, gpu=False)  # 2 + 1 + 1 + 1 + 1 = 6 actors
     check_feasible(bundles, cpu_cluster(cpus=6))
     with pytest.raises(UserError, match="needs 6 CPU but the cluster has 4 CPU"):
         check_feasible(bundles, cpu_cluster(cpus=4))

@@ -29,7 +29,8 @@ def check_local_resources(cfg) -> None:
     """
     import torch
 
-    from cluster.resources import ClusterResources, check_feasible, role_bundles, use_gpu
+    from cluster.resources import ClusterResources, check_feasible, use_gpu
+    from trainers.ppo.driver import ppo_bundles
 
     if cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS"):
         return
@@ -39,7 +40,7 @@ def check_local_resources(cfg) -> None:
     }
     local = ClusterResources(total=node, node_shapes=[node])
     gpu = use_gpu(cfg.cluster.device, local)
-    check_feasible(role_bundles(cfg, gpu), local, colocated=cfg.cluster.placement == "colocated")
+    check_feasible(ppo_bundles(cfg, gpu), local, colocated=cfg.cluster.placement == "colocated")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from cluster.resources import RoleRequest, role_bundles
 from trainers import algos
 from trainers.config import Config, dump_yaml, to_dict
 from trainers.data.collate import collate_lm
@@ -767,6 +768,29 @@ def stop_message(lost: ActorLost, checkpoints: Path, completed: int) -> str:
     return f"{lost} after iteration {completed}; every actor was stopped; {resume}"
 
 
+def role_requests(cfg: Config) -> dict[str, RoleRequest]:
+    """What each role asks of the cluster: ``ppo.*_workers`` ranks, ``rollout.num_engines`` engines of
+    ``rollout.tensor_parallel_size`` GPUs each."""
+    p = cfg.ppo
+    return {
+        "policy": RoleRequest(p.policy_workers),
+        "critic": RoleRequest(p.critic_workers),
+        "reference": RoleRequest(p.reference_workers),
+        "reward": RoleRequest(p.reward_workers),
+        "rollout": RoleRequest(cfg.rollout.num_engines, cfg.rollout.tensor_parallel_size),
+    }
+
+
+def ppo_bundles(cfg: Config, gpu: bool) -> dict[str, list[dict]]:
+    """One resource bundle per actor of every role (:func:`cluster.resources.role_bundles`)."""
+    return role_bundles(
+        role_requests(cfg),
+        gpu=gpu,
+        placement=cfg.cluster.placement,
+        cpus_per_actor=cfg.cluster.cpus_per_actor,
+    )
+
+
 def role_classes() -> dict[str, type]:
     """The DeepSpeed roles and their actor classes (imported here: they pull in Ray and DeepSpeed)."""
     from actors.critic import CriticWorker
@@ -795,12 +819,11 @@ def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
     from cluster.actor_group import ActorGroup, default_backend
     from cluster.faults import fault_env
     from cluster.placement import place_roles, release
-    from cluster.resources import role_bundles
 
     gpu = device == "cuda"
     colocated = cfg.cluster.placement == "colocated"
     placements = place_roles(
-        role_bundles(cfg, gpu), colocated=colocated, timeout_s=cfg.cluster.placement_timeout_s, name=run_name
+        ppo_bundles(cfg, gpu), colocated=colocated, timeout_s=cfg.cluster.placement_timeout_s, name=run_name
     )
     threads, specs = cfg.cluster.torch_threads, role_specs(cfg, device)
     started: dict = {}
@@ -846,12 +869,12 @@ def check_resources(cfg: Config) -> str:
     """Connect to Ray and fail with one line naming the role if the request can never be met;
     returns the device (``'cpu'``/``'cuda'``)."""
     from cluster.connect import connect
-    from cluster.resources import check_feasible, detect_resources, role_bundles, use_gpu
+    from cluster.resources import check_feasible, detect_resources, use_gpu
 
     connect(cfg.cluster.ray_address, cfg.cluster.num_cpus, cfg.cluster.torch_threads)
     resources = detect_resources()
     gpu = use_gpu(cfg.cluster.device, resources)
-    check_feasible(role_bundles(cfg, gpu), resources, colocated=cfg.cluster.placement == "colocated")
+    check_feasible(ppo_bundles(cfg, gpu), resources, colocated=cfg.cluster.placement == "colocated")
     return "cuda" if gpu else "cpu"
 
 
