@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from cluster.actor_group import DistributedWorker
+from trainers.data.sharding import micro_batches
 from trainers.runtime.zero import gathered
 
 CHECKPOINT_TAG = "engine"
@@ -81,13 +82,6 @@ def response_slice(per_position: torch.Tensor, r_len: int) -> torch.Tensor:
     token, and the critic's value of token t is its estimate before taking that action.
     """
     return per_position[:, -r_len - 1 : -1]
-
-
-def micro_batches(batch: dict[str, torch.Tensor], size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Consecutive row slices of ``batch`` with at most ``size`` rows each."""
-    n = next(iter(batch.values())).shape[0]
-    for start in range(0, n, size):
-        yield {k: v[start : start + size] for k, v in batch.items()}
 
 
 class EngineWorker(DistributedWorker):

@@ -1,12 +1,13 @@
 """N Ray actors of one role, placed by a placement group and joined into one torch.distributed world.
 
-    placements = place_roles(role_bundles({"policy": RoleRequest(ranks=2)}, gpu=False), colocated=False, timeout_s=600)
-    policy = ActorGroup(PolicyActor, placements["policy"], run_name="ppo", backend="gloo",
-                        init_kwargs={"cfg": section_dict(cfg, "model", "ppo")})
+    bundles = role_bundles({"policy": RoleRequest(ranks=2)}, gpu=False)      # cluster/resources.py
+    placements = place_roles(bundles, colocated=False, timeout_s=600)        # cluster/placement.py
+    policy = ActorGroup(PolicyWorker, placements["policy"], run_name="ppo", backend="gloo",
+                        init_kwargs={"spec": spec})                          # only what the role needs
     refs = policy.map(lambda actor, rank: actor.logprobs.remote(shards[rank]))   # fan out
-    logprobs = merge_from_ranks(ray.get(refs))                                    # one ray.get per phase
+    logprobs = unshard(ray.get(refs), shards)                     # one ray.get per phase (data.sharding)
 
-Fan-out goes through typed lambdas over the actor handles (``map``/``map_split``), never through
+Fan-out goes through typed lambdas over the actor handles (``map``), never through
 method names as strings. Actors are named ``{run_name}-{role}-{rank}`` so the dashboard and
 ``ray.get_actor`` find them. Every actor gets ``OMP_NUM_THREADS`` (and friends) = ``torch_threads``.
 
@@ -133,11 +134,6 @@ class ActorGroup:
         """``fn(actor, rank)`` for every rank, e.g. ``lambda a, r: a.train.remote(batch)``; refs in rank order."""
         return [fn(actor, rank) for rank, actor in enumerate(self.actors)]
 
-    def map_split(self, fn: Callable[[ActorHandle, Any], ray.ObjectRef], batch: Any) -> list[ray.ObjectRef]:
-        """Split ``batch`` over the ranks (:func:`split_for_ranks`) and call ``fn(actor, shard)`` on each."""
-        shards = split_for_ranks(batch, len(self.actors))
-        return [fn(actor, shard) for actor, shard in zip(self.actors, shards, strict=True)]
-
     def rank_of(self, actor_id: str | None) -> int | None:
         """The rank whose actor has this hex id (``cluster.faults.lost_actor_id``), else None."""
         from cluster.faults import actor_id_of
@@ -149,48 +145,3 @@ class ActorGroup:
         """Stop every actor of the group now, for good (no restart)."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-
-
-def shard_bounds(size: int, n: int) -> list[tuple[int, int]]:
-    """[start, end) of n contiguous shards of ``size`` items; sizes differ by at most one, larger first."""
-    if n < 1:
-        raise ValueError(f"need at least one rank, got {n}")
-    base, extra = divmod(size, n)
-    bounds, start = [], 0
-    for rank in range(n):
-        end = start + base + (1 if rank < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Mapping):
-        sizes = {len(v) for v in batch.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"batch fields have different lengths: {sorted(sizes)}")
-        return sizes.pop()
-    return len(batch)
-
-
-def split_for_ranks(batch: Any, n: int) -> list[Any]:
-    """Split a batch along its first dimension into n contiguous shards (rank order).
-
-    ``batch`` is a sequence or tensor of B items, or a dict of such fields, each (B, ...).
-    """
-    bounds = shard_bounds(_batch_size(batch), n)
-    if isinstance(batch, Mapping):
-        return [{k: v[s:e] for k, v in batch.items()} for s, e in bounds]
-    return [batch[s:e] for s, e in bounds]
-
-
-def merge_from_ranks(shards: Sequence[Any]) -> Any:
-    """Inverse of :func:`split_for_ranks`: concatenate lists, tensors, or dicts of them, in rank order."""
-    first = shards[0]
-    if isinstance(first, Mapping):
-        return {k: merge_from_ranks([s[k] for s in shards]) for k in first}
-    if isinstance(first, list | tuple):
-        return [item for shard in shards for item in shard]
-    import torch
-
-    return torch.cat(list(shards), dim=0)

@@ -86,14 +86,14 @@ def _train(ray, group, batch, old_logprobs, ptx_rows, pad, advantages=None):
 
 def _old_logprobs(ray, group, batch) -> torch.Tensor:
     """``(N, R)`` log-probs of the batch's responses by the group's engine, the way the driver shards."""
-    from trainers.ppo.driver import shard_rows, unshard
+    from trainers.data.sharding import equal_shards, unshard
 
     tokens = {k: batch[k] for k in ("sequences", "attention_mask", "response_mask")}
-    shards = shard_rows(batch["sequences"].shape[0], len(group))
+    shards = equal_shards(batch["sequences"].shape[0], len(group))
     parts = ray.get(
         [
-            a.logprobs.remote({k: v[idx] for k, v in tokens.items()})
-            for a, (idx, _) in zip(group.actors, shards)
+            a.logprobs.remote({k: v[shard.indices] for k, v in tokens.items()})
+            for a, shard in zip(group.actors, shards)
         ]
     )
     return unshard(parts, shards)

@@ -14,8 +14,8 @@ from trainers.data.prepare import (
     dedup_by_prefix,
     normalise,
     prefix_key,
-    split_sizes,
     user_keys,
+    user_split_counts,
 )
 from trainers.errors import DataError, UserError
 
@@ -62,7 +62,7 @@ def test_int_and_string_user_ids_are_one_user():
     [(60, (48, 6, 6)), (10, (8, 1, 1)), (3, (1, 1, 1)), (2, (1, 0, 1)), (1, (1, 0, 0)), (0, (0, 0, 0))],
 )
 def test_split_sizes(n_users, expected):
-    assert split_sizes(n_users, 0.1, 0.1) == expected
+    assert user_split_counts(n_users, 0.1, 0.1) == expected
 
 
 def test_assign_users_is_independent_of_record_order():

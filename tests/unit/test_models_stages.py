@@ -7,15 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainers.data.sharding import rank_share
 from trainers.errors import ConfigError
 from trainers.stages.common import (
     check_resumable,
     epoch_order,
-    eval_shards,
     length_problems,
-    micro_batches,
     plan_steps,
-    rank_slice,
     step_indices,
 )
 from trainers.stages.pretrain import windows
@@ -44,21 +42,9 @@ def test_union_over_ranks_is_the_global_batch_whatever_the_world_size(world):
     order = epoch_order(64, seed=3, epoch=0)
     batch = step_indices(order, index_in_epoch=1, global_batch=16)
     assert batch == order[16:32]
-    shares = [rank_slice(batch, r, world) for r in range(world)]
+    shares = [rank_share(batch, r, world) for r in range(world)]
     assert [i for share in shares for i in share] == batch
     assert all(len(s) == 16 // world for s in shares)
-
-
-def test_micro_batches_split_a_share_in_order():
-    assert micro_batches([5, 6, 7, 8, 9, 10], 2) == [[5, 6], [7, 8], [9, 10]]
-
-
-@pytest.mark.parametrize("n,batch,world", [(10, 3, 2), (4, 4, 2), (7, 2, 3), (1, 8, 2)])
-def test_eval_shards_cover_every_example_once_with_equal_batch_counts(n, batch, world):
-    shards = [eval_shards(n, batch, r, world) for r in range(world)]
-    assert len({len(s) for s in shards}) == 1  # same number of (collective) forwards on every rank
-    counted = sorted(i for s in shards for indices, c in s if c for i in indices)
-    assert counted == list(range(n))
 
 
 def test_length_problems_name_file_and_row_and_are_capped():

@@ -59,17 +59,6 @@ def test_derived_seeds_differ_per_engine_and_iteration():
     assert ppo.derived_seed(1, 2, 3) == ppo.derived_seed(1, 2, 3)
 
 
-@pytest.mark.parametrize("n,world", [(8, 2), (5, 2), (3, 4), (7, 3), (1, 1)])
-def test_shards_are_equal_sized_and_unshard_restores_order(n, world):
-    shards = ppo.shard_rows(n, world)
-    sizes = {len(idx) for idx, _ in shards}
-    assert len(sizes) == 1  # lock-step: same number of rows on every rank
-    assert sum(real for _, real in shards) == n
-    data = torch.arange(n) * 10
-    parts = [data.index_select(0, idx) for idx, _ in shards]
-    assert ppo.unshard(parts, shards).tolist() == data.tolist()
-
-
 def test_select_rows_selects_every_tensor():
     batch = {"a": torch.arange(6).view(3, 2), "b": torch.tensor([7, 8, 9])}
     out = ppo.select_rows(batch, torch.tensor([2, 0]))

@@ -1,11 +1,9 @@
-"""Role -> bundle mapping, feasibility checks, and splitting batches over ranks (no Ray needed)."""
+"""Role -> bundle mapping and feasibility checks (no Ray needed)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from cluster.actor_group import merge_from_ranks, shard_bounds, split_for_ranks
 from cluster.resources import (
     ClusterResources,
     RoleRequest,
@@ -161,25 +159,3 @@ def test_use_gpu_resolution():
     assert use_gpu("cpu", gpu_cluster()) is False
     with pytest.raises(UserError, match="cluster.device=cuda"):
         use_gpu("cuda", cpu_cluster())
-
-
-# --- splitting batches over ranks ----------------------------------------------------------------
-
-
-def test_shard_bounds_cover_everything_in_order():
-    assert shard_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
-    assert shard_bounds(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
-
-
-def test_split_and_merge_round_trip_dict_of_tensors_and_lists():
-    batch = {"ids": torch.arange(14).view(7, 2), "text": [f"t{i}" for i in range(7)]}
-    shards = split_for_ranks(batch, 3)
-    assert [len(s["text"]) for s in shards] == [3, 2, 2]
-    assert shards[1]["ids"].tolist() == [[6, 7], [8, 9]]
-    merged = merge_from_ranks(shards)
-    assert torch.equal(merged["ids"], batch["ids"]) and merged["text"] == batch["text"]
-
-
-def test_split_rejects_ragged_dict():
-    with pytest.raises(ValueError, match="different lengths"):
-        split_for_ranks({"a": [1, 2], "b": [1]}, 2)

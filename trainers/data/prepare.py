@@ -91,7 +91,7 @@ def cap_per_user(users: Sequence[UserKey], max_per_user: int) -> list[int]:
     return keep
 
 
-def split_sizes(n_users: int, valid_frac: float, test_frac: float) -> tuple[int, int, int]:
+def user_split_counts(n_users: int, valid_frac: float, test_frac: float) -> tuple[int, int, int]:
     """Users per split ``(train, valid, test)``.
 
     Rounded fractions, but a split asked for (fraction > 0) gets at least one user while train keeps
@@ -120,7 +120,7 @@ def assign_users(
     """
     distinct = sorted(set(users))
     random.Random(seed).shuffle(distinct)
-    _, n_valid, n_test = split_sizes(len(distinct), valid_frac, test_frac)
+    _, n_valid, n_test = user_split_counts(len(distinct), valid_frac, test_frac)
     split_of = {}
     for i, user in enumerate(distinct):
         split_of[user] = "test" if i < n_test else "valid" if i < n_test + n_valid else "train"

@@ -40,6 +40,7 @@ from cluster.resources import RoleRequest, role_bundles
 from trainers import algos
 from trainers.config import Config, dump_yaml, to_dict
 from trainers.data.collate import collate_lm
+from trainers.data.sharding import contiguous_bounds, equal_shards, split_sizes, unshard
 from trainers.errors import ConfigError, DataError, RunStopped
 from trainers.files import atomic_write_json
 from trainers.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
@@ -131,25 +132,6 @@ def build_rollout_batch(
     return batch
 
 
-def shard_rows(num_rows: int, world: int) -> list[tuple[torch.Tensor, int]]:
-    """Split rows ``0..num_rows-1`` into ``world`` contiguous shards of *equal* size, padding the short
-    ones by repeating the last row: ZeRO-3 ranks forward in lock-step, so each must run the same number
-    of micro-batches. Returns ``(indices, num_real)`` per rank; results past ``num_real`` are dropped."""
-    size = max(1, math.ceil(num_rows / world))
-    shards = []
-    for rank in range(world):
-        start = rank * size
-        real = max(0, min(size, num_rows - start))
-        idx = torch.arange(start, start + size).clamp(max=num_rows - 1)  # (size,)
-        shards.append((idx, real))
-    return shards
-
-
-def unshard(parts: Sequence[torch.Tensor], shards: Sequence[tuple[torch.Tensor, int]]) -> torch.Tensor:
-    """Concatenate per-rank results ``(size, ...)`` keeping only each shard's real rows."""
-    return torch.cat([part[:real] for part, (_, real) in zip(parts, shards)], dim=0)
-
-
 def select_rows(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
     """The rows ``idx`` of every tensor in ``batch`` (all share dimension 0)."""
     return {k: v.index_select(0, idx) for k, v in batch.items()}
@@ -198,12 +180,6 @@ def step_token_counts(response_mask: torch.Tensor, steps: Sequence[torch.Tensor]
     """Real response tokens of each optimizer step over all ranks: the denominator of the token-mean
     losses (PPO_DETAILS 24), so every rank divides its sums by the same global count."""
     return [int(response_mask.index_select(0, rows).sum()) for rows in steps]
-
-
-def split_sizes(total: int, parts: int) -> list[int]:
-    """``parts`` sizes summing to ``total`` that differ by at most one (zeros allowed)."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def lm_label_count(batch: dict[str, torch.Tensor]) -> int:
@@ -889,8 +865,6 @@ def generate(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> di
     engine is restarted and the phase retried (:func:`with_engine_recovery`)."""
     import ray
 
-    from cluster.actor_group import shard_bounds
-
     rows = take_rows(state.prompt_position, cfg.ppo.prompts_per_iteration, len(data.prompts), cfg.ppo.seed)
     prompts = [data.prompts[i] for i in rows]
     r = cfg.rollout
@@ -902,7 +876,7 @@ def generate(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> di
         "top_k": r.top_k,
     }
     engines = roles.engines()
-    bounds = shard_bounds(len(prompts), len(engines))
+    bounds = contiguous_bounds(len(prompts), len(engines))
 
     def sample() -> list[dict]:
         refs = [
@@ -931,9 +905,9 @@ def put_shards(batch: dict[str, torch.Tensor], world: int, cache: dict) -> list:
 
     if world not in cache:
         tokens = {k: batch[k] for k in ("sequences", "attention_mask", "response_mask")}
-        cache[world] = (shard_rows(tokens["sequences"].shape[0], world), [])
-        for idx, _ in cache[world][0]:
-            cache[world][1].append(ray.put(select_rows(tokens, idx)))
+        cache[world] = (equal_shards(tokens["sequences"].shape[0], world), [])
+        for shard in cache[world][0]:
+            cache[world][1].append(ray.put(select_rows(tokens, shard.indices)))
     return cache[world][1]
 
 

@@ -70,6 +70,7 @@ from typing import Any
 import torch
 
 from trainers.config import Config, LoggingConfig, dump_yaml, to_dict
+from trainers.data.sharding import eval_batches, micro_batches, rank_share
 from trainers.errors import ConfigError, DataError
 from trainers.files import atomic_write_json
 from trainers.runs.metrics import MetricsWriter, truncate_metrics
@@ -202,32 +203,6 @@ def step_indices(order: Sequence[int], index_in_epoch: int, global_batch: int) -
     """The global batch of optimizer step ``index_in_epoch`` of an epoch."""
     start = index_in_epoch * global_batch
     return list(order[start : start + global_batch])
-
-
-def rank_slice(batch: Sequence[int], rank: int, world: int) -> list[int]:
-    """Rank ``rank``'s contiguous share of a global batch (``len(batch)`` divisible by ``world``)."""
-    share = len(batch) // world
-    return list(batch[rank * share : (rank + 1) * share])
-
-
-def micro_batches(indices: Sequence[int], micro: int) -> list[list[int]]:
-    """Split a rank's share into micro-batches of ``micro``."""
-    return [list(indices[i : i + micro]) for i in range(0, len(indices), micro)]
-
-
-def eval_shards(n: int, batch_size: int, rank: int, world: int) -> list[tuple[list[int], bool]]:
-    """Rank ``rank``'s evaluation batches as ``(indices, counted)``.
-
-    Under ZeRO-3 every forward is collective, so all ranks need the same number of batches: the
-    batch list is padded to a multiple of ``world`` with repeats of the first batch marked
-    ``counted=False`` (their statistics are discarded).
-    """
-    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    if not batches:
-        return []
-    padded = [(b, True) for b in batches]
-    padded += [(batches[0], False)] * (-len(batches) % world)
-    return padded[rank::world]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -640,7 +615,7 @@ def _train(
     while state.step < total:
         epoch, index = divmod(state.step, per_epoch)
         order = epoch_order(len(data.train), st["seed"], epoch)
-        mine = rank_slice(step_indices(order, index, st["global_batch_size"]), rank, world)
+        mine = rank_share(step_indices(order, index, st["global_batch_size"]), rank, world)
         poison = rank == 0 and state.step + 1 in poisoned
         metrics = train_step(
             engine, task, [data.train[i] for i in mine], st["micro_batch_size"], world, accum, poison
@@ -718,10 +693,7 @@ def train_step(
 
     t0 = time.time()
     engine.train()
-    batches = [
-        to_device(task.collate(examples[i : i + micro]), engine.device)
-        for i in range(0, len(examples), micro)
-    ]
+    batches = [to_device(task.collate(part), engine.device) for part in micro_batches(examples, micro)]
     local = [sum(task.units(b) for b in batches), sum(task.tokens(b) for b in batches)]
     global_units, global_tokens = all_reduce_sum(local)
     norm = loss_normaliser(max(global_units, 1.0), world, accum)
@@ -755,7 +727,7 @@ def evaluate(engine, task: Task, examples: list, batch_size: int, rank: int, wor
         return {}
     engine.eval()
     sums: dict[str, float] = {}
-    for indices, counted in eval_shards(len(examples), batch_size, rank, world):
+    for indices, counted in eval_batches(len(examples), batch_size, rank, world):
         batch = to_device(task.collate([examples[i] for i in indices]), engine.device)
         batch_sums = task.eval_sums(engine, batch)
         if not sums:

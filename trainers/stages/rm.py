@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from trainers.config import Config
+from trainers.data.sharding import eval_batches
 from trainers.stages.common import (
     PreparedData,
     StageSpec,
     Task,
     data_path,
-    eval_shards,
     length_problems,
     raise_if_problems,
     run_stage,
@@ -145,7 +145,7 @@ def mean_score(engine, sequences: list[list[int]], pad_id: int, batch_size: int,
     rank, world = shape
     engine.eval()
     total, count = 0.0, 0.0
-    for indices, counted in eval_shards(len(sequences), batch_size, rank, world):
+    for indices, counted in eval_batches(len(sequences), batch_size, rank, world):
         input_ids, attention_mask = left_pad([sequences[i] for i in indices], pad_id)  # (B, T)
         scores = reward_scores(engine, input_ids.to(engine.device), attention_mask.to(engine.device))  # (B,)
         if counted:
