@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from trainers.data.sharding import rank_share
+from trainers.data.validate import length_problems
 from trainers.errors import ConfigError
 from trainers.stages.common import (
     check_resumable,
     epoch_order,
-    length_problems,
     plan_steps,
     step_indices,
 )
-from trainers.stages.pretrain import windows
 from trainers.stages.rm import pair_counts
 
 TINY = Path(__file__).resolve().parents[2] / "trainers" / "configs" / "tiny.yaml"
@@ -64,12 +63,6 @@ def test_check_resumable_rejects_a_different_run_shape():
     check_resumable(dict(plan, step=4), plan)
     with pytest.raises(ConfigError, match="world_size=1, this run has 2"):
         check_resumable(dict(plan, world_size=1), plan)
-
-
-def test_windows_cover_a_long_document():
-    ids = list(range(10))
-    assert windows(ids, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert windows(ids, 10) == [ids]
 
 
 def test_pair_counts_skip_ties_and_absent_responses():

@@ -18,6 +18,7 @@ from trainers.data.collate import (
     encode_response,
     encode_text,
     position_ids_from_mask,
+    text_windows,
 )
 from trainers.data.tokenizer import format_prompt, load_tokenizer, train_tokenizer
 from trainers.errors import ConfigError, DataError
@@ -158,3 +159,21 @@ def test_left_padded_forward_matches_unpadded_forward(tok):
         padded = model(**batch).logits[0, -1]  # (V,)
         alone = model(input_ids=torch.tensor([short])).logits[0, -1]  # (V,)
     assert torch.allclose(padded, alone, atol=1e-5)
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: BOS 1, EOS 2, character i of a text -> id 10 + i (enough for windowing)."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def encode(self, text, add_special_tokens=False):
+        return [10 + i for i in range(len(text))]
+
+
+def test_text_windows_cut_documents_and_drop_lone_tokens():
+    tok = CharTokenizer()
+    # "abcdefgh" -> [1, 10..17, 2] (10 ids) -> windows of 4, 4 and 2
+    assert text_windows(tok, ["abcdefgh"], 4) == [[1, 10, 11, 12], [13, 14, 15, 16], [17, 2]]
+    # "abc" -> [1, 10, 11, 12, 2]: the lone EOS of the second window has nothing to predict
+    assert text_windows(tok, ["abc", "x"], 4) == [[1, 10, 11, 12], [1, 10, 2]]
+    assert text_windows(tok, ["abc"], 16) == [[1, 10, 11, 12, 2]]

@@ -44,6 +44,22 @@ def encode_text(tok, text: str) -> list[int]:
     return [tok.bos_token_id, *tok.encode(text, add_special_tokens=False), tok.eos_token_id]
 
 
+def text_windows(tok, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """``BOS + text + EOS`` of each text cut into consecutive windows of at most ``max_len`` tokens, in order.
+
+    Pretraining text has no natural unit, so a long document is several examples (not a data error);
+    a lone-token window has nothing to predict and is dropped. The pretrain stage, PPO-ptx and the
+    pretraining-loss evaluation all cut text this way.
+    """
+    pieces = []
+    for text in texts:
+        ids = encode_text(tok, text)
+        pieces += [
+            ids[i : i + max_len] for i in range(0, len(ids), max_len) if len(ids[i : i + max_len]) >= 2
+        ]
+    return pieces
+
+
 def check_lengths(lengths: Sequence[int], max_len: int | None, what: str = "example") -> None:
     """Raise DataError naming the first sequence longer than ``max_len`` (None: no limit)."""
     if max_len is None:

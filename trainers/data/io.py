@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainers.data.schema import output_schema
+from trainers.errors import ConfigError
 
 SUFFIXES: dict[str, str] = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 PARQUET_BATCH_ROWS = 4096
@@ -36,6 +37,16 @@ def _one_line(err: BaseException) -> str:
     """First line of an exception message (Arrow messages can span several lines)."""
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
+
+
+def data_path(data_dir: str | os.PathLike | None, kind: str, split: str) -> Path:
+    """``DATA_DIR/<kind>/<split>.parquet``, the layout `rlhf data synth` writes; a ConfigError naming
+    ``data.dir`` when no directory is given."""
+    if not data_dir:
+        raise ConfigError(
+            "data.dir is not set: give the data directory (e.g. the output of `rlhf data synth`)"
+        )
+    return Path(data_dir) / kind / f"{split}.parquet"
 
 
 def file_format(path: str | os.PathLike) -> str:

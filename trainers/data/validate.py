@@ -228,3 +228,22 @@ def read_table(
 ) -> pa.Table:
     """:func:`read_records` as one Arrow table (columns in schema order, see ``output_schema``)."""
     return records_to_table(kind, read_records(kind, paths, max_problems=max_problems))
+
+
+def length_problems(lengths: Sequence[int], path: str | os.PathLike, max_len: int, what: str) -> list[str]:
+    """``PATH:ROW: ...`` lines (1-based rows) for examples longer than ``max_len`` tokens, at most
+    :data:`MAX_PROBLEMS` of them and then ``... and N more problems`` (as validation reports)."""
+    lines = [
+        f"{path}:{row + 1}: {what} is {n} tokens long, more than model.max_len={max_len}"
+        for row, n in enumerate(lengths)
+        if n > max_len
+    ]
+    if len(lines) > MAX_PROBLEMS:
+        lines = lines[:MAX_PROBLEMS] + [f"... and {len(lines) - MAX_PROBLEMS} more problems"]
+    return lines
+
+
+def raise_if_problems(lines: list[str]) -> None:
+    """DataError with ``lines`` (printed verbatim by the CLI) when there are any."""
+    if lines:
+        raise DataError(lines[0], lines=lines)

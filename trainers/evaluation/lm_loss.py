@@ -9,26 +9,12 @@ import torch
 
 from trainers.algos import logprobs_from_logits, shift_for_lm
 from trainers.data import read_records
-from trainers.data.collate import encode_text, left_pad, position_ids_from_mask
+from trainers.data.collate import left_pad, position_ids_from_mask, text_windows
 from trainers.errors import DataError
 from trainers.evaluation.generation import load_causal_lm
 
 DEFAULT_PRETRAIN_MAX_LEN = 256
 """Window length of :func:`pretrain_loss`: ``model.max_len``'s default, the pretrain stage's windows."""
-
-
-def text_windows(tok, texts: Sequence[str], max_len: int) -> list[list[int]]:
-    """``BOS + text + EOS`` of each text cut into consecutive pieces of at most ``max_len`` tokens.
-
-    The same pieces as the pretrain stage's validation (lone-token pieces dropped: nothing to predict).
-    """
-    pieces = []
-    for text in texts:
-        ids = encode_text(tok, text)
-        pieces += [
-            ids[i : i + max_len] for i in range(0, len(ids), max_len) if len(ids[i : i + max_len]) >= 2
-        ]
-    return pieces
 
 
 @torch.no_grad()

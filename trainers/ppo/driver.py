@@ -39,8 +39,11 @@ import torch
 from cluster.resources import RoleRequest, role_bundles
 from trainers import algos
 from trainers.config import Config, dump_yaml, to_dict
-from trainers.data.collate import collate_lm
+from trainers.data import read_records
+from trainers.data.collate import collate_lm, text_windows
+from trainers.data.io import data_path
 from trainers.data.sharding import contiguous_bounds, equal_shards, split_sizes, unshard
+from trainers.data.validate import MAX_PROBLEMS, raise_if_problems
 from trainers.errors import ConfigError, DataError, RunStopped
 from trainers.files import atomic_write_json
 from trainers.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
@@ -475,11 +478,9 @@ def check_resumable(checkpoint: Path | None, cfg: Config) -> None:
 def read_prompts(cfg: Config, tokenizer) -> list[list[int]]:
     """Validated ``prompts/train`` encoded with the chat format; a DataError lists the prompts that leave
     no room for ``rollout.max_new_tokens`` within ``model.max_len``."""
-    from trainers.data import read_records
     from trainers.data.collate import encode_prompt
-    from trainers.stages.common import MAX_LENGTH_PROBLEMS, data_path, raise_if_problems
 
-    path = data_path(cfg, "prompts", "train")
+    path = data_path(cfg.data.dir, "prompts", "train")
     encoded = [encode_prompt(tokenizer, r["prompt"]) for r in read_records("prompts", [path])]
     room = cfg.model.max_len - cfg.rollout.max_new_tokens
     lines = [
@@ -487,7 +488,7 @@ def read_prompts(cfg: Config, tokenizer) -> list[list[int]]:
         f"{cfg.rollout.max_new_tokens} it exceeds model.max_len={cfg.model.max_len}"
         for row, ids in enumerate(encoded)
         if len(ids) > room
-    ][:MAX_LENGTH_PROBLEMS]
+    ][:MAX_PROBLEMS]
     raise_if_problems(lines)
     if not encoded:
         raise DataError(f"{path}: no prompts")
@@ -502,7 +503,6 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
     from trainers.data.tokenizer import load_tokenizer
     from trainers.runs.outdir import check_output_dir
     from trainers.runtime.models import check_model_dir
-    from trainers.stages.pretrain import read_texts
 
     out = check_output_dir(out_dir)
     check_model_dir(cfg.model.path, "model.path")
@@ -517,7 +517,8 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
     prompts = read_prompts(cfg, tokenizer)
     ptx: list[list[int]] = []
     if cfg.ppo.ptx_coef > 0:
-        ptx = [ids for ids, _ in read_texts(cfg, tokenizer, "train")]
+        records = read_records("pretrain", [data_path(cfg.data.dir, "pretrain", "train")])
+        ptx = text_windows(tokenizer, [r["text"] for r in records], cfg.model.max_len)
         if not ptx:
             raise DataError("ppo.ptx_coef > 0 but pretrain/train holds no text")
     return out, RunData(prompts, ptx, tokenizer.pad_token_id, tokenizer.eos_token_id)

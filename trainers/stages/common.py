@@ -86,10 +86,6 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 """Ray Train's record of its registered checkpoints, in the run directory (names the one it restores)."""
 TRAIN_LOSS_WINDOW = 10
 """``<stage>/train_loss`` in the summary is the mean loss of the last this-many optimizer steps."""
-MAX_LENGTH_PROBLEMS = 20
-"""At most this many over-long examples are listed (like data validation's problem lines)."""
-
-
 # --------------------------------------------------------------------------------------------------
 # Stage description
 # --------------------------------------------------------------------------------------------------
@@ -213,33 +209,6 @@ def step_indices(order: Sequence[int], index_in_epoch: int, global_batch: int) -
 def stage_config(cfg: Config, stage: str):
     """The stage's section of the config (``cfg.pretrain`` / ``cfg.sft`` / ``cfg.rm``)."""
     return getattr(cfg, stage)
-
-
-def data_path(cfg: Config, kind: str, split: str) -> Path:
-    """``data.dir/<kind>/<split>.parquet`` (ConfigError if ``data.dir`` is not set)."""
-    if not cfg.data.dir:
-        raise ConfigError(
-            "data.dir is not set: give the data directory (e.g. the output of `rlhf data synth`)"
-        )
-    return Path(cfg.data.dir) / kind / f"{split}.parquet"
-
-
-def length_problems(lengths: Sequence[int], path: Path, max_len: int, what: str) -> list[str]:
-    """``PATH:ROW: ...`` lines (1-based rows) for examples longer than ``max_len`` tokens."""
-    lines = [
-        f"{path}:{row + 1}: {what} is {n} tokens long, more than model.max_len={max_len}"
-        for row, n in enumerate(lengths)
-        if n > max_len
-    ]
-    if len(lines) > MAX_LENGTH_PROBLEMS:
-        lines = lines[:MAX_LENGTH_PROBLEMS] + [f"... and {len(lines) - MAX_LENGTH_PROBLEMS} more problems"]
-    return lines
-
-
-def raise_if_problems(lines: list[str]) -> None:
-    """DataError with ``lines`` when there are any."""
-    if lines:
-        raise DataError(lines[0], lines=lines)
 
 
 def validate_stage(spec: StageSpec, cfg: Config, out_dir: str | Path) -> tuple[Path, PreparedData, tuple]:

@@ -16,32 +16,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainers.config import Config
-from trainers.stages.common import PreparedData, StageSpec, data_path, run_stage
+from trainers.data import read_records
+from trainers.data.collate import text_windows
+from trainers.data.io import data_path
+from trainers.stages.common import PreparedData, StageSpec, run_stage
 from trainers.stages.sft import LMTask
 
 
-def windows(ids: list[int], max_len: int) -> list[list[int]]:
-    """Consecutive pieces of at most ``max_len`` tokens covering ``ids`` (the last may be shorter)."""
-    return [ids[i : i + max_len] for i in range(0, len(ids), max_len)]
-
-
-def read_texts(cfg: Config, tokenizer, split: str) -> list[tuple[list[int], int]]:
-    """Validated ``pretrain/<split>`` as ``(ids, 0)`` examples of at most ``model.max_len`` tokens."""
-    from trainers.data import read_records
-    from trainers.data.collate import encode_text
-
-    records = read_records("pretrain", [data_path(cfg, "pretrain", split)])
-    examples = []
-    for record in records:
-        for piece in windows(encode_text(tokenizer, record["text"]), cfg.model.max_len):
-            if len(piece) >= 2:  # a lone token has nothing to predict
-                examples.append((piece, 0))
-    return examples
+def pretrain_examples(cfg: Config, tokenizer, split: str) -> list[tuple[list[int], int]]:
+    """Validated ``pretrain/<split>`` as ``(ids, 0)`` examples: windows of at most ``model.max_len`` tokens
+    (:func:`trainers.data.collate.text_windows`)."""
+    records = read_records("pretrain", [data_path(cfg.data.dir, "pretrain", split)])
+    return [(ids, 0) for ids in text_windows(tokenizer, [r["text"] for r in records], cfg.model.max_len)]
 
 
 def prepare(cfg: Config, tokenizer) -> PreparedData:
     """Training and validation text (validated and tokenized on the driver)."""
-    return PreparedData(train=read_texts(cfg, tokenizer, "train"), valid=read_texts(cfg, tokenizer, "valid"))
+    return PreparedData(
+        train=pretrain_examples(cfg, tokenizer, "train"), valid=pretrain_examples(cfg, tokenizer, "valid")
+    )
 
 
 def check_model(cfg: Config) -> None:

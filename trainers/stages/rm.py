@@ -26,14 +26,13 @@ from pathlib import Path
 import torch
 
 from trainers.config import Config
+from trainers.data.io import data_path
 from trainers.data.sharding import eval_batches
+from trainers.data.validate import length_problems, raise_if_problems
 from trainers.stages.common import (
     PreparedData,
     StageSpec,
     Task,
-    data_path,
-    length_problems,
-    raise_if_problems,
     run_stage,
 )
 from trainers.stages.sft import read_demonstrations
@@ -172,7 +171,7 @@ def read_comparisons(cfg: Config, tokenizer, split: str) -> list:
     """Validated, tokenized ``comparisons/<split>``; DataError naming rows with an over-long response."""
     from trainers.data import read_records
 
-    path = data_path(cfg, "comparisons", split)
+    path = data_path(cfg.data.dir, "comparisons", split)
     groups = encode_comparisons(tokenizer, read_records("comparisons", [path]))
     longest = [len(prompt) + max(len(r) for r in responses) for prompt, responses, _ in groups]
     raise_if_problems(length_problems(longest, path, cfg.model.max_len, "prompt + longest response"))

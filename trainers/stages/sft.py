@@ -19,13 +19,12 @@ from pathlib import Path
 import torch
 
 from trainers.config import Config
+from trainers.data.io import data_path
+from trainers.data.validate import length_problems, raise_if_problems
 from trainers.stages.common import (
     PreparedData,
     StageSpec,
     Task,
-    data_path,
-    length_problems,
-    raise_if_problems,
     run_stage,
 )
 
@@ -104,7 +103,7 @@ def read_demonstrations(cfg: Config, tokenizer, split: str) -> list[tuple[list[i
     """Validated, tokenized ``demonstrations/<split>``; DataError naming over-long rows."""
     from trainers.data import read_records
 
-    path = data_path(cfg, "demonstrations", split)
+    path = data_path(cfg.data.dir, "demonstrations", split)
     examples = encode_demonstrations(tokenizer, read_records("demonstrations", [path]))
     lengths = [len(ids) for ids, _ in examples]
     raise_if_problems(length_problems(lengths, path, cfg.model.max_len, "prompt + response"))
