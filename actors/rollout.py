@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.vllm_ext import WeightReceiver
-from cluster.faults import fault_point
+from cluster.faults import injector
 
 SAMPLING_KEYS = ("n", "max_new_tokens", "temperature", "top_p", "top_k")
 WORKER_EXTENSION = f"{WeightReceiver.__module__}.{WeightReceiver.__qualname__}"
@@ -171,7 +171,7 @@ class RolloutEngine:
         ('stop' or 'length'). ``seed`` None uses the engine's sampler state; an int makes the
         call reproducible (:func:`request_seeds`).
         """
-        fault_point("KILL_ENGINE", f"generate:{seed}")
+        injector().kill_engine_at(f"generate:{seed}")
         check_token_ids(prompt_token_ids, self.vocab_size)
         n = sampling.get("n", 1)
         if seed is None:
@@ -224,7 +224,7 @@ class RolloutEngine:
 
     def update_weights(self, blob: bytes) -> int:
         """Load one safetensors bucket (CPU transport); returns its tensor count."""
-        fault_point("KILL_ENGINE", f"weights:{self.weight_updates}")
+        injector().kill_engine_at(f"weights:{self.weight_updates}")
         return self._on_workers(WeightReceiver.rlhf_load_weight_blob, blob)[0]
 
     def init_weight_broadcast(

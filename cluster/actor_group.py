@@ -135,8 +135,8 @@ class ActorGroup:
         return [fn(actor, rank) for rank, actor in enumerate(self.actors)]
 
     def rank_of(self, actor_id: str | None) -> int | None:
-        """The rank whose actor has this hex id (``cluster.faults.lost_actor_id``), else None."""
-        from cluster.faults import actor_id_of
+        """The rank whose actor has this hex id (``cluster.liveness.lost_actor_id``), else None."""
+        from cluster.liveness import actor_id_of
 
         ids = [actor_id_of(a) for a in self.actors]
         return ids.index(actor_id) if actor_id in ids else None

@@ -168,7 +168,7 @@ def skipped_run(ray_local, ppo_inputs, tmp_path_factory):
     from trainers.config import load_config
     from trainers.ppo.driver import run_ppo
     from trainers.runs.metrics import read_metrics
-    from trainers.runtime.nonfinite import FAULT_ENV
+    from cluster.faults import NONFINITE_ENV as FAULT_ENV
 
     out = tmp_path_factory.mktemp("nonfinite") / "ppo"
     cfg = load_config(TINY, [*ppo_inputs, *PPO_OVERRIDES, "ppo.iterations=2"])
@@ -205,7 +205,7 @@ def test_ppo_streak_across_a_resume_stops_with_one_line_and_the_checkpoint_intac
 ):
     """(b): the same command with ppo.iterations=4 resumes from iter_000002 (critic streak 1) and poisons
     critic steps 9 and 10: 3 in a row -> exit 3 during iteration 3, nothing saved after iteration 2."""
-    from trainers.runtime.nonfinite import FAULT_ENV
+    from cluster.faults import NONFINITE_ENV as FAULT_ENV
 
     out = skipped_run[0]
     checkpoint = out / "checkpoints" / "iter_000002"

@@ -1,10 +1,7 @@
-"""Pure logic of PPO's fault handling: fault-injection specs, the once-only crash point, the stop message,
-and the engine-recovery loop (with the Ray parts replaced by recording fakes; no Ray started)."""
+"""Pure logic of PPO's fault handling: the stop message and the engine-recovery loop (with the Ray parts replaced by recording fakes; no Ray started)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,47 +9,10 @@ import pytest
 from ray.exceptions import ActorDiedError, RayActorError
 
 from cluster.actor_group import ActorGroup
-from cluster.faults import fault_env, lost_actor_id, parse_fault_spec
+from cluster.liveness import lost_actor_id
 from trainers.ppo import driver as ppo
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def test_parse_fault_spec_reads_entries_and_rejects_malformed_ones():
-    assert parse_fault_spec("generate:5@/tmp/a; weights:3@/tmp/b;") == [
-        ("generate:5", "/tmp/a"),
-        ("weights:3", "/tmp/b"),
-    ]
-    assert parse_fault_spec("") == []
-    with pytest.raises(ValueError, match="generate:5"):
-        parse_fault_spec("generate:5")
-
-
-def crash_point(point: str, env: dict) -> int:
-    """Exit status of a fresh interpreter that passes ``fault_point('KILL_ENGINE', point)``."""
-    code = f"from cluster.faults import fault_point; fault_point('KILL_ENGINE', {point!r}); print('went on')"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
-    assert (proc.returncode == 0) == ("went on" in proc.stdout), proc.stderr
-    return proc.returncode
-
-
-def test_fault_point_crashes_once_per_marker_and_only_at_its_point(tmp_path):
-    import os
-
-    marker = tmp_path / "marker"
-    env = dict(os.environ, PYTHONPATH=str(REPO), RLHF_FAULT_KILL_ENGINE=f"generate:7@{marker}")
-    assert crash_point("generate:8", env) == 0 and not marker.exists()  # another point: nothing
-    assert crash_point("generate:7", env) == 1 and marker.exists()  # crashes, leaves the marker
-    assert crash_point("generate:7", env) == 0  # the restarted process goes on
-    env.pop("RLHF_FAULT_KILL_ENGINE")
-    marker.unlink()
-    assert crash_point("generate:7", env) == 0  # unset: never fires
-
-
-def test_fault_env_forwards_only_fault_variables():
-    assert fault_env({"RLHF_FAULT_KILL_ENGINE": "x@y", "RLHF_OTHER": "1", "PATH": "/bin"}) == {
-        "RLHF_FAULT_KILL_ENGINE": "x@y"
-    }
 
 
 def test_lost_actor_id_of_direct_and_unrelated_errors():

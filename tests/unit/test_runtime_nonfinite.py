@@ -1,4 +1,4 @@
-"""Non-finite steps: fault-injection parsing, streak bookkeeping, the PPO driver's metrics and stop rule,
+"""Non-finite steps: streak bookkeeping, the PPO driver's metrics and stop rule,
 the stages' stop translation (pure parts; the DeepSpeed side is in tests/integration/test_nonfinite_runs.py)."""
 
 from __future__ import annotations
@@ -9,42 +9,14 @@ import math
 
 import pytest
 
+from cluster.faults import NONFINITE_ENV as FAULT_ENV
 from trainers.errors import RunStopped
 from trainers.ppo import driver as ppo
 from trainers.runtime.nonfinite import (
-    FAULT_ENV,
-    fault_steps_from_env,
-    local_indices,
-    parse_fault_steps,
     resume_hint,
     stop_message,
     update_streak,
 )
-
-
-def test_parse_fault_steps_roles_lists_and_ranges():
-    assert parse_fault_steps("policy:2,3;critic:6-8") == {"policy": {2, 3}, "critic": {6, 7, 8}}
-    assert parse_fault_steps(" sft : 4 ; sft:4,5 ") == {"sft": {4, 5}}
-    assert parse_fault_steps(None) == {} and parse_fault_steps("") == {}
-
-
-@pytest.mark.parametrize("text", ["policy", "policy:x", "polcy:3", "policy:0", "policy:5-3", "3,4"])
-def test_parse_fault_steps_rejects_anything_else(text):
-    """A typo must fail loudly, never silently disarm (or arm) a fault."""
-    with pytest.raises(ValueError, match=FAULT_ENV):
-        parse_fault_steps(text)
-
-
-def test_fault_steps_from_env_reads_only_its_variable():
-    assert fault_steps_from_env("policy", {FAULT_ENV: "policy:1;critic:2"}) == {1}
-    assert fault_steps_from_env("critic", {FAULT_ENV: "policy:1"}) == frozenset()
-    assert fault_steps_from_env("policy", {}) == frozenset()
-
-
-def test_local_indices_maps_run_steps_into_one_call():
-    # Iteration 2 (0-based) of 4 steps each runs steps 9..12.
-    assert local_indices({3, 9, 12, 13}, first_step=9, count=4) == [0, 3]
-    assert local_indices(set(), 1, 4) == []
 
 
 def test_update_streak_carries_resets_and_reports_the_longest():

@@ -663,7 +663,7 @@ def with_engine_recovery(roles: Roles, phase: str, call, push_first: bool = True
     """
     from ray.exceptions import RayActorError
 
-    from cluster.faults import lost_actor_id
+    from cluster.liveness import lost_actor_id
 
     stale = False
     while True:
@@ -681,7 +681,7 @@ def with_engine_recovery(roles: Roles, phase: str, call, push_first: bool = True
 
 def recover_engine(roles: Roles, rank: int, phase: str) -> None:
     """Count the loss of engine ``rank`` against the budget and wait until its restart answers."""
-    from cluster.faults import ActorGone, wait_until_alive
+    from cluster.liveness import ActorGone, wait_until_alive
 
     roles.engine_restarts += 1
     budget = roles.max_engine_restarts
@@ -717,7 +717,7 @@ def lost_actor(roles: Roles, err: BaseException) -> ActorLost | None:
     """
     from ray.exceptions import RayError
 
-    from cluster.faults import actor_id_of, lost_actor_id, probe_dead
+    from cluster.liveness import actor_id_of, lost_actor_id, probe_dead
 
     if isinstance(err, ActorLost):
         return err
@@ -1008,16 +1008,14 @@ def fault_poison(iteration: int, steps: int) -> dict[str, list[int]]:
     """Fault injection for tests (``trainers.runtime.nonfinite``): per role, the indices of this iteration's
     optimizer steps that ``RLHF_FAULT_NONFINITE_STEPS`` poisons (steps counted over the run, 1-based);
     prints a line when any is armed."""
-    from trainers.runtime.nonfinite import FAULT_ENV, fault_steps_from_env, local_indices
+    from cluster.faults import NONFINITE_ENV, injector
 
-    out = {
-        role: local_indices(fault_steps_from_env(role), iteration * steps + 1, steps)
-        for role in ("policy", "critic")
-    }
+    faults = injector()
+    out = {role: faults.nonfinite_in(role, iteration * steps + 1, steps) for role in ("policy", "critic")}
     for role, idx in out.items():
         if idx:
             print(
-                f"ppo: {FAULT_ENV} poisons {role} steps {[iteration * steps + i + 1 for i in idx]}",
+                f"ppo: {NONFINITE_ENV} poisons {role} steps {[iteration * steps + i + 1 for i in idx]}",
                 flush=True,
             )
     return out

@@ -11,65 +11,13 @@ The streak is part of the saved state (PPO ``DriverState.nonfinite_streak``, the
 the last applied step (a skipped step changes nothing) plus the streak so far, so a resumed run
 stops at the same step as the uninterrupted run would.
 
-Fault injection (tests only). The environment variable ``RLHF_FAULT_NONFINITE_STEPS`` of the driver
-process makes chosen optimizer steps non-finite, without any code change::
-
-    RLHF_FAULT_NONFINITE_STEPS="policy:2,3;critic:6"   # PPO: policy steps 2 and 3, critic step 6
-    RLHF_FAULT_NONFINITE_STEPS="sft:4-6"               # SFT steps 4, 5 and 6
-
-Steps are 1-based optimizer-step numbers of that role counted from the start of the run (PPO: over
-all iterations). The driver reads the variable and hands the poisoned steps to the workers, which add
-NaN to rank 0's loss of that step (``loss + nan`` keeps the gradients finite, so only the all-ranks
-loss check can catch it -- the harder case). The stages also take ``run_stage(...,
-nonfinite_at_steps=[...])`` from Python, like their ``fail_at_step`` hook. Nothing else sets it; a
-malformed value is an error, and the driver prints a line saying the fault is armed.
+Tests make chosen steps non-finite through ``RLHF_FAULT_NONFINITE_STEPS`` (``cluster/faults.py``).
 """
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
-
-FAULT_ENV = "RLHF_FAULT_NONFINITE_STEPS"
-"""Environment variable naming the optimizer steps to poison (module docstring); tests only."""
-
-FAULT_ROLES = ("policy", "critic", "pretrain", "sft", "rm")
-"""Who can be poisoned: the PPO training roles and the Ray Train stages."""
-_ITEM_RE = re.compile(r"^\s*([a-z_]+)\s*:\s*([0-9,\s-]+)$")
-
-
-def parse_fault_steps(text: str | None) -> dict[str, frozenset[int]]:
-    """``"policy:2,3;critic:6-7"`` -> ``{"policy": {2, 3}, "critic": {6, 7}}``; empty for None/"".
-
-    Raises ``ValueError`` on anything else (a typo must not silently disarm a test's fault).
-    """
-    out: dict[str, set[int]] = {}
-    for item in filter(str.strip, (text or "").split(";")):
-        match = _ITEM_RE.match(item)
-        if not match:
-            raise ValueError(f"{FAULT_ENV}: cannot parse '{item}' (expected ROLE:N[,N|N-M...])")
-        role, spec = match.groups()
-        if role not in FAULT_ROLES:
-            raise ValueError(f"{FAULT_ENV}: unknown role '{role}' (one of {', '.join(FAULT_ROLES)})")
-        for part in filter(str.strip, spec.split(",")):
-            lo, _, hi = part.strip().partition("-")
-            first, last = int(lo), int(hi or lo)
-            if first < 1 or last < first:
-                raise ValueError(f"{FAULT_ENV}: bad step range '{part.strip()}' for {role}")
-            out.setdefault(role, set()).update(range(first, last + 1))
-    return {role: frozenset(steps) for role, steps in out.items()}
-
-
-def fault_steps_from_env(role: str, environ: Mapping[str, str] = os.environ) -> frozenset[int]:
-    """The poisoned steps of ``role`` from :data:`FAULT_ENV` (empty when unset)."""
-    return parse_fault_steps(environ.get(FAULT_ENV)).get(role, frozenset())
-
-
-def local_indices(poisoned: Iterable[int], first_step: int, count: int) -> list[int]:
-    """0-based indices, within a call running steps ``first_step .. first_step + count - 1`` (1-based
-    run-wide numbers), of the poisoned steps that fall in it."""
-    return sorted(s - first_step for s in poisoned if first_step <= s < first_step + count)
+from collections.abc import Sequence
 
 
 def update_streak(streak: int, skipped: Sequence[bool]) -> tuple[int, int]:

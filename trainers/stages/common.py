@@ -358,12 +358,13 @@ def run_stage(
 
 def _fault_steps(stage: str, given: Sequence[int] | None) -> list[int]:
     """Steps to poison (fault injection, ``trainers.runtime.nonfinite``): ``given``, else the environment's."""
-    from trainers.runtime.nonfinite import FAULT_ENV, fault_steps_from_env
+    from cluster.faults import NONFINITE_ENV, injector
 
-    steps = sorted(given if given is not None else fault_steps_from_env(stage))
+    steps = sorted(given if given is not None else injector().nonfinite_steps.get(stage, ()))
     if steps:
         print(
-            f"{stage}: fault injection ({FAULT_ENV} / nonfinite_at_steps) poisons steps {steps}", flush=True
+            f"{stage}: fault injection ({NONFINITE_ENV} / nonfinite_at_steps) poisons steps {steps}",
+            flush=True,
         )
     return steps
 
