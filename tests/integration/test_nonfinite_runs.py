@@ -165,10 +165,10 @@ def ppo_inputs(world_dir, sft_model_dir, rm_model_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def skipped_run(ray_local, ppo_inputs, tmp_path_factory):
     """(a): 2 iterations; policy steps 2 and 3 and critic step 8 (the last of iteration 2) poisoned."""
+    from cluster.faults import NONFINITE_ENV as FAULT_ENV
     from trainers.config import load_config
     from trainers.ppo.driver import run_ppo
     from trainers.runs.metrics import read_metrics
-    from cluster.faults import NONFINITE_ENV as FAULT_ENV
 
     out = tmp_path_factory.mktemp("nonfinite") / "ppo"
     cfg = load_config(TINY, [*ppo_inputs, *PPO_OVERRIDES, "ppo.iterations=2"])

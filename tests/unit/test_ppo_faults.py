@@ -24,7 +24,10 @@ def test_stop_message_names_newest_complete_checkpoint(tmp_path):
     lost = ppo.ActorLost("policy", 1, "died (its process is gone)")
     root = tmp_path / "checkpoints"
     message = ppo.stop_message(lost, root, 0)
-    assert message.startswith("policy rank 1 died") and "a rerun starts from iteration 0" in message
+    assert message == (
+        "policy rank 1 died (its process is gone) after iteration 0; every actor was stopped; "
+        "no checkpoint was saved yet, so a rerun starts from the beginning"
+    )
     for name in ("iter_000001", "iter_000002", "iter_000003.tmp"):  # .tmp: a save cut short
         (root / name).mkdir(parents=True)
     message = ppo.stop_message(lost, root, 2)

@@ -14,6 +14,7 @@ from trainers.files import atomic_write_json, atomic_write_text, replace_dir
 from trainers.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
 from trainers.runs.outdir import check_output_dir
 from trainers.runs.progress import progress_line
+from trainers.runs.resume import check_run_shape, resume_hint
 from trainers.runs.sinks import TensorBoardSink
 
 
@@ -99,3 +100,18 @@ def test_truncate_metrics_drops_steps_after_the_checkpoint_and_broken_lines(tmp_
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
     assert truncate_metrics(path, 3) == 0
     assert truncate_metrics(tmp_path / "missing.jsonl", 3) == 0
+
+
+def test_one_resume_wording_and_one_run_shape_check(tmp_path):
+    assert (
+        resume_hint(tmp_path / "iter_000002")
+        == f"rerun the same command to resume from {tmp_path}/iter_000002"
+    )
+    assert resume_hint(None) == "no checkpoint was saved yet, so a rerun starts from the beginning"
+    check_run_shape({"zero_stage": 3, "world_size": 2}, {"zero_stage": 3, "world_size": 2}, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        check_run_shape({"zero_stage": 3, "world_size": 2}, {"zero_stage": 3, "world_size": 1}, "OUT")
+    assert str(err.value) == (
+        "OUT: checkpoints were made with world_size=2, this run has 1; resuming needs the same "
+        "(pass --fresh to start over)"
+    )

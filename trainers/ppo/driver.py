@@ -49,6 +49,7 @@ from trainers.files import atomic_write_json
 from trainers.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
 from trainers.runs.outdir import prepare_output
 from trainers.runs.progress import format_number
+from trainers.runs.resume import check_run_shape, resume_hint
 from trainers.runs.sinks import open_sinks
 
 # --------------------------------------------------------------------------------------------------
@@ -467,12 +468,7 @@ def check_resumable(checkpoint: Path | None, cfg: Config) -> None:
     if checkpoint is None:
         return
     saved = json.loads((checkpoint / STATE_FILE).read_text()).get("shape", {})
-    for key, value in run_shape(cfg).items():
-        if saved.get(key) != value:
-            raise ConfigError(
-                f"{checkpoint}: made with {key}={saved.get(key)}, this run has {value}; resuming needs the "
-                "same (pass --fresh to start over)"
-            )
+    check_run_shape(saved, run_shape(cfg), checkpoint)
 
 
 def read_prompts(cfg: Config, tokenizer) -> list[list[int]]:
@@ -737,11 +733,7 @@ def stop_message(lost: ActorLost, checkpoints: Path, completed: int) -> str:
     """The one line a stopped run prints: what was lost, after how many iterations, where a rerun of the
     same command resumes from."""
     found = complete_checkpoints(checkpoints)
-    resume = (
-        f"rerun the same command to resume from {found[-1]}"
-        if found
-        else "no complete checkpoint yet: a rerun starts from iteration 0"
-    )
+    resume = resume_hint(found[-1] if found else None)
     return f"{lost} after iteration {completed}; every actor was stopped; {resume}"
 
 
@@ -1022,13 +1014,13 @@ def fault_poison(iteration: int, steps: int) -> dict[str, list[int]]:
 
 
 def check_nonfinite(
-    state: DriverState, skipped: dict[str, list[bool]], limit: int, checkpoints: Path | None = None
+    state: DriverState, skipped: dict[str, list[bool]], limit: int, checkpoints: Path
 ) -> None:
     """Carry each role's streak of skipped optimizer steps through this iteration (``state``), print a line
     when steps were skipped, and raise :class:`RunStopped` once a role has ``limit`` in a row -- before
     anything of this iteration is saved. The message names the newest complete checkpoint under
-    ``checkpoints`` (when given)."""
-    from trainers.runtime.nonfinite import resume_hint, stop_message, update_streak
+    ``checkpoints``."""
+    from trainers.runtime.nonfinite import stop_message, update_streak
 
     longest = {}
     for role, flags in skipped.items():
@@ -1043,11 +1035,8 @@ def check_nonfinite(
             )
     worst = max(longest, key=lambda role: longest[role])
     if longest[worst] >= limit:
-        if checkpoints is None:
-            resume = "rerun the same command to resume from the newest complete checkpoint in OUT/checkpoints"
-        else:
-            found = complete_checkpoints(checkpoints)
-            resume = resume_hint(found[-1] if found else None)
+        found = complete_checkpoints(checkpoints)
+        resume = resume_hint(found[-1] if found else None)
         what = f"ppo iteration {state.iteration + 1}, {worst}"
         raise RunStopped(stop_message(what, longest[worst], limit, resume))
 
@@ -1067,7 +1056,7 @@ def sync_weights(roles: Roles) -> dict[str, float]:
 
 
 def run_iteration(
-    roles: Roles, cfg: Config, data: RunData, state: DriverState, kl_ctl, checkpoints: Path | None = None
+    roles: Roles, cfg: Config, data: RunData, state: DriverState, kl_ctl, checkpoints: Path
 ) -> dict[str, float]:
     """One PPO-ptx iteration (module docstring); advances ``state``; returns its metrics.
 

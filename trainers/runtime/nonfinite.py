@@ -16,7 +16,6 @@ Tests make chosen steps non-finite through ``RLHF_FAULT_NONFINITE_STEPS`` (``clu
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 
@@ -40,10 +39,3 @@ def stop_message(what: str, longest: int, limit: int, resume: str) -> str:
         f"{what}: {longest} optimizer steps in a row had a non-finite loss or gradient norm (limit "
         f"max_nonfinite_steps={limit}); they were skipped and nothing was saved after them; {resume}"
     )
-
-
-def resume_hint(checkpoint: str | os.PathLike | None) -> str:
-    """Where a rerun of the same command resumes from (or that it starts over)."""
-    if checkpoint is None:
-        return "no checkpoint was saved yet, so a rerun starts from the beginning"
-    return f"rerun the same command to resume from {checkpoint}"

@@ -71,11 +71,12 @@ import torch
 
 from trainers.config import Config, LoggingConfig, dump_yaml, to_dict
 from trainers.data.sharding import eval_batches, micro_batches, rank_share
-from trainers.errors import ConfigError, DataError
+from trainers.errors import DataError
 from trainers.files import atomic_write_json
 from trainers.runs.metrics import MetricsWriter, truncate_metrics
 from trainers.runs.outdir import check_output_dir, prepare_output
 from trainers.runs.progress import progress_line
+from trainers.runs.resume import check_run_shape, resume_hint
 from trainers.runs.sinks import open_sinks
 
 CHECKPOINT_TAG = "engine"
@@ -267,12 +268,8 @@ def check_resumable(state: dict | None, plan: dict) -> None:
     """ConfigError if a checkpoint exists but was made with another run shape (use --fresh)."""
     if state is None:
         return
-    for key in ("world_size", "global_batch_size", "micro_batch_size", "zero_stage"):
-        if state.get(key) != plan[key]:
-            raise ConfigError(
-                f"{plan['out_dir']}: existing checkpoints were made with {key}={state.get(key)}, this run has "
-                f"{plan[key]}; resume needs the same (pass --fresh to start over)"
-            )
+    keys = ("world_size", "global_batch_size", "micro_batch_size", "zero_stage")
+    check_run_shape(state, {key: plan[key] for key in keys}, plan["out_dir"])
 
 
 def make_plan(
@@ -372,7 +369,7 @@ def _fault_steps(stage: str, given: Sequence[int] | None) -> list[int]:
 def _raise_if_stopped(stage: str, returned: Any, st, storage: Path) -> None:
     """RunStopped if the workers stopped for non-finite steps (their return value says so)."""
     from trainers.errors import RunStopped
-    from trainers.runtime.nonfinite import resume_hint, stop_message
+    from trainers.runtime.nonfinite import stop_message
 
     stopped = returned.get("stopped") if isinstance(returned, dict) else None
     if stopped:
