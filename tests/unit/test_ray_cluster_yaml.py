@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-pytest.importorskip("ray")
-from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 CFG = yaml.safe_load((Path(__file__).resolve().parents[2] / "ray_cluster.yaml").read_text())
 
