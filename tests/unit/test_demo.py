@@ -4,7 +4,7 @@ stale results, --fresh, the report summary, and the user errors that must stop i
 from __future__ import annotations
 
 import json
-import os
+from pathlib import Path
 
 import pytest
 
@@ -255,16 +255,19 @@ def test_cli_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys
     assert not out.exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_out_is_a_user_error(tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        assert cli.main(["demo", "--out", str(locked / "demo")]) == 2
-        assert "not writable" in capsys.readouterr().err
-    finally:
-        locked.chmod(0o700)
+@pytest.mark.parametrize("where", ["under_a_file", "in_proc"])
+def test_unwritable_out_is_a_user_error(tmp_path, capsys, where):
+    """Places nobody can write to, root included (CI runs as root, whom permission bits do not stop):
+    below a regular file, and in /proc, which refuses to create anything even where root's permission
+    check lets it through."""
+    blocker = tmp_path.resolve() / "file"
+    blocker.write_text("x")
+    probe = blocker if where == "under_a_file" else Path("/proc")
+    out = probe / "rlhf-test" / "demo"
+    assert cli.main(["demo", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"rlhf: error: output directory '{out}' is not writable ('{probe}' does not allow it)"
+    ]
 
 
 def test_register_adds_the_demo_command():
