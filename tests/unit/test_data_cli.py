@@ -1,12 +1,12 @@
 """`rlhf data validate|prepare|synth`: exit codes, exact stderr lines, printed counts.
 
-Driven through a small harness that mirrors the top-level CLI (register on a subparsers object, call
-``args.func``, map UserError to exit 2 with its lines), plus one subprocess run of the module entry.
+Driven through the real top-level CLI, ``trainers.cli.main`` (its UserError handling is what users
+get: problem lines verbatim, a plain message with the ``rlhf: error:`` prefix, exit 2), plus one
+subprocess run of the module entry.
 """
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import types
@@ -14,31 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from trainers.cli import main
 from trainers.data import write_jsonl
-from trainers.data.cli import register
-from trainers.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run_cli(argv: list[str]) -> int:
-    """Parse ``argv`` as the top-level CLI would and run the command; UserError -> lines on stderr, 2."""
-    parser = argparse.ArgumentParser(prog="rlhf")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as err:
-        for line in err.lines:
-            print(line, file=sys.stderr)
-        return 2
 
 
 def test_validate_ok_prints_one_line_and_warnings_on_stderr(tmp_path, capsys):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     write_jsonl(a, [{"prompt": "x", "colour": "red"}, {"prompt": "y"}])
     write_jsonl(b, [{"prompt": "z"}])
-    assert run_cli(["data", "validate", "--kind", "prompts", str(a), str(b)]) == 0
+    assert main(["data", "validate", "--kind", "prompts", str(a), str(b)]) == 0
     out, err = capsys.readouterr()
     assert out == "OK: 3 records in 2 files\n"
     assert err == f"{a}:1: field 'colour': unknown field (ignored)\n"
@@ -50,7 +36,7 @@ def test_validate_bad_exits_2_with_exactly_the_problem_lines(tmp_path, capsys):
         path,
         [{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0]}] + [{"prompt": i} for i in range(25)],
     )
-    assert run_cli(["data", "validate", "--kind", "comparisons", str(path)]) == 2
+    assert main(["data", "validate", "--kind", "comparisons", str(path)]) == 2
     out, err = capsys.readouterr()
     lines = err.splitlines()
     assert out == ""
@@ -65,8 +51,6 @@ def test_validate_bad_exits_2_with_exactly_the_problem_lines(tmp_path, capsys):
 
 
 def test_top_level_cli_prints_a_single_problem_verbatim(tmp_path, capsys):
-    from trainers.cli import main
-
     path = tmp_path / "p.jsonl"
     write_jsonl(path, [{"prompt": None}])
     assert main(["data", "validate", "--kind", "prompts", str(path)]) == 2
@@ -79,25 +63,26 @@ def test_prepare_prints_counts_and_refuses_existing_output(tmp_path, capsys):
         src, [{"prompt": f"prompt {i}", "user_id": i % 5} for i in range(20)] + [{"prompt": "PROMPT  3"}]
     )
     argv = ["data", "prepare", "--kind", "prompts", str(src), "--out", str(out), "--max-per-user", "3"]
-    assert run_cli(argv) == 0
+    assert main(argv) == 0
     printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     assert printed["read"] == "21" and printed["duplicates_dropped"] == "1" and printed["capped"] == "5"
     assert int(printed["train"]) + int(printed["valid"]) + int(printed["test"]) == 15
     assert (out / "valid.parquet").exists()
 
-    assert run_cli(argv) == 2
+    assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (
-        f"--out {out} already holds train.parquet, valid.parquet, test.parquet; pass --overwrite to replace them\n"
+        f"rlhf: error: --out {out} already holds train.parquet, valid.parquet, test.parquet; "
+        "pass --overwrite to replace them\n"
     )
-    assert run_cli(argv + ["--overwrite", "--seed", "3"]) == 0
+    assert main(argv + ["--overwrite", "--seed", "3"]) == 0
 
 
 def test_prepare_invalid_input_exits_2_and_writes_nothing(tmp_path, capsys):
     src, out = tmp_path / "in.jsonl", tmp_path / "out"
     src.write_text('{"prompt": "a"}\nnot json\n')
-    assert run_cli(["data", "prepare", "--kind", "prompts", str(src), "--out", str(out)]) == 2
+    assert main(["data", "prepare", "--kind", "prompts", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{src}:2: not valid JSON (") and err.count("\n") == 1
     assert not out.exists()
@@ -105,7 +90,7 @@ def test_prepare_invalid_input_exits_2_and_writes_nothing(tmp_path, capsys):
 
 def test_prepare_help_documents_the_prefix_default(capsys):
     with pytest.raises(SystemExit):
-        run_cli(["data", "prepare", "--help"])
+        main(["data", "prepare", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default: 64)" in help_text and "0 disables" in help_text
 
@@ -120,19 +105,25 @@ def test_synth_calls_the_world_and_prints_its_summary(tmp_path, capsys, monkeypa
     world = types.ModuleType("trainers.data.world")
     world.synthesize = synthesize
     monkeypatch.setitem(sys.modules, "trainers.data.world", world)
-    assert run_cli(["data", "synth", "--out", str(tmp_path), "--seed", "4", "--scale", "0.5"]) == 0
+    assert main(["data", "synth", "--out", str(tmp_path), "--seed", "4", "--scale", "0.5"]) == 0
     assert calls == [(str(tmp_path), 4, 0.5)]
     assert capsys.readouterr().out == f"prompts: 120\nout: {tmp_path}\n"
 
 
 def test_missing_subcommand_or_bad_kind_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as info:
-        run_cli(["data"])
+        main(["data"])
     assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        "rlhf data: error: the following arguments are required: {validate,prepare,synth}\n"
+    )
     with pytest.raises(SystemExit) as info:
-        run_cli(["data", "validate", "--kind", "rankings", "x.jsonl"])
+        main(["data", "validate", "--kind", "rankings", "x.jsonl"])
     assert info.value.code == 2
-    assert "invalid choice: 'rankings'" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "rlhf data validate: error: argument --kind: invalid choice: 'rankings'"
+    )
 
 
 def test_module_entry_point_in_a_subprocess(tmp_path):
