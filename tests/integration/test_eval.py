@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -135,13 +136,45 @@ def test_reward_model_judge_adds_bias_and_is_batch_invariant(rm_dir, prompts):
 # --- held-out accuracy ------------------------------------------------------------------------------------
 
 
-def test_heldout_accuracy_rank_classification(policy_run, world):
+def _option_loglik(model, tok, prompt: str, option: str) -> float:
+    """Log-likelihood of ``option`` as the response to ``prompt``: one unpadded transformers forward."""
+    prompt_ids = encode_prompt(tok, prompt)
+    option_ids = tok.encode(option, add_special_tokens=False)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + option_ids])).logits[0].float()  # (T, V)
+    logp = torch.log_softmax(logits, -1)
+    return sum(float(logp[len(prompt_ids) - 1 + j, t]) for j, t in enumerate(option_ids))
+
+
+def test_heldout_accuracy_rank_classification(policy_run, world, tmp_path):
+    """Rank classification answers with the option the model finds likeliest. That option is found here
+    per row with a plain forward pass; the accuracy must be the share of rows where it is the answer, a
+    copy of the file whose answer is it must score 1.0, and one whose answer is the other option 0.0.
+    The copies reverse the options column on every other row (the prompt text stays, so every option's
+    likelihood does too): a pick by position cannot pass."""
     rows = heldout.load_heldout("sentiment", world)
     result = heldout.heldout_accuracy(policy_run, "sentiment", world, method="rank")
     assert result["n"] == len(rows) == len(pq.read_table(world / "heldout" / "test.parquet"))
     assert set(result["per_task"]) <= {"sentiment_said", "sentiment_review"}
     assert sum(t["n"] for t in result["per_task"].values()) == result["n"]
-    assert result["chance"] == 0.5 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["chance"] == 0.5
+    model, tok = generation.load_causal_lm(policy_run)
+    picks = [max(r["options"], key=lambda o, r=r: _option_loglik(model, tok, r["prompt"], o)) for r in rows]
+    assert result["accuracy"] == pytest.approx(sum(p == r["answer"] for p, r in zip(picks, rows)) / len(rows))
+    schema = pq.read_schema(world / "heldout" / "test.parquet")
+    best, worst = [], []
+    for i, (row, pick) in enumerate(zip(rows, picks, strict=True)):
+        options = list(reversed(row["options"])) if i % 2 else list(row["options"])
+        other = next(o for o in options if o != pick)
+        best.append({**row, "options": options, "answer": pick})
+        worst.append({**row, "options": options, "answer": other})
+    assert {r["options"].index(r["answer"]) for r in best} == {0, 1}  # the picks sit at both positions
+    for name, copy, accuracy in (("best", best, 1.0), ("worst", worst, 0.0)):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(copy, schema=schema), path)
+        assert (
+            heldout.heldout_accuracy(policy_run, "sentiment", path, method="rank")["accuracy"] == accuracy
+        ), name
     generated = heldout.heldout_accuracy(
         policy_run, "sentiment", world / "heldout" / "test.parquet", method="generate"
     )
