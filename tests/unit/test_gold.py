@@ -7,27 +7,28 @@ import statistics
 
 import pytest
 
-from trainers.data import gold, world
-from trainers.data.gold import CLOSING, ENTITIES, GoldLabeler, criteria, parse_prompt, rank, score
+from trainers.data import facts, gold, responses, world_text
+from trainers.data.facts import CLOSING, ENTITIES
+from trainers.data.gold import GoldLabeler, criteria, parse_prompt, rank, score
 from trainers.data.templates import TASKS, render
 
 TILO = ENTITIES["Tilo"]
 PROMPT = "What does Tilo like to eat?"
-WRONG_FOOD = next(f for f in gold.FOODS if f != TILO.food)
+WRONG_FOOD = next(f for f in facts.FOODS if f != TILO.food)
 
 
 def test_world_knowledge_is_fixed_and_independent_of_global_random_state():
     random.seed(12345)
-    assert gold._make_entities() == ENTITIES
+    assert facts._make_entities() == ENTITIES
     assert all(e.friend != e.name for e in ENTITIES.values())
-    assert len(ENTITIES) == len(gold.NAMES) == 24
+    assert len(ENTITIES) == len(facts.NAMES) == 24
 
 
 def test_prompt_round_trip_for_every_template_of_every_task():
     rng = random.Random(3)
     for task in TASKS.values():
         for idx in range(len(task.templates)):
-            fields = world.sample_fields(task.name, rng)
+            fields = world_text.sample_fields(task.name, rng)
             parsed = parse_prompt(render(task, fields, idx))
             assert parsed is not None and parsed.task.name == task.name, (task.name, idx)
             for key, value in parsed.fields.items():
@@ -104,32 +105,32 @@ def test_unknown_prompt_is_judged_on_the_generic_criteria():
 
 def _sample(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [world.sample_prompt(world.sample_task(rng), rng) for _ in range(n)]
+    return [world_text.sample_prompt(world_text.sample_task(rng), rng) for _ in range(n)]
 
 
 def test_best_response_is_maximal_for_every_task_and_beats_demonstrations():
     rng = random.Random(11)
     for task in TASKS:
         for _ in range(15):
-            prompt = world.sample_prompt(task, rng)
+            prompt = world_text.sample_prompt(task, rng)
             best = score(prompt, gold.best_response(prompt))
             assert best == 1.0, (prompt, gold.best_response(prompt))
             for body in gold.answer_bodies(parse_prompt(prompt), rng):
                 assert criteria(prompt, body)["correct"] == 1.0, (prompt, body)
-            assert score(prompt, world.demonstration(prompt, rng)) <= best
+            assert score(prompt, responses.demonstration(prompt, rng)) <= best
 
 
 def test_room_for_rl_demonstrations_below_best_and_corruptions_below_demonstrations():
     rng = random.Random(5)
     prompts = _sample(400, seed=4)
-    demos = statistics.fmean(score(p, world.demonstration(p, rng)) for p in prompts)
+    demos = statistics.fmean(score(p, responses.demonstration(p, rng)) for p in prompts)
     best = statistics.fmean(score(p, gold.best_response(p)) for p in prompts)
     corrupt = statistics.fmean(
-        score(p, world.corrupt(p, rng.choice(world.CORRUPTIONS), rng)) for p in prompts
+        score(p, responses.corrupt(p, rng.choice(responses.CORRUPTIONS), rng)) for p in prompts
     )
     assert best - demos >= 0.15
     assert demos > corrupt
-    closing_rate = statistics.fmean(gold.strip_closing(world.demonstration(p, rng))[1] for p in prompts)
+    closing_rate = statistics.fmean(gold.strip_closing(responses.demonstration(p, rng))[1] for p in prompts)
     assert 0.2 <= closing_rate <= 0.4  # the preference shows only sometimes in demonstrations
 
 

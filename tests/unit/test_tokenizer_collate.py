@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainers.data import world
+from trainers.data import responses, world_text
 from trainers.data.collate import (
     IGNORE_INDEX,
     collate_lm,
@@ -27,9 +27,9 @@ from trainers.runtime import presets
 
 def _corpus(seed: int = 0, n: int = 150) -> list[str]:
     rng = random.Random(seed)
-    docs = [world.pretrain_document(rng) for _ in range(n)]
-    prompts = [world.sample_prompt(world.sample_task(rng), rng) for _ in range(n)]
-    return docs + prompts + [world.demonstration(p, rng) for p in prompts]
+    docs = [world_text.pretrain_document(rng) for _ in range(n)]
+    prompts = [world_text.sample_prompt(world_text.sample_task(rng), rng) for _ in range(n)]
+    return docs + prompts + [responses.demonstration(p, rng) for p in prompts]
 
 
 @pytest.fixture(scope="module")

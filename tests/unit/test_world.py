@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainers.data import gold, world
+from trainers.data import facts, gold, world
 from trainers.data.templates import HELDOUT_CLUSTERS, OPTIONS_HEADER, TASKS, USE_CASE_MIX
 from trainers.data.validate import validate_files
 
@@ -25,10 +25,10 @@ SENTIMENT_CUES = {
 }  # fmt: skip
 """The one cue word in each utterance the world writes (its four positive and four negative ones)."""
 ANSWER_POOLS = {
-    "qa_food": gold.FOODS,
-    "qa_home": gold.HOMES,
-    "qa_kind": gold.KINDS,
-    "opposite": tuple(gold.OPPOSITES),
+    "qa_food": facts.FOODS,
+    "qa_home": facts.HOMES,
+    "qa_kind": facts.KINDS,
+    "opposite": tuple(facts.OPPOSITES),
 }
 """Single-answer tasks and the words any of their answers could be."""
 
@@ -56,17 +56,17 @@ def _expected_answer(task: str, prompt: str) -> str | None:
     ``gold.answer``, which the world itself uses); None for the open-ended tasks."""
     text = prompt.split(OPTIONS_HEADER)[0]
     words = re.findall(r"[A-Za-z]+", text)
-    names = [w for w in words if w in gold.ENTITIES]
+    names = [w for w in words if w in facts.ENTITIES]
     if task in FACT_TASKS:
-        return getattr(gold.ENTITIES[names[0]], FACT_TASKS[task])
+        return getattr(facts.ENTITIES[names[0]], FACT_TASKS[task])
     if task == "passage_who":  # the subject is named in the text and in the question, the companion once
         return next(n for n in names if names.count(n) == 1)
     if task == "passage_when":
-        return next(w for w in words if w in gold.DAYS)
+        return next(w for w in words if w in facts.DAYS)
     if task == "opposite":  # every template ends with the adjective
-        return gold.OPPOSITES[words[-1]]
+        return facts.OPPOSITES[words[-1]]
     if task == "extract_food":
-        return next(w for w in words if w in gold.FOODS)
+        return next(w for w in words if w in facts.FOODS)
     if task == "classify_topic":
         return next(topic for cue, topic in TOPIC_CUES.items() if cue in text)
     if task in ("sentiment_said", "sentiment_review"):
@@ -162,7 +162,7 @@ def test_comparisons_have_k_in_4_to_9_and_gold_rankings(worlds):
                 others = (words & set(ANSWER_POOLS[r["task"]])) - {answer} - prompt_words
                 if answer not in words:
                     unanswered.append(rank)
-                elif not others and response.endswith(gold.CLOSING) and not words & gold.FILLER:
+                elif not others and response.endswith(facts.CLOSING) and not words & facts.FILLER:
                     right.append(rank)
             pairs += len(right) * len(unanswered)
             assert max(right, default=-1) < min(unanswered, default=99), r
