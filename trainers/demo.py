@@ -38,12 +38,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from trainers.errors import ConfigError
+from trainers.evaluation.demo_report import (
+    MODELS,
+    assemble_summary,
+    closing_lines,
+    result_line,
+    stage_seconds,
+    update_json,
+    write_demo_report,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 """The CPU preset the demo runs by default (shipped as package data)."""
@@ -74,13 +82,7 @@ FIRST_AFFECTED = {
     "ppo": "ppo",
 }
 """The first stage whose result a config section changes (sections not listed change none)."""
-WIN_RATE_TARGET = 0.6
-"""The demo shows that RLHF works when PPO-ptx beats SFT this often under the gold labeler."""
 EVAL_BATCH_SIZE = 32
-MODELS = ("base", "sft", "ppo_ptx")
-"""Evaluated models, as named in the report."""
-
-
 # --------------------------------------------------------------------------------------------------
 # Paths and configuration
 # --------------------------------------------------------------------------------------------------
@@ -310,129 +312,6 @@ def default_runners() -> dict[str, Callable[[dict, Path], dict]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Results: one line per stage, the report summary
-# --------------------------------------------------------------------------------------------------
-
-
-def _seconds(summary: Mapping, stage: str) -> float | None:
-    value = summary.get(f"{stage}/wall_time_s")
-    return float(value) if isinstance(value, int | float) else None
-
-
-def result_line(stage: str, summary: Mapping, seconds: float | None = None) -> str:
-    """The one line that states a stage's result (``seconds``: the demo's own measurement, else the
-    stage's recorded wall time)."""
-    s = summary
-    seconds = seconds if seconds is not None else _seconds(s, stage)
-    if stage == "world":
-        rows = s["world/rows"]
-        text = (
-            f"world: {rows['demonstrations']['train']} demonstrations, {rows['comparisons']['train']} "
-            f"comparisons, {rows['prompts']['train']} prompts, {rows['pretrain']['train']} pretraining "
-            f"documents, {rows['heldout']} held-out"
-        )
-    elif stage in ("pretrain", "sft"):
-        text = f"{'SFT' if stage == 'sft' else 'pretrain'}: valid loss {s[f'{stage}/valid_loss']:.3f}"
-    elif stage == "rm":
-        text = f"RM: valid accuracy {s['rm/valid_accuracy']:.3f}"
-    elif stage == "ppo":
-        text = (
-            f"PPO-ptx: RM score {s['ppo/score_first_quarter']:.2f} -> {s['ppo/score_last_quarter']:.2f} "
-            f"(first -> last quarter), last KL to SFT {s.get('ppo/objective/kl', float('nan')):.2f}, "
-            f"ptx loss {s.get('ppo/loss/ptx', float('nan')):.3f}"
-        )
-    elif stage == "eval":
-        w = s["eval/win_rate_gold"]
-        g = s["eval/gold_scores"]
-        text = (
-            f"evaluation: gold win rate of PPO-ptx over SFT {w['win_rate']:.3f} "
-            f"[95% CI {w['ci_low']:.3f}, {w['ci_high']:.3f}], gold score SFT {g['sft']['score']:.3f} -> "
-            f"PPO-ptx {g['ppo_ptx']['score']:.3f}"
-        )
-    else:
-        raise ValueError(f"no result line for stage {stage!r}")
-    return text + (f" ({seconds:.0f} s)" if seconds is not None else "")
-
-
-def kl_to_sft(records: Sequence[Mapping], key: str = "objective/kl") -> float | None:
-    """Mean per-sequence KL to SFT over the last quarter of the PPO iterations (at least one): where
-    the policy ended, smoothed over iteration noise. None without KL records."""
-    values = [float(r[key]) for r in records if isinstance(r.get(key), int | float)]
-    if not values:
-        return None
-    return statistics.fmean(values[-max(1, len(values) // 4) :])
-
-
-def assemble_summary(
-    summaries: Mapping[str, Mapping], ppo_records: Sequence[Mapping], timings: Mapping[str, float]
-) -> dict:
-    """The demo's report numbers from the stage summaries (``world`` ... ``eval``), the PPO metrics
-    records and the per-stage seconds. Nested where it reads better (``pretrain_loss.base``)."""
-    ev, rm, ppo = summaries["eval"], summaries["rm"], summaries["ppo"]
-    gold, gold_scores = ev["eval/win_rate_gold"], ev["eval/gold_scores"]
-    return {
-        "gold_win_rate_vs_sft": gold["win_rate"],
-        "gold_win_rate_ci95": [gold["ci_low"], gold["ci_high"]],
-        "gold_win_rate_counts": {k: gold[k] for k in ("wins", "ties", "losses", "n")},
-        "target_met": gold["win_rate"] >= WIN_RATE_TARGET,
-        "rm_win_rate_vs_sft": ev["eval/win_rate_rm"]["win_rate"],
-        "gold_score": {"sft": gold_scores["sft"]["score"], "ppo_ptx": gold_scores["ppo_ptx"]["score"]},
-        "closing_rate": {"sft": gold_scores["sft"]["closing"], "ppo_ptx": gold_scores["ppo_ptx"]["closing"]},
-        "correct_rate": {"sft": gold_scores["sft"]["correct"], "ppo_ptx": gold_scores["ppo_ptx"]["correct"]},
-        "rm_valid_accuracy": rm["rm/valid_accuracy"],
-        "rm_score": {
-            "first_quarter": ppo["ppo/score_first_quarter"],
-            "last_quarter": ppo["ppo/score_last_quarter"],
-        },
-        "kl_to_sft": kl_to_sft(ppo_records),
-        "pretrain_loss": dict(ev["eval/pretrain_loss"]),
-        "heldout_accuracy": dict(ev["eval/heldout_accuracy"]),
-        "valid_loss": {
-            "pretrain": summaries["pretrain"]["pretrain/valid_loss"],
-            "sft": summaries["sft"]["sft/valid_loss"],
-        },
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "stages_total_s": round(sum(timings.values()), 1),
-    }
-
-
-def table_numbers(summary: Mapping) -> dict[str, float]:
-    """The flat ``name: number`` view the report table and figure show (at most 16 numbers)."""
-    flat = {"gold_win_rate_vs_sft": summary["gold_win_rate_vs_sft"]}
-    for group in ("gold_score", "closing_rate"):
-        flat |= {f"{group}/{k}": v for k, v in summary[group].items()}
-    flat |= {
-        "rm_win_rate_vs_sft": summary["rm_win_rate_vs_sft"],
-        "rm_valid_accuracy": summary["rm_valid_accuracy"],
-        "kl_to_sft": summary["kl_to_sft"],
-    }
-    flat |= {f"pretrain_loss/{k}": v for k, v in summary["pretrain_loss"].items()}
-    flat |= {f"heldout_accuracy/{k}": summary["heldout_accuracy"][k] for k in MODELS}
-    flat["stages_total_s"] = summary["stages_total_s"]
-    return flat
-
-
-def write_demo_report(out: Path, summary: Mapping, win_rates: Mapping[str, Mapping]) -> Path:
-    """``OUT/report/``: :func:`trainers.evaluation.report.write_report` (prints the table), then the demo's own
-    keys merged into the top level of ``report/summary.json``; returns that file's path."""
-    from trainers.evaluation.report import write_report
-
-    metrics = out / "ppo" / "metrics.jsonl"
-    paths = write_report(out, ppo_metrics_path=metrics, summary=table_numbers(summary), win_rates=win_rates)
-    update_json(paths["summary"], summary)
-    return paths["summary"]
-
-
-def update_json(path: Path, values: Mapping) -> dict:
-    """Merge ``values`` into the top level of the JSON object in ``path`` (atomically); the result."""
-    from trainers.files import atomic_write_json
-
-    merged = {**json.loads(path.read_text()), **values}
-    atomic_write_json(path, merged)
-    return merged
-
-
-# --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
 
@@ -454,7 +333,7 @@ def _run_stage(index: int, stage: str, title: str, runner, configs: dict, out: P
     done = summary_path(out, stage)
     if done.is_file():
         summary = json.loads(done.read_text())
-        seconds = _seconds(summary, stage) or 0.0
+        seconds = stage_seconds(summary, stage) or 0.0
         print(f"{head}: done earlier, skipped ({done})", flush=True)
         print(result_line(stage, summary, seconds) + " [earlier run]", flush=True)
         return summary, seconds
@@ -536,20 +415,6 @@ def run_demo(
     written = update_json(path, {"timings_s": summary["timings_s"], "wall_time_s": summary["wall_time_s"]})
     print(closing_lines(summary, out), flush=True)
     return written
-
-
-def closing_lines(summary: Mapping, out: Path) -> str:
-    """Timings per stage, the total, the win-rate target and where the report is."""
-    times = "  ".join(f"{k} {v:.0f}s" for k, v in summary["timings_s"].items())
-    verdict = "met" if summary["target_met"] else "NOT met"
-    return "\n".join(
-        [
-            f"timings: {times}",
-            f"demo wall time: {summary['wall_time_s']:.0f} s (stages {summary['stages_total_s']:.0f} s)",
-            f"target gold win rate >= {WIN_RATE_TARGET}: {verdict} ({summary['gold_win_rate_vs_sft']:.3f})",
-            f"report: {out / 'report' / 'summary.json'}, {out / 'report' / 'report.png'}",
-        ]
-    )
 
 
 # --------------------------------------------------------------------------------------------------

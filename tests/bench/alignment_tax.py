@@ -408,8 +408,8 @@ def evaluate_run(
 ) -> dict:
     """One policy: gold and RM win rate over SFT, gold scores, pretraining loss, KL to SFT from its
     metrics; cached under ``key`` (:func:`run_eval_key`)."""
-    from trainers.demo import kl_to_sft
     from trainers.evaluation import generation, judges, lm_loss
+    from trainers.evaluation.demo_report import kl_to_sft
     from trainers.runs.metrics import read_metrics
 
     def compute() -> dict:

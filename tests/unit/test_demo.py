@@ -11,6 +11,7 @@ import pytest
 from trainers import cli, demo
 from trainers.config import load_config
 from trainers.errors import ConfigError
+from trainers.evaluation import demo_report
 from trainers.evaluation.judges import win_rate_from_outcomes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -219,21 +220,24 @@ def test_default_config_is_a_ppo_ptx_run():
 
 def test_kl_to_sft_is_the_last_quarter_mean():
     records = [{"objective/kl": float(k)} for k in range(1, 9)] + [{"objective/kl": None}]
-    assert demo.kl_to_sft(records) == pytest.approx(7.5)
-    assert demo.kl_to_sft([{"objective/kl": 2.0}]) == 2.0
-    assert demo.kl_to_sft([{"objective/score": 1.0}]) is None
+    assert demo_report.kl_to_sft(records) == pytest.approx(7.5)
+    assert demo_report.kl_to_sft([{"objective/kl": 2.0}]) == 2.0
+    assert demo_report.kl_to_sft([{"objective/score": 1.0}]) is None
 
 
 def test_result_lines(tmp_path):
     out = tmp_path
-    assert demo.result_line("sft", _fake_summary("sft", out), 118.4) == "SFT: valid loss 1.300 (118 s)"
-    assert demo.result_line("pretrain", _fake_summary("pretrain", out)) == "pretrain: valid loss 2.000 (3 s)"
-    ppo = demo.result_line("ppo", _fake_summary("ppo", out), 200)
+    assert demo_report.result_line("sft", _fake_summary("sft", out), 118.4) == "SFT: valid loss 1.300 (118 s)"
+    assert (
+        demo_report.result_line("pretrain", _fake_summary("pretrain", out))
+        == "pretrain: valid loss 2.000 (3 s)"
+    )
+    ppo = demo_report.result_line("ppo", _fake_summary("ppo", out), 200)
     assert (
         ppo
         == "PPO-ptx: RM score -0.50 -> 0.90 (first -> last quarter), last KL to SFT 8.00, ptx loss 2.200 (200 s)"
     )
-    ev = demo.result_line("eval", _fake_summary("eval", out))
+    ev = demo_report.result_line("eval", _fake_summary("eval", out))
     assert ev.startswith("evaluation: gold win rate of PPO-ptx over SFT 0.800 [95% CI 0.")
     assert "gold score SFT 0.500 -> PPO-ptx 0.700 (2 s)" in ev
 
