@@ -100,7 +100,7 @@ def kill_session(proc: subprocess.Popen) -> None:
 
 def registered_step(out: Path, stage: str) -> int:
     """Step of the newest checkpoint Ray Train registered (0 if none): the one a rerun restores."""
-    from trainers.stages.common import latest_checkpoint_state
+    from trainers.stages.checkpoints import latest_checkpoint_state
 
     return (latest_checkpoint_state(out / "checkpoints" / stage) or {}).get("step", 0)
 

@@ -63,7 +63,7 @@ def test_first_step_is_the_global_token_mean(base_run, sft_run):
     from trainers.config import tokenizer_dir
     from trainers.data.tokenizer import load_tokenizer
     from trainers.runtime.models import forward_logits
-    from trainers.stages.common import epoch_order, step_indices
+    from trainers.stages.batching import epoch_order, step_indices
     from trainers.stages.sft import LMTask, prepare
 
     cfg = sft_run.cfg

@@ -10,12 +10,8 @@ import torch
 from trainers.data.sharding import rank_share
 from trainers.data.validate import length_problems
 from trainers.errors import ConfigError
-from trainers.stages.common import (
-    check_resumable,
-    epoch_order,
-    plan_steps,
-    step_indices,
-)
+from trainers.stages.batching import epoch_order, plan_steps, step_indices
+from trainers.stages.checkpoints import check_resumable
 from trainers.stages.rm import pair_counts
 
 TINY = Path(__file__).resolve().parents[2] / "trainers" / "configs" / "tiny.yaml"

@@ -125,7 +125,7 @@ def test_fault_poison_maps_run_steps_of_the_env_to_this_iteration(monkeypatch, c
 
 def _checkpoint(storage, step, register=True):
     """A checkpoint folder; ``register``: also name it in Ray Train's snapshot as the latest."""
-    from trainers.stages.common import SNAPSHOT_FILE, STATE_FILE
+    from trainers.stages.checkpoints import SNAPSHOT_FILE, STATE_FILE
 
     path = storage / f"step_{step:07d}"
     path.mkdir(parents=True)
@@ -138,14 +138,15 @@ def _checkpoint(storage, step, register=True):
 
 def test_stage_stop_becomes_run_stopped_naming_the_newest_checkpoint(tmp_path):
     from trainers.config import SFTConfig
-    from trainers.stages.common import _raise_if_stopped, newest_checkpoint
+    from trainers.stages.checkpoints import newest_checkpoint
+    from trainers.stages.driver import raise_if_stopped
 
     _checkpoint(tmp_path, 2)
     newest = _checkpoint(tmp_path, 4)
     assert newest_checkpoint(tmp_path) == newest
-    _raise_if_stopped("sft", None, SFTConfig(), tmp_path)  # a normal finish
+    raise_if_stopped("sft", None, SFTConfig(), tmp_path)  # a normal finish
     with pytest.raises(RunStopped) as err:
-        _raise_if_stopped("sft", {"stopped": {"step": 13, "longest": 3}}, SFTConfig(), tmp_path)
+        raise_if_stopped("sft", {"stopped": {"step": 13, "longest": 3}}, SFTConfig(), tmp_path)
     assert str(err.value).startswith("sft step 13: 3 optimizer steps in a row")
     assert str(err.value).endswith(f"resume from {newest}")
     assert newest_checkpoint(tmp_path / "missing") is None
@@ -154,7 +155,7 @@ def test_stage_stop_becomes_run_stopped_naming_the_newest_checkpoint(tmp_path):
 def test_the_resume_point_is_ray_trains_registered_checkpoint_not_the_newest_folder(tmp_path):
     """Workers outliving a killed driver can leave folders Ray Train never registered; it resumes from
     the one its snapshot names, and so must every message that says where a rerun resumes."""
-    from trainers.stages.common import SNAPSHOT_FILE, latest_checkpoint_state, newest_checkpoint
+    from trainers.stages.checkpoints import SNAPSHOT_FILE, latest_checkpoint_state, newest_checkpoint
 
     registered = _checkpoint(tmp_path, 2)
     _checkpoint(tmp_path, 6, register=False)

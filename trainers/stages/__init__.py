@@ -8,7 +8,17 @@
     run_sft(load_config(..., ["model.path=runs/base/model", ...]), "runs/sft")
 
 or from the shell: ``rlhf pretrain|sft|rm --config FILE [key=value ...] --out DIR [--fresh]``.
-The shared machinery (validation, driver, worker loop, resume) is in :mod:`trainers.stages.common`.
+The shared machinery, one module per part:
+
+- :mod:`~trainers.stages.task`: what a stage is (``StageSpec``: data preparation, model check, ``Task``);
+- :mod:`~trainers.stages.driver`: validation, ``run_stage`` (the Ray Train ``TorchTrainer``), the summary;
+- :mod:`~trainers.stages.plan`: the description of the run every worker receives;
+- :mod:`~trainers.stages.worker`: the worker loop (train step, evaluation, export);
+- :mod:`~trainers.stages.batching`: which examples each optimizer step takes;
+- :mod:`~trainers.stages.checkpoints`: Ray Train checkpoints (resume point, save, restore).
+
+The stages themselves are :mod:`~trainers.stages.pretrain`, :mod:`~trainers.stages.sft` and
+:mod:`~trainers.stages.rm`; :mod:`~trainers.stages.cli` is ``rlhf pretrain|sft|rm``.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ _MODULES = {"pretrain": "trainers.stages.pretrain", "sft": "trainers.stages.sft"
 
 
 def get_spec(name: str):
-    """The :class:`~trainers.stages.common.StageSpec` of stage ``name`` (``pretrain``, ``sft``, ``rm``)."""
+    """The :class:`~trainers.stages.task.StageSpec` of stage ``name`` (``pretrain``, ``sft``, ``rm``)."""
     return importlib.import_module(_MODULES[name]).SPEC
 
 

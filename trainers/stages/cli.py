@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from trainers.config import add_config_args
+from trainers.config import add_config_args, load_config
 
 _HELP = {
     "pretrain": "stage 0: pretrain a base model (from model.preset, or continue model.path)",
@@ -24,8 +24,6 @@ _HELP = {
 
 def _run(args: argparse.Namespace) -> int:
     """Load the config, run the stage, print the summary."""
-    from trainers.config import load_config
-
     # Before the stages' imports (torch, seconds): a config error is reported at once.
     cfg = load_config(args.config, args.overrides)
     from trainers.stages import run_pretrain, run_rm, run_sft

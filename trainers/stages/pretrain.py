@@ -19,8 +19,11 @@ from trainers.config import Config
 from trainers.data import read_records
 from trainers.data.collate import text_windows
 from trainers.data.io import data_path
-from trainers.stages.common import PreparedData, StageSpec, run_stage
+from trainers.runtime.models import check_model_dir
+from trainers.runtime.presets import get_preset
+from trainers.stages.driver import run_stage
 from trainers.stages.sft import LMTask
+from trainers.stages.task import PreparedData, StageSpec
 
 
 def pretrain_examples(cfg: Config, tokenizer, split: str) -> list[tuple[list[int], int]]:
@@ -39,9 +42,6 @@ def prepare(cfg: Config, tokenizer) -> PreparedData:
 
 def check_model(cfg: Config) -> None:
     """A model directory (continued pretraining) or a known preset (from scratch)."""
-    from trainers.runtime.models import check_model_dir
-    from trainers.runtime.presets import get_preset
-
     if cfg.model.path:
         check_model_dir(cfg.model.path)
     else:
@@ -52,5 +52,5 @@ SPEC = StageSpec(name="pretrain", prepare=prepare, check_model=check_model, task
 
 
 def run_pretrain(cfg: Config, out_dir: str | Path, fresh: bool = False, **kwargs) -> dict:
-    """Run stage 0 into ``out_dir``; returns the summary (see :func:`trainers.stages.common.run_stage`)."""
+    """Run stage 0 into ``out_dir``; returns the summary (see :func:`trainers.stages.driver.run_stage`)."""
     return run_stage(SPEC, cfg, out_dir, fresh=fresh, **kwargs)

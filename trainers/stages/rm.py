@@ -25,17 +25,24 @@ from pathlib import Path
 
 import torch
 
+from trainers.algos import ranking_loss
 from trainers.config import Config
+from trainers.data import read_records
+from trainers.data.collate import collate_rm, encode_prompt, encode_response, left_pad
 from trainers.data.io import data_path
 from trainers.data.sharding import eval_batches
 from trainers.data.validate import length_problems, raise_if_problems
-from trainers.stages.common import (
-    PreparedData,
-    StageSpec,
-    Task,
-    run_stage,
+from trainers.runtime.dist import all_reduce_sum
+from trainers.runtime.models import (
+    REWARD_BIAS_KEY,
+    build_reward_model,
+    check_model_dir,
+    reward_bias,
+    reward_scores,
 )
+from trainers.stages.driver import run_stage
 from trainers.stages.sft import read_demonstrations
+from trainers.stages.task import PreparedData, StageSpec, Task
 
 NORMALIZE_MAX_DEMOS = 2048
 """Demonstrations scored to set the reward bias (a seeded sample when there are more)."""
@@ -55,8 +62,6 @@ class RMTask(Task):
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """The SFT trunk (``model.path``) with a fresh scalar head."""
-        from trainers.runtime.models import build_reward_model
-
         m = self.plan["model"]
         return build_reward_model(
             m["path"],
@@ -69,8 +74,6 @@ class RMTask(Task):
 
     def collate(self, examples: list) -> dict:
         """``input_ids``/``attention_mask`` (N*Kmax, T) left-padded, ``ranks`` (N, Kmax)."""
-        from trainers.data.collate import collate_rm
-
         return collate_rm(examples, self.pad_id)
 
     def units(self, batch: dict) -> int:
@@ -79,15 +82,11 @@ class RMTask(Task):
 
     def _scores(self, engine, batch: dict) -> torch.Tensor:
         """``(N, Kmax)`` scores at the last real token of every response."""
-        from trainers.runtime.models import reward_scores
-
         scores = reward_scores(engine, batch["input_ids"], batch["attention_mask"])  # (N*Kmax,)
         return scores.view(batch["ranks"].shape)  # (N, Kmax)
 
     def _loss_and_counts(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         """Summed per-prompt loss and the counts behind the accuracy."""
-        from trainers.algos import ranking_loss
-
         ranks = batch["ranks"]
         mean_loss, accuracy = ranking_loss(self._scores(engine, batch), ranks)
         n_prompts, n_pairs = self.units(batch), float(pair_counts(ranks).sum())
@@ -116,8 +115,6 @@ class RMTask(Task):
 
     def finish(self, engine, data: PreparedData, shape: tuple) -> tuple[dict, dict]:
         """Normalise (``rm.normalize``): ``reward_bias = -mean raw score of the demonstrations``."""
-        from trainers.runtime.models import REWARD_BIAS_KEY, reward_bias
-
         if not self.plan["stage_cfg"].get("normalize", True):
             return {}, {}
         batch_size = self.plan["stage_cfg"]["micro_batch_size"] * 4
@@ -137,10 +134,6 @@ class RMTask(Task):
 @torch.no_grad()
 def mean_score(engine, sequences: list[list[int]], pad_id: int, batch_size: int, shape: tuple) -> float:
     """Mean reward score of ``sequences`` (prompt + response ids), sharded over ranks (collective)."""
-    from trainers.data.collate import left_pad
-    from trainers.runtime.dist import all_reduce_sum
-    from trainers.runtime.models import reward_scores
-
     rank, world = shape
     engine.eval()
     total, count = 0.0, 0.0
@@ -155,8 +148,6 @@ def mean_score(engine, sequences: list[list[int]], pad_id: int, batch_size: int,
 
 def encode_comparisons(tokenizer, records: list[dict]) -> list[tuple[list[int], list[list[int]], list[int]]]:
     """``(prompt ids, [response ids] * K, ranking)`` per comparison."""
-    from trainers.data.collate import encode_prompt, encode_response
-
     return [
         (
             encode_prompt(tokenizer, r["prompt"]),
@@ -169,8 +160,6 @@ def encode_comparisons(tokenizer, records: list[dict]) -> list[tuple[list[int], 
 
 def read_comparisons(cfg: Config, tokenizer, split: str) -> list:
     """Validated, tokenized ``comparisons/<split>``; DataError naming rows with an over-long response."""
-    from trainers.data import read_records
-
     path = data_path(cfg.data.dir, "comparisons", split)
     groups = encode_comparisons(tokenizer, read_records("comparisons", [path]))
     longest = [len(prompt) + max(len(r) for r in responses) for prompt, responses, _ in groups]
@@ -199,8 +188,6 @@ def prepare(cfg: Config, tokenizer) -> PreparedData:
 
 def check_model(cfg: Config) -> None:
     """The RM starts from a model directory (the SFT model)."""
-    from trainers.runtime.models import check_model_dir
-
     check_model_dir(cfg.model.path)
 
 
@@ -208,5 +195,5 @@ SPEC = StageSpec(name="rm", prepare=prepare, check_model=check_model, task=RMTas
 
 
 def run_rm(cfg: Config, out_dir: str | Path, fresh: bool = False, **kwargs) -> dict:
-    """Run stage 2 into ``out_dir``; returns the summary (see :func:`trainers.stages.common.run_stage`)."""
+    """Run stage 2 into ``out_dir``; returns the summary (see :func:`trainers.stages.driver.run_stage`)."""
     return run_stage(SPEC, cfg, out_dir, fresh=fresh, **kwargs)

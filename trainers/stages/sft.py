@@ -5,7 +5,7 @@
 Each example is ``BOS + chat-formatted prompt + response + EOS``, left-padded; the loss is the
 token mean of the cross-entropy over **response tokens only** (prompt and padding labels are
 ignored; the EOS is a target, so the model learns to stop), aggregated over the global batch
-(:mod:`trainers.stages.common`). Cosine LR with warm-up, dropout ``model.dropout`` (InstructGPT used
+(:mod:`trainers.stages.worker`). Cosine LR with warm-up, dropout ``model.dropout`` (InstructGPT used
 0.2 on their models), several epochs, validation loss on ``demonstrations/valid`` at each epoch end.
 Summary: ``sft/train_loss`` (mean of the last 10 steps), ``sft/valid_loss``.
 
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
+from trainers.algos import lm_loss, shift_for_lm
 from trainers.config import Config
+from trainers.data import read_records
+from trainers.data.collate import IGNORE_INDEX, collate_lm, encode_prompt, encode_response
 from trainers.data.io import data_path
 from trainers.data.validate import length_problems, raise_if_problems
-from trainers.stages.common import (
-    PreparedData,
-    StageSpec,
-    Task,
-    run_stage,
-)
+from trainers.runtime.models import build_causal_lm, check_model_dir, forward_logits
+from trainers.stages.driver import run_stage
+from trainers.stages.task import PreparedData, StageSpec, Task
 
 
 class LMTask(Task):
@@ -36,8 +36,6 @@ class LMTask(Task):
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """From ``model.path`` (SFT, continued pretraining) or randomly from ``model.preset``."""
-        from trainers.runtime.models import build_causal_lm
-
         m = self.plan["model"]
         return build_causal_lm(
             preset=m["preset"],
@@ -51,35 +49,24 @@ class LMTask(Task):
 
     def collate(self, examples: list) -> dict:
         """Left-padded ``input_ids``, ``attention_mask``, ``labels`` (-100 on prompt and padding)."""
-        from trainers.data.collate import collate_lm
-
         return collate_lm(examples, self.pad_id)
 
     def units(self, batch: dict) -> int:
         """Target tokens: labels that are not ignored."""
-        from trainers.data.collate import IGNORE_INDEX
-
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def _aligned(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits (B, T-1, V), labels (B, T-1))``: position t predicts token t + 1."""
-        from trainers.algos import shift_for_lm
-        from trainers.runtime.models import forward_logits
-
         logits = forward_logits(engine, batch["input_ids"], batch["attention_mask"])  # (B, T, V)
         return shift_for_lm(logits, batch["labels"])
 
     def loss(self, engine, batch: dict, num_units: float) -> tuple[torch.Tensor, dict]:
         """Sum of target-token NLL / ``num_units`` (the global-batch normaliser)."""
-        from trainers.algos import lm_loss
-
         logits, labels = self._aligned(engine, batch)
         return lm_loss(logits, labels, num_tokens=num_units), {}
 
     def eval_sums(self, engine, batch: dict) -> dict:
         """Summed NLL and target-token count of one validation batch."""
-        from trainers.algos import lm_loss
-
         logits, labels = self._aligned(engine, batch)
         return {"nll": float(lm_loss(logits, labels, num_tokens=1.0)), "tokens": float(self.units(batch))}
 
@@ -90,8 +77,6 @@ class LMTask(Task):
 
 def encode_demonstrations(tokenizer, records: list[dict]) -> list[tuple[list[int], int]]:
     """``(prompt ids + response ids, number of prompt ids)`` per demonstration."""
-    from trainers.data.collate import encode_prompt, encode_response
-
     out = []
     for record in records:
         prompt = encode_prompt(tokenizer, record["prompt"])
@@ -101,8 +86,6 @@ def encode_demonstrations(tokenizer, records: list[dict]) -> list[tuple[list[int
 
 def read_demonstrations(cfg: Config, tokenizer, split: str) -> list[tuple[list[int], int]]:
     """Validated, tokenized ``demonstrations/<split>``; DataError naming over-long rows."""
-    from trainers.data import read_records
-
     path = data_path(cfg.data.dir, "demonstrations", split)
     examples = encode_demonstrations(tokenizer, read_records("demonstrations", [path]))
     lengths = [len(ids) for ids, _ in examples]
@@ -120,8 +103,6 @@ def prepare(cfg: Config, tokenizer) -> PreparedData:
 
 def check_model(cfg: Config) -> None:
     """SFT starts from a model directory (the base model)."""
-    from trainers.runtime.models import check_model_dir
-
     check_model_dir(cfg.model.path)
 
 
@@ -129,5 +110,5 @@ SPEC = StageSpec(name="sft", prepare=prepare, check_model=check_model, task=LMTa
 
 
 def run_sft(cfg: Config, out_dir: str | Path, fresh: bool = False, **kwargs) -> dict:
-    """Run stage 1 into ``out_dir``; returns the summary (see :func:`trainers.stages.common.run_stage`)."""
+    """Run stage 1 into ``out_dir``; returns the summary (see :func:`trainers.stages.driver.run_stage`)."""
     return run_stage(SPEC, cfg, out_dir, fresh=fresh, **kwargs)
