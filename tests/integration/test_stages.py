@@ -70,7 +70,7 @@ def test_first_step_is_the_global_token_mean(base_run, sft_run):
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
     train = prepare(cfg, tokenizer).train
     batch_ids = step_indices(epoch_order(len(train), cfg.sft.seed, 0), 0, cfg.sft.global_batch_size)
-    task = LMTask({"model": {}, "stage_cfg": {}}, tokenizer)
+    task = LMTask(cfg.model, cfg.sft, tokenizer)
     batch = task.collate([train[i] for i in batch_ids])
     model = AutoModelForCausalLM.from_pretrained(base_run.model_dir, use_safetensors=True)
     model.train()  # dropout is 0 in tiny.yaml, so train mode is deterministic
@@ -153,7 +153,7 @@ def test_reward_model_ranks_held_out_comparisons_and_is_normalised(rm_run, sft_r
     model = AutoModelForSequenceClassification.from_pretrained(rm_run.model_dir, use_safetensors=True).eval()
     assert model.config.reward_bias == pytest.approx(summary["rm/reward_bias"])
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
-    task = RMTask({"model": {}, "stage_cfg": {}}, tokenizer)
+    task = RMTask(cfg.model, cfg.rm, tokenizer)
     valid = read_comparisons(cfg, tokenizer, "valid")
     correct = pairs = 0.0
     with torch.no_grad():

@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainers.config import load_config
 from trainers.data.sharding import rank_share
 from trainers.data.validate import length_problems
 from trainers.errors import ConfigError
 from trainers.stages.batching import epoch_order, plan_steps, step_indices
 from trainers.stages.checkpoints import check_resumable
+from trainers.stages.plan import make_plan
 from trainers.stages.rm import pair_counts
+from trainers.stages.sft import SPEC as SFT_SPEC
 
 TINY = Path(__file__).resolve().parents[2] / "trainers" / "configs" / "tiny.yaml"
 
@@ -54,11 +57,14 @@ def test_length_problems_name_file_and_row_and_are_capped():
 
 
 def test_check_resumable_rejects_a_different_run_shape():
-    plan = {"out_dir": "/o", "world_size": 2, "global_batch_size": 32, "micro_batch_size": 8, "zero_stage": 3}
+    cfg = load_config(TINY, ["model.tokenizer=/tok", "sft.micro_batch_size=8"])
+    plan = make_plan(SFT_SPEC, cfg, Path("/o"), (3, 6, 6), "cpu", "fp32")
+    shape = {"world_size": 2, "global_batch_size": 32, "micro_batch_size": 8, "zero_stage": 3}
+    assert plan.run_shape() == shape
     check_resumable(None, plan)
-    check_resumable(dict(plan, step=4), plan)
+    check_resumable(dict(shape, step=4), plan)
     with pytest.raises(ConfigError, match="world_size=1, this run has 2"):
-        check_resumable(dict(plan, world_size=1), plan)
+        check_resumable(dict(shape, world_size=1), plan)
 
 
 def test_pair_counts_skip_ties_and_absent_responses():

@@ -23,15 +23,6 @@ The stages themselves are :mod:`~trainers.stages.pretrain`, :mod:`~trainers.stag
 
 from __future__ import annotations
 
-import importlib
-
-_MODULES = {"pretrain": "trainers.stages.pretrain", "sft": "trainers.stages.sft", "rm": "trainers.stages.rm"}
-
-
-def get_spec(name: str):
-    """The :class:`~trainers.stages.task.StageSpec` of stage ``name`` (``pretrain``, ``sft``, ``rm``)."""
-    return importlib.import_module(_MODULES[name]).SPEC
-
 
 def run_pretrain(cfg, out_dir, fresh: bool = False, **kwargs) -> dict:
     """Stage 0: next-token prediction on ``pretrain/train`` (see :mod:`trainers.stages.pretrain`)."""
@@ -54,4 +45,4 @@ def run_rm(cfg, out_dir, fresh: bool = False, **kwargs) -> dict:
     return run(cfg, out_dir, fresh=fresh, **kwargs)
 
 
-__all__ = ["get_spec", "run_pretrain", "run_rm", "run_sft"]
+__all__ = ["run_pretrain", "run_rm", "run_sft"]

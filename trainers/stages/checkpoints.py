@@ -25,6 +25,7 @@ from ray.train import Checkpoint
 
 from trainers.files import atomic_write_json
 from trainers.runs.resume import check_run_shape
+from trainers.stages.plan import StagePlan
 
 CHECKPOINT_TAG = "engine"
 """DeepSpeed checkpoint tag inside each Ray Train checkpoint directory."""
@@ -32,8 +33,6 @@ STATE_FILE = "trainer_state.json"
 """Step counters and run shape, next to the DeepSpeed files of a checkpoint."""
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 """Ray Train's record of its registered checkpoints, in the run directory (names the one it restores)."""
-RUN_SHAPE_KEYS = ("world_size", "global_batch_size", "micro_batch_size", "zero_stage")
-"""What a checkpoint can only be resumed with the same values of (ZeRO partitions, step counters)."""
 
 
 @dataclass
@@ -88,11 +87,11 @@ def latest_checkpoint_state(storage: Path) -> dict | None:
         return None
 
 
-def check_resumable(state: dict | None, plan: dict) -> None:
+def check_resumable(state: dict | None, plan: StagePlan) -> None:
     """ConfigError if a checkpoint exists but was made with another run shape (use --fresh)."""
     if state is None:
         return
-    check_run_shape(state, {key: plan[key] for key in RUN_SHAPE_KEYS}, plan["out_dir"])
+    check_run_shape(state, plan.run_shape(), str(plan.out_dir))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +135,7 @@ def report(metrics: dict, checkpoint: Checkpoint | None = None, name: str | None
     ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def save_checkpoint(engine, plan: dict, state: LoopState, metrics: dict, rank: int) -> None:
+def save_checkpoint(engine, plan: StagePlan, state: LoopState, metrics: dict, rank: int) -> None:
     """DeepSpeed state + loop counters + RNG into a temp dir, reported as a Ray Train checkpoint."""
     with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
@@ -146,9 +145,6 @@ def save_checkpoint(engine, plan: dict, state: LoopState, metrics: dict, rank: i
             loop = {
                 k: v for k, v in vars(state).items() if not k.startswith("_") and k != "resumed_from_step"
             }
-            saved = {
-                key: plan[key] for key in ("stage", "world_size", "global_batch_size", "micro_batch_size")
-            }
-            saved |= {"zero_stage": plan["zero_stage"], "step": state.step, "loop": loop}
+            saved = {"stage": plan.stage, **plan.run_shape(), "step": state.step, "loop": loop}
             atomic_write_json(Path(tmp) / STATE_FILE, saved)
         report(metrics, Checkpoint.from_directory(tmp), name=f"step_{state.step:07d}")

@@ -23,6 +23,7 @@ had been lost.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +45,7 @@ from trainers.runtime.dist import backend_for
 from trainers.runtime.nonfinite import stop_message
 from trainers.stages.batching import plan_steps
 from trainers.stages.checkpoints import check_resumable, latest_checkpoint_state, newest_checkpoint
-from trainers.stages.plan import make_plan, stage_config
+from trainers.stages.plan import StagePlan, make_plan, stage_config
 from trainers.stages.task import PreparedData, StageSpec
 from trainers.stages.worker import train_loop
 
@@ -97,8 +98,11 @@ def run_stage(
     device = resolve_device(cfg.cluster.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     plan = make_plan(spec, cfg, out, steps, device, dtype)
-    plan["fail_at_step"] = fail_at_step
-    plan["nonfinite_at_steps"] = _fault_steps(spec.name, nonfinite_at_steps)
+    plan = dataclasses.replace(
+        plan,
+        fail_at_step=fail_at_step,
+        nonfinite_at_steps=tuple(_fault_steps(spec.name, nonfinite_at_steps)),
+    )
     storage = out / "checkpoints"
     if not fresh:
         check_resumable(latest_checkpoint_state(storage / spec.name), plan)
@@ -139,14 +143,14 @@ def raise_if_stopped(stage: str, returned: Any, st, storage: Path) -> None:
         raise RunStopped(stop_message(what, stopped["longest"], st.max_nonfinite_steps, hint))
 
 
-def _announce(spec: StageSpec, plan: dict, data: PreparedData, resumed: dict | None) -> None:
+def _announce(spec: StageSpec, plan: StagePlan, data: PreparedData, resumed: dict | None) -> None:
     """One line about what is about to run (and where it resumes)."""
     where = f", resuming after step {resumed['step']}" if resumed else ""
     print(
-        f"{spec.name}: {len(data.train)} examples, {plan['stop_step']} of {plan['schedule_steps']} steps "
-        f"({plan['steps_per_epoch']} per epoch), global batch {plan['global_batch_size']}, "
-        f"{plan['world_size']} Ray Train workers, ZeRO-{plan['zero_stage']}, {plan['dtype']} on "
-        f"{plan['device']}{where}",
+        f"{spec.name}: {len(data.train)} examples, {plan.stop_step} of {plan.schedule_steps} steps "
+        f"({plan.steps_per_epoch} per epoch), global batch {plan.stage_cfg.global_batch_size}, "
+        f"{plan.world_size} Ray Train workers, ZeRO-{plan.stage_cfg.zero_stage}, {plan.dtype} on "
+        f"{plan.device}{where}",
         flush=True,
     )
 
@@ -157,12 +161,12 @@ def _connect(spec: StageSpec, cfg: Config):
     return connect(cfg.cluster.ray_address, num_cpus=num_cpus, torch_threads=cfg.cluster.torch_threads)
 
 
-def _fit(spec: StageSpec, cfg: Config, plan: dict, data: PreparedData, storage: Path):
+def _fit(spec: StageSpec, cfg: Config, plan: StagePlan, data: PreparedData, storage: Path):
     """Connect to Ray, put the data in the object store and run the TorchTrainer; its Result."""
     st = stage_config(cfg, spec.name)
     ray = _connect(spec, cfg)
-    plan = dict(plan, data_ref=ray.put(data))
-    use_gpu = plan["device"] == "cuda"
+    plan = dataclasses.replace(plan, data_ref=ray.put(data))
+    use_gpu = plan.device == "cuda"
     resources = {"GPU": 1} if use_gpu else {"CPU": cfg.cluster.cpus_per_actor}
     trainer = TorchTrainer(
         train_loop,
@@ -170,7 +174,7 @@ def _fit(spec: StageSpec, cfg: Config, plan: dict, data: PreparedData, storage: 
         scaling_config=ScalingConfig(
             num_workers=st.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
-        torch_config=TorchConfig(backend=backend_for(plan["device"])),
+        torch_config=TorchConfig(backend=backend_for(plan.device)),
         run_config=RunConfig(
             name=spec.name,
             storage_path=str(storage),

@@ -62,14 +62,14 @@ class RMTask(Task):
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """The SFT trunk (``model.path``) with a fresh scalar head."""
-        m = self.plan["model"]
+        m = self.model_cfg
         return build_reward_model(
-            m["path"],
+            m.path,
             self.pad_id,
-            dropout=m["dropout"],
+            dropout=m.dropout,
             dtype=dtype,
-            seed=self.plan["stage_cfg"]["seed"],
-            trust_remote_code=m["trust_remote_code"],
+            seed=self.stage_cfg.seed,
+            trust_remote_code=m.trust_remote_code,
         )
 
     def collate(self, examples: list) -> dict:
@@ -115,9 +115,9 @@ class RMTask(Task):
 
     def finish(self, engine, data: PreparedData, shape: tuple) -> tuple[dict, dict]:
         """Normalise (``rm.normalize``): ``reward_bias = -mean raw score of the demonstrations``."""
-        if not self.plan["stage_cfg"].get("normalize", True):
+        if not self.stage_cfg.normalize:
             return {}, {}
-        batch_size = self.plan["stage_cfg"]["micro_batch_size"] * 4
+        batch_size = self.stage_cfg.micro_batch_size * 4
         base = reward_bias(engine)  # 0.0 for a model this stage built
         before = mean_score(engine, data.extra["demos"], self.pad_id, batch_size, shape) - base
         valid = mean_score(engine, data.extra["valid_demos"], self.pad_id, batch_size, shape) - base

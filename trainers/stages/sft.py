@@ -36,15 +36,15 @@ class LMTask(Task):
 
     def build_model(self, dtype: torch.dtype) -> torch.nn.Module:
         """From ``model.path`` (SFT, continued pretraining) or randomly from ``model.preset``."""
-        m = self.plan["model"]
+        m = self.model_cfg
         return build_causal_lm(
-            preset=m["preset"],
-            path=m["path"],
+            preset=m.preset,
+            path=m.path,
             tokenizer=self.tokenizer,
-            dropout=m["dropout"],
+            dropout=m.dropout,
             dtype=dtype,
-            seed=self.plan["stage_cfg"]["seed"],
-            trust_remote_code=m["trust_remote_code"],
+            seed=self.stage_cfg.seed,
+            trust_remote_code=m.trust_remote_code,
         )
 
     def collate(self, examples: list) -> dict:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from trainers.config import Config
+from trainers.config import Config, ModelConfig, TrainStageConfig
 
 
 @dataclass
@@ -39,8 +39,8 @@ class StageSpec:
     """``prepare(cfg, tokenizer)``: read, validate and tokenize the data (raises UserError)."""
     check_model: Callable[[Config], None]
     """Validate the model source of the stage (raises ConfigError)."""
-    task: Callable[[dict, Any], Task]
-    """``task(plan, tokenizer)`` on each worker: the stage's model, batches, loss and evaluation."""
+    task: type[Task]
+    """The task class; each worker builds ``task(model section, stage section, tokenizer)``."""
 
 
 class Task:
@@ -52,8 +52,11 @@ class Task:
     units_name: str = "units"
     """Metric name of the step's global unit count (``target_tokens``, ``prompts``)."""
 
-    def __init__(self, plan: dict, tokenizer):
-        self.plan = plan
+    def __init__(self, model: ModelConfig, stage_cfg: TrainStageConfig, tokenizer):
+        self.model_cfg = model
+        """The ``model`` config section (what to build)."""
+        self.stage_cfg = stage_cfg
+        """The stage's config section (seed, batch sizes, RM normalisation...)."""
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
 

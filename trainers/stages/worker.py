@@ -42,14 +42,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import ray
 import ray.train
 import torch
 
 from trainers.algos import loss_normaliser
-from trainers.config import LoggingConfig
 from trainers.data.sharding import eval_batches, micro_batches, rank_share
 from trainers.data.tokenizer import load_tokenizer
 from trainers.runs.metrics import MetricsWriter, truncate_metrics
@@ -64,13 +62,14 @@ from trainers.runtime.step_guard import StepGuard
 from trainers.runtime.zero import ds_config, grad_accum_steps, hf_deepspeed_context, init_deepspeed, unwrap
 from trainers.stages.batching import epoch_order, step_indices
 from trainers.stages.checkpoints import LoopState, report, restore_checkpoint, save_checkpoint
+from trainers.stages.plan import StagePlan
 from trainers.stages.task import PreparedData, Task
 
 TRAIN_LOSS_WINDOW = 10
 """``<stage>/train_loss`` in the summary is the mean loss of the last this-many optimizer steps."""
 
 
-def train_loop(plan: dict) -> dict | None:
+def train_loop(plan: StagePlan) -> dict | None:
     """``train_loop_per_worker`` of every stage: build, (resume,) train, evaluate, save.
 
     Returns ``{"stopped": {"step", "longest"}}`` (Ray Train's ``Result.return_value``, from rank 0) when
@@ -78,20 +77,20 @@ def train_loop(plan: dict) -> dict | None:
     """
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if plan["device"] == "cpu":
-        torch.set_num_threads(plan["torch_threads"])
+    if plan.device == "cpu":
+        torch.set_num_threads(plan.torch_threads)
     else:
         disable_cudnn_attention()  # non-finite gradients with left padding (see its docstring)
-    init_distributed(plan["device"])
-    st = plan["stage_cfg"]
-    data: PreparedData = ray.get(plan["data_ref"])
-    tokenizer = load_tokenizer(plan["tokenizer_dir"])
-    task = _make_task(plan, tokenizer)
-    accum = grad_accum_steps(st["global_batch_size"], st["micro_batch_size"], world)
-    config = ds_config(st["zero_stage"], plan["dtype"], st["micro_batch_size"], accum, world, st["grad_clip"])
+    init_distributed(plan.device)
+    st = plan.stage_cfg
+    data: PreparedData = ray.get(plan.data_ref)
+    tokenizer = load_tokenizer(plan.tokenizer_dir)
+    task = plan.task(plan.model, st, tokenizer)
+    accum = grad_accum_steps(st.global_batch_size, st.micro_batch_size, world)
+    config = ds_config(st.zero_stage, plan.dtype, st.micro_batch_size, accum, world, st.grad_clip)
     hf_context = hf_deepspeed_context(config)  # noqa: F841 - must stay alive while the model exists
     engine = _build_engine(task, plan, config)
-    torch.manual_seed(st["seed"] * 1009 + rank + 1)  # dropout streams differ per rank
+    torch.manual_seed(st.seed * 1009 + rank + 1)  # dropout streams differ per rank
     state = restore_checkpoint(engine, rank)
     writer = _open_writer(plan, state) if rank == 0 else None
     try:
@@ -107,40 +106,33 @@ def train_loop(plan: dict) -> dict | None:
     return None
 
 
-def _make_task(plan: dict, tokenizer) -> Task:
-    from trainers.stages import get_spec
-
-    return get_spec(plan["stage"]).task(plan, tokenizer)
-
-
-def _build_engine(task: Task, plan: dict, config: dict):
+def _build_engine(task: Task, plan: StagePlan, config: dict):
     """The task's model inside a DeepSpeed engine with the stage's optimizer and schedule."""
-    st = plan["stage_cfg"]
-    model = task.build_model(torch_dtype(plan["dtype"]))
+    st = plan.stage_cfg
+    model = task.build_model(torch_dtype(plan.dtype))
     model.config.use_cache = False
-    if plan["model"]["gradient_checkpointing"]:
+    if plan.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return init_deepspeed(
         model,
         config,
-        lr=st["lr"],
-        weight_decay=st["weight_decay"],
-        total_steps=plan["schedule_steps"],
-        warmup_ratio=st["warmup_ratio"],
-        min_lr_ratio=st["min_lr_ratio"],
+        lr=st.lr,
+        weight_decay=st.weight_decay,
+        total_steps=plan.schedule_steps,
+        warmup_ratio=st.warmup_ratio,
+        min_lr_ratio=st.min_lr_ratio,
     )
 
 
-def _open_writer(plan: dict, state: LoopState) -> MetricsWriter:
+def _open_writer(plan: StagePlan, state: LoopState) -> MetricsWriter:
     """Rank 0's metrics writer; on resume, records past the checkpoint's step are dropped first."""
-    out = Path(plan["out_dir"])
-    truncate_metrics(out / "metrics.jsonl", state.step)
-    sinks = open_sinks(out, LoggingConfig(**plan["logging"]), plan.get("config"))
-    return MetricsWriter(out, prefix=plan["stage"], sinks=sinks)
+    truncate_metrics(plan.out_dir / "metrics.jsonl", state.step)
+    sinks = open_sinks(plan.out_dir, plan.logging, plan.run_config)
+    return MetricsWriter(plan.out_dir, prefix=plan.stage, sinks=sinks)
 
 
 def _train(
-    engine, task: Task, data: PreparedData, plan: dict, state: LoopState, writer, shape: tuple
+    engine, task: Task, data: PreparedData, plan: StagePlan, state: LoopState, writer, shape: tuple
 ) -> dict | None:
     """Optimizer steps from ``state.step`` to the end, with logging, evaluation and checkpoints.
 
@@ -149,17 +141,17 @@ def _train(
     ``{"step", "longest"}`` at once -- before any checkpoint -- instead of None at the end.
     """
     rank, world, accum = shape
-    st, total, per_epoch = plan["stage_cfg"], plan["stop_step"], plan["steps_per_epoch"]
-    log_every = plan["logging"]["log_every"]
-    poisoned = set(plan.get("nonfinite_at_steps") or ())
+    st, total, per_epoch = plan.stage_cfg, plan.stop_step, plan.steps_per_epoch
+    log_every = plan.logging.log_every
+    poisoned = set(plan.nonfinite_at_steps)
     started = time.time()
     while state.step < total:
         epoch, index = divmod(state.step, per_epoch)
-        order = epoch_order(len(data.train), st["seed"], epoch)
-        mine = rank_share(step_indices(order, index, st["global_batch_size"]), rank, world)
+        order = epoch_order(len(data.train), st.seed, epoch)
+        mine = rank_share(step_indices(order, index, st.global_batch_size), rank, world)
         poison = rank == 0 and state.step + 1 in poisoned
         metrics = train_step(
-            engine, task, [data.train[i] for i in mine], st["micro_batch_size"], world, accum, poison
+            engine, task, [data.train[i] for i in mine], st.micro_batch_size, world, accum, poison
         )
         state.step += 1
         metrics["epoch"] = epoch
@@ -169,35 +161,33 @@ def _train(
             _remember(state, metrics)
         epoch_end = state.step % per_epoch == 0 or state.step == total
         if epoch_end:
-            state.last_valid = evaluate(engine, task, data.valid, st["micro_batch_size"], rank, world)
+            state.last_valid = evaluate(engine, task, data.valid, st.micro_batch_size, rank, world)
             metrics |= state.last_valid
         if writer is not None and (state.step % log_every == 0 or epoch_end or state.step == 1):
             record = writer.log(state.step, metrics)
-            if plan["logging"]["progress"]:
-                print(
-                    progress_line(plan["stage"], state.step, total, record), file=sys.__stdout__, flush=True
-                )
-        if longest >= st["max_nonfinite_steps"]:
+            if plan.logging.progress:
+                print(progress_line(plan.stage, state.step, total, record), file=sys.__stdout__, flush=True)
+        if longest >= st.max_nonfinite_steps:
             return {"step": state.step, "longest": longest}
         # Metrics reach Ray Train only with checkpoints (module docstring). The last step's checkpoint
         # is saved by _finish with the summary: a Result holds the newest *checkpoint* report's metrics.
-        due = st["checkpoint_every"] > 0 and state.step % st["checkpoint_every"] == 0
+        due = st.checkpoint_every > 0 and state.step % st.checkpoint_every == 0
         if state.step < total and (due or epoch_end):
             save_checkpoint(engine, plan, state, metrics, rank)
-        if plan.get("fail_at_step") == state.step and state.resumed_from_step is None:
+        if plan.fail_at_step == state.step and state.resumed_from_step is None:
             raise RuntimeError(f"injected failure after step {state.step} (fail_at_step testing hook)")
     return None
 
 
-def _count_skipped(state: LoopState, skipped: int, plan: dict, rank: int) -> int:
+def _count_skipped(state: LoopState, skipped: int, plan: StagePlan, rank: int) -> int:
     """Carry the streak of skipped steps through this step; rank 0 prints a line for a skipped step.
     Returns the streak (what decides stopping)."""
     state.nonfinite_streak, longest = update_streak(state.nonfinite_streak, [bool(skipped)])
     state.skipped_steps += int(skipped)
     if skipped and rank == 0:
-        limit = plan["stage_cfg"]["max_nonfinite_steps"]
+        limit = plan.stage_cfg.max_nonfinite_steps
         print(
-            f"{plan['stage']}: step {state.step} skipped: non-finite loss or gradient "
+            f"{plan.stage}: step {state.step} skipped: non-finite loss or gradient "
             f"({state.nonfinite_streak} in a row, stop at {limit})",
             file=sys.__stdout__,
             flush=True,
@@ -275,18 +265,17 @@ def evaluate(engine, task: Task, examples: list, batch_size: int, rank: int, wor
 
 
 def _finish(
-    engine, task: Task, data: PreparedData, plan: dict, state: LoopState, tokenizer, shape: tuple
+    engine, task: Task, data: PreparedData, plan: StagePlan, state: LoopState, tokenizer, shape: tuple
 ) -> None:
     """Final evaluation, the task's finishing step (RM normalisation), model export, final report."""
     rank, world = shape
-    st = plan["stage_cfg"]
     if not state.last_valid:
-        state.last_valid = evaluate(engine, task, data.valid, st["micro_batch_size"], rank, world)
+        state.last_valid = evaluate(engine, task, data.valid, plan.stage_cfg.micro_batch_size, rank, world)
     updates, extra = task.finish(engine, data, (rank, world))
     # Saved models get dropout off (RL wants it off, PPO_DETAILS 22) and the KV cache back on.
     updates = no_dropout_updates(unwrap(engine).config) | {"use_cache": True} | updates
-    save_hf(engine, tokenizer, Path(plan["out_dir"]) / "model", config_updates=updates)
-    prefix = plan["stage"]
+    save_hf(engine, tokenizer, plan.out_dir / "model", config_updates=updates)
+    prefix = plan.stage
     summary = {f"{prefix}/{k}": v for k, v in state.last_valid.items()}
     summary |= {f"{prefix}/{k}": v for k, v in extra.items()}
     if state.recent_losses:
@@ -300,4 +289,4 @@ def _finish(
     else:  # a rerun of a finished run: its final checkpoint already holds this summary
         report(summary)
     if rank == 0:
-        print(f"{prefix}: model saved to {Path(plan['out_dir']) / 'model'}", file=sys.__stdout__, flush=True)
+        print(f"{prefix}: model saved to {plan.out_dir / 'model'}", file=sys.__stdout__, flush=True)
