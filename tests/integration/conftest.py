@@ -98,23 +98,24 @@ def run_stage_for_test(
     model_path: Path | None = None,
     extra: list[str] = (),
     max_failures: int | None = None,
-    **kwargs,
+    fresh: bool = False,
 ) -> StageRun:
     """Run ``stage`` (pretrain/sft/rm) in this process, on the session's Ray.
 
-    ``max_failures`` sets Ray Train's FailureConfig for the run (read by the stage with ``getattr``
-    until it is a config field); ``kwargs`` go to ``run_<stage>`` (``fresh``, ``fail_at_step``).
+    ``max_failures`` overrides ``<stage>.max_failures`` (Ray Train's FailureConfig); ``fresh`` goes to
+    ``run_<stage>``. Faults are injected through the environment (``RLHF_FAULT_*``, cluster/faults.py),
+    which the stage forwards to its Ray Train workers: set them with ``monkeypatch.setenv``.
     """
     from trainers.stages import run_pretrain, run_rm, run_sft
 
     cfg = load_stage_config(stage, world_dir, model_path, extra)
     cached = STAGE_CACHE and Path(out).is_relative_to(Path(STAGE_CACHE))
-    if cached and (out / "summary.json").is_file() and not kwargs and max_failures is None:
+    if cached and (out / "summary.json").is_file() and not fresh and max_failures is None:
         return StageRun(out=out, summary=json.loads((out / "summary.json").read_text()), cfg=cfg)
     if max_failures is not None:
         getattr(cfg, stage).max_failures = max_failures
     runner = {"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm}[stage]
-    summary = runner(cfg, out, **kwargs)
+    summary = runner(cfg, out, fresh=fresh)
     return StageRun(out=out, summary=summary, cfg=cfg)
 
 

@@ -8,7 +8,7 @@
   saves finite weights and the critic's streak in its checkpoint; (b) ``rlhf ppo`` continuing it to 4
   iterations with two more poisoned critic steps stops (exit 3, one line) because the streak carried
   over from the checkpoint reaches 3, naming that checkpoint, which is untouched (same hashes).
-- SFT (``nonfinite_at_steps``): a skipped step is counted and logged; 3 in a row stop the run with
+- SFT (``RLHF_FAULT_NONFINITE_STEPS`` too, forwarded to the Ray Train workers): a skipped step is counted and logged; 3 in a row stop the run with
   RunStopped (Ray Train does not retry it), nothing saved after them; the same command then resumes.
 """
 
@@ -234,10 +234,11 @@ def test_ppo_streak_across_a_resume_stops_with_one_line_and_the_checkpoint_intac
 # --------------------------------------------------------------------------------------------------
 
 
-def test_sft_skips_a_poisoned_step_and_a_streak_stops_it(base_model_dir, world_dir, tmp_path):
+def test_sft_skips_a_poisoned_step_and_a_streak_stops_it(base_model_dir, world_dir, tmp_path, monkeypatch):
     """Steps 2, 4, 5, 6 poisoned on rank 0, limit 3, checkpoints every 2: step 2 skipped and counted,
     step 4's checkpoint holds streak 1, step 6 makes 3 in a row -> RunStopped naming step 4's checkpoint,
     no checkpoint or model after it. The same command without the fault resumes from step 4."""
+    from cluster.faults import NONFINITE_ENV
     from trainers.errors import RunStopped
     from trainers.runs.metrics import read_metrics
 
@@ -248,10 +249,10 @@ def test_sft_skips_a_poisoned_step_and_a_streak_stops_it(base_model_dir, world_d
         "sft.max_nonfinite_steps=3",
         "sft.keep_checkpoints=10",
     ]
+    monkeypatch.setenv(NONFINITE_ENV, "sft:2,4-6")
     with pytest.raises(RunStopped) as err:
-        run_stage_for_test(
-            "sft", out, world_dir, base_model_dir, extra, max_failures=2, nonfinite_at_steps=[2, 4, 5, 6]
-        )
+        run_stage_for_test("sft", out, world_dir, base_model_dir, extra, max_failures=2)
+    monkeypatch.delenv(NONFINITE_ENV)
     storage = out / "checkpoints" / "sft"
     assert str(err.value).startswith("sft step 6: 3 optimizer steps in a row")
     assert str(err.value).endswith(f"resume from {storage / 'step_0000004'}")

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from cluster.faults import FAIL_AFTER_ENV
 from tests.integration.conftest import run_stage_for_test
 from trainers.runs.metrics import read_metrics
 
@@ -94,26 +95,24 @@ def _assert_same_steps(records: list[dict], reference: dict[int, dict]) -> None:
         assert r["target_tokens"] == ref["target_tokens"]
 
 
-def test_one_worker_matches_two_through_a_crash_and_a_continuation(sft_run, base_run, world_dir, tmp_path):
+def test_one_worker_matches_two_through_a_crash_and_a_continuation(
+    sft_run, base_run, world_dir, tmp_path, monkeypatch
+):
     """SFT with 1 worker (2 accumulation steps) against the fixture's 2 workers, on the same data.
 
-    First invocation: every worker raises after step 3 (testing hook); Ray Train (max_failures=1)
-    restarts the worker group, which resumes from the step-2 checkpoint and stops at max_steps=4.
-    Second invocation of the same command with max_steps=6 continues from the step-4 checkpoint.
-    Every step must equal the uninterrupted 2-worker run's step.
+    First invocation: every worker raises after step 3 (``RLHF_FAULT_FAIL_AFTER_STEP``); Ray Train
+    (max_failures=1) restarts the worker group, which resumes from the step-2 checkpoint and stops at
+    max_steps=4. Second invocation of the same command with max_steps=6 continues from the step-4
+    checkpoint. Every step must equal the uninterrupted 2-worker run's step.
     """
     out = tmp_path / "sft_one_worker"
     one = ["sft.num_workers=1", "sft.checkpoint_every=2"]
+    monkeypatch.setenv(FAIL_AFTER_ENV, "sft:3")
     first = run_stage_for_test(
-        "sft",
-        out,
-        world_dir,
-        base_run.model_dir,
-        extra=[*one, "sft.max_steps=4"],
-        max_failures=1,
-        fail_at_step=3,
+        "sft", out, world_dir, base_run.model_dir, extra=[*one, "sft.max_steps=4"], max_failures=1
     )
     assert first.summary["sft/resumed_from_step"] == 2 and first.summary["sft/steps"] == 4
+    monkeypatch.delenv(FAIL_AFTER_ENV)
     second = run_stage_for_test("sft", out, world_dir, base_run.model_dir, extra=[*one, "sft.max_steps=6"])
     assert second.summary["sft/resumed_from_step"] == 4 and second.summary["sft/steps"] == 6
     records = read_metrics(out / "metrics.jsonl")

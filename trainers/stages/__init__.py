@@ -24,25 +24,25 @@ The stages themselves are :mod:`~trainers.stages.pretrain`, :mod:`~trainers.stag
 from __future__ import annotations
 
 
-def run_pretrain(cfg, out_dir, fresh: bool = False, **kwargs) -> dict:
+def run_pretrain(cfg, out_dir, fresh: bool = False) -> dict:
     """Stage 0: next-token prediction on ``pretrain/train`` (see :mod:`trainers.stages.pretrain`)."""
     from trainers.stages.pretrain import run_pretrain as run
 
-    return run(cfg, out_dir, fresh=fresh, **kwargs)
+    return run(cfg, out_dir, fresh=fresh)
 
 
-def run_sft(cfg, out_dir, fresh: bool = False, **kwargs) -> dict:
+def run_sft(cfg, out_dir, fresh: bool = False) -> dict:
     """Stage 1: supervised fine-tuning on demonstrations (see :mod:`trainers.stages.sft`)."""
     from trainers.stages.sft import run_sft as run
 
-    return run(cfg, out_dir, fresh=fresh, **kwargs)
+    return run(cfg, out_dir, fresh=fresh)
 
 
-def run_rm(cfg, out_dir, fresh: bool = False, **kwargs) -> dict:
+def run_rm(cfg, out_dir, fresh: bool = False) -> dict:
     """Stage 2: reward model on K-way rankings (see :mod:`trainers.stages.rm`)."""
     from trainers.stages.rm import run_rm as run
 
-    return run(cfg, out_dir, fresh=fresh, **kwargs)
+    return run(cfg, out_dir, fresh=fresh)
 
 
 __all__ = ["run_pretrain", "run_rm", "run_sft"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster.connect import connect
-from cluster.faults import NONFINITE_ENV, injector
+from cluster.faults import FAIL_AFTER_ENV, NONFINITE_ENV, fault_env, injector
 from trainers.config import Config, dump_yaml, tokenizer_dir
 from trainers.data.tokenizer import load_tokenizer
 from trainers.errors import DataError, RunStopped
@@ -72,21 +71,11 @@ def validate_stage(spec: StageSpec, cfg: Config, out_dir: str | Path) -> tuple[P
     return out, data, steps
 
 
-def run_stage(
-    spec: StageSpec,
-    cfg: Config,
-    out_dir: str | Path,
-    fresh: bool = False,
-    fail_at_step: int | None = None,
-    nonfinite_at_steps: Sequence[int] | None = None,
-) -> dict:
+def run_stage(spec: StageSpec, cfg: Config, out_dir: str | Path, fresh: bool = False) -> dict:
     """Validate, train with Ray Train + DeepSpeed, write ``OUT/summary.json``; return the summary.
 
-    ``fail_at_step`` is a testing hook: every worker raises right after that optimizer step
-    (and its checkpoint, if one is due) unless the run resumed from a checkpoint, which
-    exercises Ray Train's failure handling and resuming. ``nonfinite_at_steps`` is another: those
-    optimizer steps (1-based) get a NaN loss on rank 0 (default: from ``RLHF_FAULT_NONFINITE_STEPS``,
-    see ``trainers.runtime.nonfinite``).
+    Fault injection for tests comes from the ``RLHF_FAULT_*`` variables (:mod:`cluster.faults`:
+    non-finite steps, a worker failure after a step), forwarded to the Ray Train workers.
 
     Raises :class:`~trainers.errors.RunStopped` when ``<stage>.max_nonfinite_steps`` steps in a row were
     skipped for a non-finite loss or gradient (the workers stop together without saving anything and
@@ -98,11 +87,7 @@ def run_stage(
     device = resolve_device(cfg.cluster.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     plan = make_plan(spec, cfg, out, steps, device, dtype)
-    plan = dataclasses.replace(
-        plan,
-        fail_at_step=fail_at_step,
-        nonfinite_at_steps=tuple(_fault_steps(spec.name, nonfinite_at_steps)),
-    )
+    announce_faults(spec.name)
     storage = out / "checkpoints"
     if not fresh:
         check_resumable(latest_checkpoint_state(storage / spec.name), plan)
@@ -123,15 +108,18 @@ def run_stage(
     return summary
 
 
-def _fault_steps(stage: str, given: Sequence[int] | None) -> list[int]:
-    """Steps to poison (fault injection, ``trainers.runtime.nonfinite``): ``given``, else the environment's."""
-    steps = sorted(given if given is not None else injector().nonfinite_steps.get(stage, ()))
+def announce_faults(stage: str) -> None:
+    """A line for each fault the environment asks the stage's workers for (:mod:`cluster.faults`); a
+    malformed ``RLHF_FAULT_*`` value raises here, before any worker starts."""
+    faults = injector()
+    steps = sorted(faults.nonfinite_steps.get(stage, ()))
     if steps:
+        print(f"{stage}: fault injection ({NONFINITE_ENV}) poisons steps {steps}", flush=True)
+    if stage in faults.fail_after:
         print(
-            f"{stage}: fault injection ({NONFINITE_ENV} / nonfinite_at_steps) poisons steps {steps}",
+            f"{stage}: fault injection ({FAIL_AFTER_ENV}) fails after step {faults.fail_after[stage]}",
             flush=True,
         )
-    return steps
 
 
 def raise_if_stopped(stage: str, returned: Any, st, storage: Path) -> None:
@@ -180,6 +168,8 @@ def _fit(spec: StageSpec, cfg: Config, plan: StagePlan, data: PreparedData, stor
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=st.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=st.keep_checkpoints),
+            # Ray workers see the environment the cluster started with, not variables set since.
+            worker_runtime_env={"env_vars": fault_env()},
         ),
     )
     return trainer.fit()

@@ -49,10 +49,6 @@ class StagePlan:
     """Optimizer steps the LR schedule spans (all epochs)."""
     stop_step: int
     """The step the run stops after (``max_steps``, else the schedule's end)."""
-    fail_at_step: int | None = None
-    """Testing hook: the workers raise after this step unless the run resumed."""
-    nonfinite_at_steps: tuple[int, ...] = ()
-    """Testing hook: these 1-based steps get a NaN loss on rank 0."""
     data_ref: Any = None
     """Ray object reference of the :class:`~trainers.stages.task.PreparedData` (set right before training)."""
 

@@ -194,6 +194,6 @@ def check_model(cfg: Config) -> None:
 SPEC = StageSpec(name="rm", prepare=prepare, check_model=check_model, task=RMTask)
 
 
-def run_rm(cfg: Config, out_dir: str | Path, fresh: bool = False, **kwargs) -> dict:
+def run_rm(cfg: Config, out_dir: str | Path, fresh: bool = False) -> dict:
     """Run stage 2 into ``out_dir``; returns the summary (see :func:`trainers.stages.driver.run_stage`)."""
-    return run_stage(SPEC, cfg, out_dir, fresh=fresh, **kwargs)
+    return run_stage(SPEC, cfg, out_dir, fresh=fresh)

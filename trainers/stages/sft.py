@@ -109,6 +109,6 @@ def check_model(cfg: Config) -> None:
 SPEC = StageSpec(name="sft", prepare=prepare, check_model=check_model, task=LMTask)
 
 
-def run_sft(cfg: Config, out_dir: str | Path, fresh: bool = False, **kwargs) -> dict:
+def run_sft(cfg: Config, out_dir: str | Path, fresh: bool = False) -> dict:
     """Run stage 1 into ``out_dir``; returns the summary (see :func:`trainers.stages.driver.run_stage`)."""
-    return run_stage(SPEC, cfg, out_dir, fresh=fresh, **kwargs)
+    return run_stage(SPEC, cfg, out_dir, fresh=fresh)

@@ -47,6 +47,7 @@ import ray
 import ray.train
 import torch
 
+from cluster.faults import FAIL_AFTER_ENV, injector
 from trainers.algos import loss_normaliser
 from trainers.data.sharding import eval_batches, micro_batches, rank_share
 from trainers.data.tokenizer import load_tokenizer
@@ -143,13 +144,13 @@ def _train(
     rank, world, accum = shape
     st, total, per_epoch = plan.stage_cfg, plan.stop_step, plan.steps_per_epoch
     log_every = plan.logging.log_every
-    poisoned = set(plan.nonfinite_at_steps)
+    faults = injector()  # RLHF_FAULT_* of this worker (tests only; inert otherwise)
     started = time.time()
     while state.step < total:
         epoch, index = divmod(state.step, per_epoch)
         order = epoch_order(len(data.train), st.seed, epoch)
         mine = rank_share(step_indices(order, index, st.global_batch_size), rank, world)
-        poison = rank == 0 and state.step + 1 in poisoned
+        poison = rank == 0 and faults.nonfinite(plan.stage, state.step + 1)
         metrics = train_step(
             engine, task, [data.train[i] for i in mine], st.micro_batch_size, world, accum, poison
         )
@@ -174,8 +175,8 @@ def _train(
         due = st.checkpoint_every > 0 and state.step % st.checkpoint_every == 0
         if state.step < total and (due or epoch_end):
             save_checkpoint(engine, plan, state, metrics, rank)
-        if plan.fail_at_step == state.step and state.resumed_from_step is None:
-            raise RuntimeError(f"injected failure after step {state.step} (fail_at_step testing hook)")
+        if faults.fails_after(plan.stage, state.step) and state.resumed_from_step is None:
+            raise RuntimeError(f"injected failure after step {state.step} ({FAIL_AFTER_ENV})")
     return None
 
 
@@ -214,7 +215,8 @@ def train_step(
     (module docstring); the logged loss is the exact global mean. The step goes through a
     :class:`~trainers.runtime.step_guard.StepGuard`: if any rank's loss or the gradient norm is non-finite it is
     skipped on every rank (``skipped`` 1 in the metrics; weights, AdamW state and LR schedule
-    untouched). ``poison`` (fault injection) adds NaN to this rank's first micro-batch loss.
+    untouched). ``poison`` (fault injection, ``cluster.faults``) adds NaN to this rank's first
+    micro-batch loss.
     """
     t0 = time.time()
     engine.train()
