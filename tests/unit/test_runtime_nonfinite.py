@@ -125,11 +125,11 @@ def test_fault_poison_maps_run_steps_of_the_env_to_this_iteration(monkeypatch, c
 
 def _checkpoint(storage, step, register=True):
     """A checkpoint folder; ``register``: also name it in Ray Train's snapshot as the latest."""
-    from trainers.stages.checkpoints import SNAPSHOT_FILE, STATE_FILE
+    from trainers.stages.checkpoints import SNAPSHOT_FILE, TRAINER_STATE_FILE
 
     path = storage / f"step_{step:07d}"
     path.mkdir(parents=True)
-    (path / STATE_FILE).write_text(json.dumps({"step": step}))
+    (path / TRAINER_STATE_FILE).write_text(json.dumps({"step": step}))
     if register:
         snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": path.name, "metrics": {}}}
         (storage / SNAPSHOT_FILE).write_text(json.dumps(snapshot))

@@ -2,7 +2,7 @@
 
 A checkpoint is one Ray Train checkpoint directory (``OUT/checkpoints/<stage>/step_0000042``), with
 the DeepSpeed state under the tag :data:`CHECKPOINT_TAG` (weights, AdamW state, LR schedule), each rank's
-torch RNG state (``rng_rank<r>.pt``) and, from rank 0, :data:`STATE_FILE`: the run shape and the
+torch RNG state (``rng_rank<r>.pt``) and, from rank 0, :data:`TRAINER_STATE_FILE`: the run shape and the
 :class:`LoopState` counters. Restoring all of it (:func:`restore_checkpoint`) continues exactly where the
 uninterrupted run would be: the step counter fixes the epoch and the position in it, since the data
 order is a function of seed and epoch (:mod:`trainers.stages.batching`).
@@ -25,11 +25,10 @@ from ray.train import Checkpoint
 
 from trainers.files import atomic_write_json
 from trainers.runs.resume import check_run_shape
+from trainers.runtime.zero import CHECKPOINT_TAG
 from trainers.stages.plan import StagePlan
 
-CHECKPOINT_TAG = "engine"
-"""DeepSpeed checkpoint tag inside each Ray Train checkpoint directory."""
-STATE_FILE = "trainer_state.json"
+TRAINER_STATE_FILE = "trainer_state.json"
 """Step counters and run shape, next to the DeepSpeed files of a checkpoint."""
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 """Ray Train's record of its registered checkpoints, in the run directory (names the one it restores)."""
@@ -75,14 +74,14 @@ def newest_checkpoint(storage: Path) -> Path | None:
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
     name = latest.get("checkpoint_dir_name")
-    return storage / name if name and (storage / name / STATE_FILE).is_file() else None
+    return storage / name if name and (storage / name / TRAINER_STATE_FILE).is_file() else None
 
 
 def latest_checkpoint_state(storage: Path) -> dict | None:
     """The trainer state of the checkpoint a rerun resumes from (:func:`newest_checkpoint`), or None."""
     path = newest_checkpoint(storage)
     try:
-        return json.loads((path / STATE_FILE).read_text()) if path else None
+        return json.loads((path / TRAINER_STATE_FILE).read_text()) if path else None
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -114,16 +113,17 @@ def set_rng_state(saved: dict) -> None:
         torch.cuda.set_rng_state_all(saved["cuda"])
 
 
-def restore_checkpoint(engine, rank: int) -> LoopState:
-    """Load the newest Ray Train checkpoint (engine, counters, this rank's RNG), if there is one."""
+def restore_checkpoint(model, rank: int) -> LoopState:
+    """Load the newest Ray Train checkpoint into the DeepSpeed ``model`` (weights, AdamW state, LR
+    schedule) and this rank's RNG; its counters, or fresh ones when there is no checkpoint."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return LoopState()
     with checkpoint.as_directory() as path:
-        loaded, _ = engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
+        loaded, _ = model.load_checkpoint(path, tag=CHECKPOINT_TAG)
         if loaded is None:  # DeepSpeed returns (None, None) instead of raising when nothing matched
             raise RuntimeError(f"no DeepSpeed checkpoint '{CHECKPOINT_TAG}' in {path}")
-        saved = json.loads((Path(path) / STATE_FILE).read_text())
+        saved = json.loads((Path(path) / TRAINER_STATE_FILE).read_text())
         set_rng_state(torch.load(Path(path) / f"rng_rank{rank}.pt", weights_only=False))
     state = LoopState(**saved["loop"])
     state.resumed_from_step = state.step
@@ -135,10 +135,10 @@ def report(metrics: dict, checkpoint: Checkpoint | None = None, name: str | None
     ray.train.report(dict(metrics), checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def save_checkpoint(engine, plan: StagePlan, state: LoopState, metrics: dict, rank: int) -> None:
+def save_checkpoint(model, plan: StagePlan, state: LoopState, metrics: dict, rank: int) -> None:
     """DeepSpeed state + loop counters + RNG into a temp dir, reported as a Ray Train checkpoint."""
     with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+        model.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
         torch.save(rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
         state.last_checkpoint_step = state.step
         if rank == 0:
@@ -146,5 +146,5 @@ def save_checkpoint(engine, plan: StagePlan, state: LoopState, metrics: dict, ra
                 k: v for k, v in vars(state).items() if not k.startswith("_") and k != "resumed_from_step"
             }
             saved = {"stage": plan.stage, **plan.run_shape(), "step": state.step, "loop": loop}
-            atomic_write_json(Path(tmp) / STATE_FILE, saved)
+            atomic_write_json(Path(tmp) / TRAINER_STATE_FILE, saved)
         report(metrics, Checkpoint.from_directory(tmp), name=f"step_{state.step:07d}")

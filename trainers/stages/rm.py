@@ -80,30 +80,30 @@ class RMTask(Task):
         """Prompts with at least one pair (all-tied prompts add nothing to the loss)."""
         return int((pair_counts(batch["ranks"]) > 0).sum())
 
-    def _scores(self, engine, batch: dict) -> torch.Tensor:
+    def _scores(self, model, batch: dict) -> torch.Tensor:
         """``(N, Kmax)`` scores at the last real token of every response."""
-        scores = reward_scores(engine, batch["input_ids"], batch["attention_mask"])  # (N*Kmax,)
+        scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])  # (N*Kmax,)
         return scores.view(batch["ranks"].shape)  # (N, Kmax)
 
-    def _loss_and_counts(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+    def _loss_and_counts(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Summed per-prompt loss and the counts behind the accuracy."""
         ranks = batch["ranks"]
-        mean_loss, accuracy = ranking_loss(self._scores(engine, batch), ranks)
+        mean_loss, accuracy = ranking_loss(self._scores(model, batch), ranks)
         n_prompts, n_pairs = self.units(batch), float(pair_counts(ranks).sum())
         counts = {"correct": float(accuracy) * n_pairs, "pairs": n_pairs, "prompts": float(n_prompts)}
         return mean_loss * n_prompts, counts
 
-    def loss(self, engine, batch: dict, num_units: float) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, batch: dict, num_units: float) -> tuple[torch.Tensor, dict]:
         """Sum over prompts of their mean pair loss / ``num_units``; pair counts for the accuracy."""
-        loss_sum, counts = self._loss_and_counts(engine, batch)
+        loss_sum, counts = self._loss_and_counts(model, batch)
         return loss_sum / num_units, {"correct": counts["correct"], "pairs": counts["pairs"]}
 
     def train_metrics(self, sums: dict) -> dict:
         """``accuracy``: share of the step's pairs ranked right."""
         return {"accuracy": sums["correct"] / max(sums["pairs"], 1.0)}
 
-    def eval_sums(self, engine, batch: dict) -> dict:
-        loss_sum, counts = self._loss_and_counts(engine, batch)
+    def eval_sums(self, model, batch: dict) -> dict:
+        loss_sum, counts = self._loss_and_counts(model, batch)
         return {"loss": float(loss_sum)} | counts
 
     def eval_metrics(self, sums: dict) -> dict:
@@ -113,14 +113,14 @@ class RMTask(Task):
             "valid_accuracy": sums["correct"] / max(sums["pairs"], 1.0),
         }
 
-    def finish(self, engine, data: PreparedData, shape: tuple) -> tuple[dict, dict]:
+    def finish(self, model, data: PreparedData, shape: tuple) -> tuple[dict, dict]:
         """Normalise (``rm.normalize``): ``reward_bias = -mean raw score of the demonstrations``."""
         if not self.stage_cfg.normalize:
             return {}, {}
         batch_size = self.stage_cfg.micro_batch_size * 4
-        base = reward_bias(engine)  # 0.0 for a model this stage built
-        before = mean_score(engine, data.extra["demos"], self.pad_id, batch_size, shape) - base
-        valid = mean_score(engine, data.extra["valid_demos"], self.pad_id, batch_size, shape) - base
+        base = reward_bias(model)  # 0.0 for a model this stage built
+        before = mean_score(model, data.extra["demos"], self.pad_id, batch_size, shape) - base
+        valid = mean_score(model, data.extra["valid_demos"], self.pad_id, batch_size, shape) - base
         bias = -before
         extra = {
             "demo_mean_score_before": before,
@@ -132,14 +132,14 @@ class RMTask(Task):
 
 
 @torch.no_grad()
-def mean_score(engine, sequences: list[list[int]], pad_id: int, batch_size: int, shape: tuple) -> float:
+def mean_score(model, sequences: list[list[int]], pad_id: int, batch_size: int, shape: tuple) -> float:
     """Mean reward score of ``sequences`` (prompt + response ids), sharded over ranks (collective)."""
     rank, world = shape
-    engine.eval()
+    model.eval()
     total, count = 0.0, 0.0
     for indices, counted in eval_batches(len(sequences), batch_size, rank, world):
         input_ids, attention_mask = left_pad([sequences[i] for i in indices], pad_id)  # (B, T)
-        scores = reward_scores(engine, input_ids.to(engine.device), attention_mask.to(engine.device))  # (B,)
+        scores = reward_scores(model, input_ids.to(model.device), attention_mask.to(model.device))  # (B,)
         if counted:
             total, count = total + float(scores.sum()), count + len(indices)
     total, count = all_reduce_sum([total, count])

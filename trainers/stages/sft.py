@@ -55,19 +55,19 @@ class LMTask(Task):
         """Target tokens: labels that are not ignored."""
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    def _aligned(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _aligned(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits (B, T-1, V), labels (B, T-1))``: position t predicts token t + 1."""
-        logits = forward_logits(engine, batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+        logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])  # (B, T, V)
         return shift_for_lm(logits, batch["labels"])
 
-    def loss(self, engine, batch: dict, num_units: float) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, batch: dict, num_units: float) -> tuple[torch.Tensor, dict]:
         """Sum of target-token NLL / ``num_units`` (the global-batch normaliser)."""
-        logits, labels = self._aligned(engine, batch)
+        logits, labels = self._aligned(model, batch)
         return lm_loss(logits, labels, num_tokens=num_units), {}
 
-    def eval_sums(self, engine, batch: dict) -> dict:
+    def eval_sums(self, model, batch: dict) -> dict:
         """Summed NLL and target-token count of one validation batch."""
-        logits, labels = self._aligned(engine, batch)
+        logits, labels = self._aligned(model, batch)
         return {"nll": float(lm_loss(logits, labels, num_tokens=1.0)), "tokens": float(self.units(batch))}
 
     def eval_metrics(self, sums: dict) -> dict:

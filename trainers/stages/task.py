@@ -46,7 +46,8 @@ class StageSpec:
 class Task:
     """The stage-specific part of the worker loop (see pretrain.py/sft.py: LM, rm.py: RM).
 
-    ``units`` are what the loss is a mean over (LM: target tokens; RM: prompts with a pair).
+    ``units`` are what the loss is a mean over (LM: target tokens; RM: prompts with a pair). A ``model``
+    argument is the DeepSpeed-wrapped model (:mod:`trainers.runtime.zero`), or a plain transformers model.
     """
 
     units_name: str = "units"
@@ -76,7 +77,7 @@ class Task:
         """Real tokens in the batch (throughput)."""
         return int(batch["attention_mask"].sum())
 
-    def loss(self, engine, batch: dict, num_units: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: dict, num_units: float) -> tuple[torch.Tensor, dict[str, float]]:
         """``(sum over the batch's units / num_units, extra summable stats)``."""
         raise NotImplementedError
 
@@ -84,7 +85,7 @@ class Task:
         """Extra per-step metrics from the all-reduced stats (e.g. RM accuracy)."""
         return {}
 
-    def eval_sums(self, engine, batch: dict) -> dict[str, float]:
+    def eval_sums(self, model, batch: dict) -> dict[str, float]:
         """Summable evaluation statistics of one validation batch (no grad)."""
         raise NotImplementedError
 
@@ -92,7 +93,7 @@ class Task:
         """Validation metrics (``valid_loss``...) from all-reduced sums."""
         raise NotImplementedError
 
-    def finish(self, engine, data: PreparedData, shape: tuple) -> tuple[dict, dict]:
+    def finish(self, model, data: PreparedData, shape: tuple) -> tuple[dict, dict]:
         """After training (collective; ``shape`` = (rank, world)): ``(config updates for the saved
         model, extra summary metrics)``."""
         return {}, {}

@@ -90,32 +90,32 @@ def train_loop(plan: StagePlan) -> dict | None:
     accum = grad_accum_steps(st.global_batch_size, st.micro_batch_size, world)
     config = ds_config(st.zero_stage, plan.dtype, st.micro_batch_size, accum, world, st.grad_clip)
     hf_context = hf_deepspeed_context(config)  # noqa: F841 - must stay alive while the model exists
-    engine = _build_engine(task, plan, config)
+    model = build_ds_model(task, plan, config)
     torch.manual_seed(st.seed * 1009 + rank + 1)  # dropout streams differ per rank
-    state = restore_checkpoint(engine, rank)
+    state = restore_checkpoint(model, rank)
     writer = _open_writer(plan, state) if rank == 0 else None
     try:
-        stopped = _train(engine, task, data, plan, state, writer, (rank, world, accum))
+        stopped = _train(model, task, data, plan, state, writer, (rank, world, accum))
         if stopped is not None:
             # Every rank agrees (the skip flags are all-reduced); returning, not raising, keeps Ray Train
             # from retrying this as a lost worker. Nothing is saved after the bad steps.
             return {"stopped": stopped}
-        _finish(engine, task, data, plan, state, tokenizer, (rank, world))
+        _finish(model, task, data, plan, state, tokenizer, (rank, world))
     finally:
         if writer is not None:
             writer.close()
     return None
 
 
-def _build_engine(task: Task, plan: StagePlan, config: dict):
-    """The task's model inside a DeepSpeed engine with the stage's optimizer and schedule."""
+def build_ds_model(task: Task, plan: StagePlan, config: dict):
+    """The task's model wrapped by DeepSpeed with the stage's optimizer and schedule."""
     st = plan.stage_cfg
-    model = task.build_model(torch_dtype(plan.dtype))
-    model.config.use_cache = False
+    module = task.build_model(torch_dtype(plan.dtype))
+    module.config.use_cache = False
     if plan.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return init_deepspeed(
-        model,
+        module,
         config,
         lr=st.lr,
         weight_decay=st.weight_decay,
@@ -133,7 +133,7 @@ def _open_writer(plan: StagePlan, state: LoopState) -> MetricsWriter:
 
 
 def _train(
-    engine, task: Task, data: PreparedData, plan: StagePlan, state: LoopState, writer, shape: tuple
+    model, task: Task, data: PreparedData, plan: StagePlan, state: LoopState, writer, shape: tuple
 ) -> dict | None:
     """Optimizer steps from ``state.step`` to the end, with logging, evaluation and checkpoints.
 
@@ -152,7 +152,7 @@ def _train(
         mine = rank_share(step_indices(order, index, st.global_batch_size), rank, world)
         poison = rank == 0 and faults.nonfinite(plan.stage, state.step + 1)
         metrics = train_step(
-            engine, task, [data.train[i] for i in mine], st.micro_batch_size, world, accum, poison
+            model, task, [data.train[i] for i in mine], st.micro_batch_size, world, accum, poison
         )
         state.step += 1
         metrics["epoch"] = epoch
@@ -162,7 +162,7 @@ def _train(
             _remember(state, metrics)
         epoch_end = state.step % per_epoch == 0 or state.step == total
         if epoch_end:
-            state.last_valid = evaluate(engine, task, data.valid, st.micro_batch_size, rank, world)
+            state.last_valid = evaluate(model, task, data.valid, st.micro_batch_size, rank, world)
             metrics |= state.last_valid
         if writer is not None and (state.step % log_every == 0 or epoch_end or state.step == 1):
             record = writer.log(state.step, metrics)
@@ -174,7 +174,7 @@ def _train(
         # is saved by _finish with the summary: a Result holds the newest *checkpoint* report's metrics.
         due = st.checkpoint_every > 0 and state.step % st.checkpoint_every == 0
         if state.step < total and (due or epoch_end):
-            save_checkpoint(engine, plan, state, metrics, rank)
+            save_checkpoint(model, plan, state, metrics, rank)
         if faults.fails_after(plan.stage, state.step) and state.resumed_from_step is None:
             raise RuntimeError(f"injected failure after step {state.step} ({FAIL_AFTER_ENV})")
     return None
@@ -202,12 +202,12 @@ def _remember(state: LoopState, metrics: dict) -> None:
 
 
 def to_device(batch: dict, device) -> dict:
-    """The batch's tensors on the engine's device (collation builds them on the CPU)."""
+    """The batch's tensors on the model's device (collation builds them on the CPU)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def train_step(
-    engine, task: Task, examples: list, micro: int, world: int, accum: int, poison: bool = False
+    model, task: Task, examples: list, micro: int, world: int, accum: int, poison: bool = False
 ) -> dict:
     """One optimizer step over this rank's share of the global batch; metrics of the whole step.
 
@@ -219,16 +219,16 @@ def train_step(
     micro-batch loss.
     """
     t0 = time.time()
-    engine.train()
-    batches = [to_device(task.collate(part), engine.device) for part in micro_batches(examples, micro)]
+    model.train()
+    batches = [to_device(task.collate(part), model.device) for part in micro_batches(examples, micro)]
     local = [sum(task.units(b) for b in batches), sum(task.tokens(b) for b in batches)]
     global_units, global_tokens = all_reduce_sum(local)
     norm = loss_normaliser(max(global_units, 1.0), world, accum)
-    lr = engine.get_lr()[0]
+    lr = model.get_lr()[0]
     loss_sum, stats = 0.0, {}
-    guard = StepGuard(engine)
+    guard = StepGuard(model)
     for i, batch in enumerate(batches):
-        loss, extra = task.loss(engine, batch, norm)
+        loss, extra = task.loss(model, batch, norm)
         if poison and i == 0:
             loss = loss + float("nan")
         guard.backward_step(loss, last=i == len(batches) - 1)
@@ -237,7 +237,7 @@ def train_step(
             stats[key] = stats.get(key, 0.0) + float(value)
     keys = sorted(stats)
     reduced = all_reduce_sum([loss_sum] + [stats[k] for k in keys])
-    grad_norm = engine.get_global_grad_norm()
+    grad_norm = model.get_global_grad_norm()
     metrics = {"loss": reduced[0], "lr": lr, task.units_name: global_units, "skipped": int(not guard.applied)}
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else None
     metrics["tokens_per_s"] = global_tokens / max(time.time() - t0, 1e-9)
@@ -246,15 +246,15 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(engine, task: Task, examples: list, batch_size: int, rank: int, world: int) -> dict:
+def evaluate(model, task: Task, examples: list, batch_size: int, rank: int, world: int) -> dict:
     """Validation metrics over ``examples``, sharded over ranks (collective: every rank calls it)."""
     if not examples:
         return {}
-    engine.eval()
+    model.eval()
     sums: dict[str, float] = {}
     for indices, counted in eval_batches(len(examples), batch_size, rank, world):
-        batch = to_device(task.collate([examples[i] for i in indices]), engine.device)
-        batch_sums = task.eval_sums(engine, batch)
+        batch = to_device(task.collate([examples[i] for i in indices]), model.device)
+        batch_sums = task.eval_sums(model, batch)
         if not sums:
             sums = dict.fromkeys(batch_sums, 0.0)
         if counted:
@@ -262,21 +262,21 @@ def evaluate(engine, task: Task, examples: list, batch_size: int, rank: int, wor
                 sums[key] += float(value)
     keys = sorted(sums)
     reduced = all_reduce_sum([sums.get(k, 0.0) for k in keys])
-    engine.train()
+    model.train()
     return task.eval_metrics(dict(zip(keys, reduced)))
 
 
 def _finish(
-    engine, task: Task, data: PreparedData, plan: StagePlan, state: LoopState, tokenizer, shape: tuple
+    model, task: Task, data: PreparedData, plan: StagePlan, state: LoopState, tokenizer, shape: tuple
 ) -> None:
     """Final evaluation, the task's finishing step (RM normalisation), model export, final report."""
     rank, world = shape
     if not state.last_valid:
-        state.last_valid = evaluate(engine, task, data.valid, plan.stage_cfg.micro_batch_size, rank, world)
-    updates, extra = task.finish(engine, data, (rank, world))
+        state.last_valid = evaluate(model, task, data.valid, plan.stage_cfg.micro_batch_size, rank, world)
+    updates, extra = task.finish(model, data, (rank, world))
     # Saved models get dropout off (RL wants it off, PPO_DETAILS 22) and the KV cache back on.
-    updates = no_dropout_updates(unwrap(engine).config) | {"use_cache": True} | updates
-    save_hf(engine, tokenizer, plan.out_dir / "model", config_updates=updates)
+    updates = no_dropout_updates(unwrap(model).config) | {"use_cache": True} | updates
+    save_hf(model, tokenizer, plan.out_dir / "model", config_updates=updates)
     prefix = plan.stage
     summary = {f"{prefix}/{k}": v for k, v in state.last_valid.items()}
     summary |= {f"{prefix}/{k}": v for k, v in extra.items()}
@@ -287,7 +287,7 @@ def _finish(
     summary[f"{prefix}/skipped_steps"] = state.skipped_steps
     summary[f"{prefix}/resumed_from_step"] = state.resumed_from_step
     if state.last_checkpoint_step != state.step:
-        save_checkpoint(engine, plan, state, summary, rank)
+        save_checkpoint(model, plan, state, summary, rank)
     else:  # a rerun of a finished run: its final checkpoint already holds this summary
         report(summary)
     if rank == 0:
