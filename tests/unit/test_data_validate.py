@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainers.data import read_records, read_table, validate_files, write_jsonl, write_parquet
+from trainers.data.validate import length_problems
 from trainers.errors import DataError
 
 CMP = {"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1]}
@@ -479,3 +480,14 @@ def test_data_modules_import_only_allowed_packages():
             else:
                 continue
             assert set(tops) <= allowed, (name, tops)
+
+
+def test_length_problems_name_file_and_row_and_are_capped():
+    path = Path("data/demonstrations/train.parquet")
+    lines = length_problems([3, 9, 4, 12], path, max_len=8, what="prompt + response")
+    assert lines == [
+        "data/demonstrations/train.parquet:2: prompt + response is 9 tokens long, more than model.max_len=8",
+        "data/demonstrations/train.parquet:4: prompt + response is 12 tokens long, more than model.max_len=8",
+    ]
+    many = length_problems([99] * 25, path, max_len=8, what="x")
+    assert len(many) == 21 and many[-1] == "... and 5 more problems"

@@ -1,5 +1,5 @@
-"""Non-finite steps: streak bookkeeping, the PPO driver's metrics and stop rule,
-the stages' stop translation (pure parts; the DeepSpeed side is in tests/integration/test_nonfinite_runs.py)."""
+"""Non-finite steps: streak bookkeeping, the PPO driver's metrics and stop rule (pure parts; the DeepSpeed
+side is in tests/integration/test_nonfinite_runs.py, the stages' stop translation in test_stages_driver.py)."""
 
 from __future__ import annotations
 
@@ -118,48 +118,3 @@ def test_fault_poison_maps_run_steps_of_the_env_to_this_iteration(monkeypatch, c
     assert "poisons policy steps [5]" in capsys.readouterr().out
     monkeypatch.delenv(FAULT_ENV)
     assert ppo.fault_poison(iteration=1, steps=4) == {"policy": [], "critic": []}
-
-
-# --- Ray Train stages ---------------------------------------------------------------------------------
-
-
-def _checkpoint(storage, step, register=True):
-    """A checkpoint folder; ``register``: also name it in Ray Train's snapshot as the latest."""
-    from trainers.stages.checkpoints import SNAPSHOT_FILE, TRAINER_STATE_FILE
-
-    path = storage / f"step_{step:07d}"
-    path.mkdir(parents=True)
-    (path / TRAINER_STATE_FILE).write_text(json.dumps({"step": step}))
-    if register:
-        snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": path.name, "metrics": {}}}
-        (storage / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
-    return path
-
-
-def test_stage_stop_becomes_run_stopped_naming_the_newest_checkpoint(tmp_path):
-    from trainers.config import SFTConfig
-    from trainers.stages.checkpoints import newest_checkpoint
-    from trainers.stages.driver import raise_if_stopped
-
-    _checkpoint(tmp_path, 2)
-    newest = _checkpoint(tmp_path, 4)
-    assert newest_checkpoint(tmp_path) == newest
-    raise_if_stopped("sft", None, SFTConfig(), tmp_path)  # a normal finish
-    with pytest.raises(RunStopped) as err:
-        raise_if_stopped("sft", {"stopped": {"step": 13, "longest": 3}}, SFTConfig(), tmp_path)
-    assert str(err.value).startswith("sft step 13: 3 optimizer steps in a row")
-    assert str(err.value).endswith(f"resume from {newest}")
-    assert newest_checkpoint(tmp_path / "missing") is None
-
-
-def test_the_resume_point_is_ray_trains_registered_checkpoint_not_the_newest_folder(tmp_path):
-    """Workers outliving a killed driver can leave folders Ray Train never registered; it resumes from
-    the one its snapshot names, and so must every message that says where a rerun resumes."""
-    from trainers.stages.checkpoints import SNAPSHOT_FILE, latest_checkpoint_state, newest_checkpoint
-
-    registered = _checkpoint(tmp_path, 2)
-    _checkpoint(tmp_path, 6, register=False)
-    assert newest_checkpoint(tmp_path) == registered
-    assert latest_checkpoint_state(tmp_path) == {"step": 2}
-    (tmp_path / SNAPSHOT_FILE).unlink()  # nothing registered yet: Ray Train starts over
-    assert newest_checkpoint(tmp_path) is None and latest_checkpoint_state(tmp_path) is None
