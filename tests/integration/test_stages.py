@@ -45,7 +45,29 @@ def test_pretrain_loss_falls_and_the_model_loads(base_run):
     assert (base_run.out / "summary.json").is_file() and (base_run.out / "config.yaml").is_file()
 
 
+def _response_nll(model, examples, backward_scale: float | None = None) -> tuple[float, int]:
+    """``(summed NLL of the target tokens, their count)`` of ``(ids, n_prompt)`` examples under a plain
+    transformers causal LM, written out with torch alone: each example is forwarded on its own, unpadded
+    (positions 0..T-1), and token ``t >= n_prompt`` is predicted by the logits at ``t - 1`` -- none of the
+    stages' collation, label masking, loss or normaliser is involved. With ``backward_scale``, each
+    example's NLL times it is back-propagated (gradients accumulate in ``model``)."""
+    total, count = 0.0, 0
+    for ids, n_prompt in examples:
+        tokens = torch.tensor([ids])  # (1, T)
+        logits = model(input_ids=tokens).logits[0, n_prompt - 1 : -1]  # (T - n_prompt, V)
+        targets = tokens[0, n_prompt:]  # (T - n_prompt,)
+        nll = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()
+        if backward_scale is not None:
+            (nll * backward_scale).backward()
+        total, count = total + nll.item(), count + len(targets)
+    return total, count
+
+
 def test_sft_changes_every_parameter_and_lowers_the_loss(base_run, sft_run):
+    from trainers.config import tokenizer_dir
+    from trainers.data.tokenizer import load_tokenizer
+    from trainers.stages.sft import read_demonstrations
+
     before = load_file(base_run.model_dir / "model.safetensors")
     after = load_file(sft_run.model_dir / "model.safetensors")
     assert before.keys() == after.keys()
@@ -54,36 +76,48 @@ def test_sft_changes_every_parameter_and_lowers_the_loss(base_run, sft_run):
     records = read_metrics(sft_run.out / "metrics.jsonl")
     assert sft_run.summary["sft/train_loss"] < records[0]["loss"] - 0.3
     assert sft_run.summary["sft/valid_loss"] < records[0]["loss"] - 0.3
-    assert AutoModelForCausalLM.from_pretrained(sft_run.model_dir, use_safetensors=True) is not None
+    # The exported model is the trained one: plain transformers loads every tensor (nothing left at its
+    # initialisation), and its validation loss is the one the workers measured after the last step.
+    model, info = AutoModelForCausalLM.from_pretrained(
+        sft_run.model_dir, use_safetensors=True, output_loading_info=True
+    )
+    assert {key: value for key, value in info.items() if value} == {}
+    assert model.config.use_cache is True and model.config.attention_dropout == 0.0
+    cfg = sft_run.cfg
+    valid = read_demonstrations(cfg, load_tokenizer(tokenizer_dir(cfg)), "valid")
+    with torch.no_grad():
+        nll, count = _response_nll(model.eval(), valid)
+    assert nll / count == pytest.approx(sft_run.summary["sft/valid_loss"], rel=WORKER_TOLERANCE)
 
 
 def test_first_step_is_the_global_token_mean(base_run, sft_run):
-    """Step 1 of the 2-worker run equals one process computing the token mean of the whole global
-    batch (PPO_DETAILS 24): loss and pre-clip gradient norm."""
-    from trainers.algos import lm_loss, shift_for_lm
+    """Step 1 of the 2-worker run equals an independent single-process computation (PPO_DETAILS 24): the
+    base model loaded with plain transformers, the step's global batch taken in epoch 0's seeded order,
+    the token mean of the response tokens' cross-entropy over the whole batch and the norm of its
+    gradient (pre-clip), all written out here (:func:`_response_nll`). A bug in the stages' collation,
+    label masking, loss normalisation or sharding makes the numbers differ."""
+    import random
+
     from trainers.config import tokenizer_dir
     from trainers.data.tokenizer import load_tokenizer
-    from trainers.runtime.models import forward_logits
-    from trainers.stages.batching import epoch_order, step_indices
-    from trainers.stages.sft import LMTask, prepare
+    from trainers.stages.sft import read_demonstrations
 
     cfg = sft_run.cfg
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
-    train = prepare(cfg, tokenizer).train
-    batch_ids = step_indices(epoch_order(len(train), cfg.sft.seed, 0), 0, cfg.sft.global_batch_size)
-    task = LMTask(cfg.model, cfg.sft, tokenizer)
-    batch = task.collate([train[i] for i in batch_ids])
+    train = read_demonstrations(cfg, tokenizer, "train")  # (prompt + response ids, prompt length)
+    order = list(range(len(train)))
+    random.Random(f"{cfg.sft.seed}:epoch:0").shuffle(order)  # epoch 0; step 1 takes its first G examples
+    batch = [train[i] for i in order[: cfg.sft.global_batch_size]]
+    n_targets = sum(len(ids) - n_prompt for ids, n_prompt in batch)
     model = AutoModelForCausalLM.from_pretrained(base_run.model_dir, use_safetensors=True)
     model.train()  # dropout is 0 in tiny.yaml, so train mode is deterministic
-    logits, labels = shift_for_lm(
-        forward_logits(model, batch["input_ids"], batch["attention_mask"]), batch["labels"]
-    )
-    loss = lm_loss(logits, labels)
-    loss.backward()
-    grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    nll, count = _response_nll(model, batch, backward_scale=1.0 / n_targets)
+    assert count == n_targets
+    grad_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
     step1 = read_metrics(sft_run.out / "metrics.jsonl")[0]
-    assert step1["loss"] == pytest.approx(loss.item(), rel=WORKER_TOLERANCE)
+    assert step1["loss"] == pytest.approx(nll / n_targets, rel=WORKER_TOLERANCE)
     assert step1["grad_norm"] == pytest.approx(grad_norm, rel=1e-3)
+    assert step1["target_tokens"] == n_targets
 
 
 def _assert_same_steps(records: list[dict], reference: dict[int, dict]) -> None:
