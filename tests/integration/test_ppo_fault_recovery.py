@@ -76,7 +76,8 @@ def test_lost_engine_is_restarted_resynced_and_the_phase_retried(
     iteration 3's sync. Both times Ray restarts it (SFT weights from disk), the driver pushes the current
     policy weights and redoes the phase: all iterations run, each lost engine is counted, vLLM's log-probs
     match the policy's as closely as ever, and every metric equals the uninterrupted run's."""
-    from trainers.ppo.driver import derived_seed, run_ppo
+    from trainers.ppo.driver import run_ppo
+    from trainers.ppo.schedule import derived_seed
     from trainers.runs.metrics import read_metrics
 
     generate_marker, sync_marker = tmp_path / "killed-in-generate", tmp_path / "killed-in-sync"
@@ -129,7 +130,8 @@ def test_lost_training_rank_stops_with_one_line_and_the_rerun_resumes(ray_local,
     complete checkpoint, no actor of the run left; the same call again resumes from that checkpoint and
     the whole run's metrics equal the uninterrupted run's."""
     from trainers.errors import RunStopped
-    from trainers.ppo.driver import complete_checkpoints, run_ppo
+    from trainers.ppo.checkpoint import complete_checkpoints
+    from trainers.ppo.driver import run_ppo
     from trainers.runs.metrics import read_metrics
 
     out = tmp_path / "run"

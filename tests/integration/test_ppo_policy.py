@@ -51,7 +51,7 @@ def data(world_dir):
     """A rollout-shaped batch of 4 rows (prompt + a made-up response) and 2 ptx rows per rank."""
     from trainers.data.collate import encode_prompt, encode_response, encode_text
     from trainers.data.tokenizer import load_tokenizer
-    from trainers.ppo.driver import build_rollout_batch
+    from trainers.ppo.batch import build_rollout_batch
 
     tok = load_tokenizer(world_dir / "tokenizer")
     prompts = [encode_prompt(tok, f"Name {i} animals that live in rivers.") for i in range(4)]
@@ -67,7 +67,7 @@ def _state(ray, group) -> dict[str, torch.Tensor]:
 
 def _train(ray, group, batch, old_logprobs, ptx_rows, pad, advantages=None):
     """One optimizer step over all rows of ``batch`` (zero advantages unless given), split like the driver."""
-    from trainers.ppo.driver import ptx_plan, rank_plan, step_token_counts
+    from trainers.ppo.schedule import ptx_plan, rank_plan, step_token_counts
 
     world = len(group)
     micro_steps = batch["sequences"].shape[0] // (2 * world)
@@ -102,7 +102,7 @@ def _old_logprobs(ray, group, batch) -> torch.Tensor:
 def test_zero_advantages_without_ptx_leave_weights_unchanged_and_ptx_alone_moves_them(
     ray_local, policy, data
 ):
-    from trainers.ppo.driver import sum_over_ranks
+    from trainers.ppo.metrics import sum_over_ranks
 
     batch = data["batch"]
     old = _old_logprobs(ray_local, policy, batch)  # (4, R) by the training engine itself: ratio 1 at first
@@ -126,7 +126,7 @@ def test_one_step_is_the_same_over_2_ranks_or_2_micro_batches(ray_local, sft_mod
     """PPO_DETAILS 24: the token mean over the whole minibatch, whatever the split. Non-zero advantages
     and old log-probs shifted so that some ratios are clipped; ptx on."""
     from cluster.placement import release
-    from trainers.ppo.driver import sum_over_ranks
+    from trainers.ppo.metrics import sum_over_ranks
 
     batch = data["batch"]
     wide, wide_pg = start_policy(ray_local, sft_model_dir, world=2, grad_accum=1, name="test-agg-2x1")

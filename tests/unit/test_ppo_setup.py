@@ -11,7 +11,7 @@ from trainers.config import config_from_dict
 from trainers.data.io import write_parquet
 from trainers.data.tokenizer import train_tokenizer
 from trainers.errors import ConfigError, DataError
-from trainers.ppo import driver as ppo
+from trainers.ppo import setup
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def make_cfg(inputs, **ppo_over):
 
 
 def test_validate_run_encodes_prompts_and_ptx(inputs, tmp_path):
-    out, data = ppo.validate_run(make_cfg(inputs, ptx_coef=1.0), tmp_path / "out")
+    out, data = setup.validate_run(make_cfg(inputs, ptx_coef=1.0), tmp_path / "out")
     assert len(data.prompts) == 20 and data.prompts[0][0] == 1  # BOS first
     assert data.ptx and all(len(ids) <= 64 for ids in data.ptx)
     assert data.pad_id != data.eos_id
@@ -51,7 +51,7 @@ def test_validate_run_encodes_prompts_and_ptx(inputs, tmp_path):
 
 
 def test_validate_run_skips_ptx_when_off(inputs, tmp_path):
-    _, data = ppo.validate_run(make_cfg(inputs), tmp_path / "out")
+    _, data = setup.validate_run(make_cfg(inputs), tmp_path / "out")
     assert data.ptx == []
 
 
@@ -60,7 +60,7 @@ def test_missing_model_dir_is_a_config_error_naming_the_key(inputs, tmp_path, ke
     cfg = make_cfg(inputs)
     getattr(cfg, key).path = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match=f"{key}.path"):
-        ppo.validate_run(cfg, tmp_path / "out")
+        setup.validate_run(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -68,14 +68,14 @@ def test_prompt_without_room_for_the_response_is_a_data_error(inputs, tmp_path):
     cfg = make_cfg(inputs)
     cfg.rollout.max_new_tokens = 60  # max_len 64 leaves 4 tokens for the prompt
     with pytest.raises(DataError) as err:
-        ppo.validate_run(cfg, tmp_path / "out")
+        setup.validate_run(cfg, tmp_path / "out")
     assert "prompts/train.parquet:1:" in str(err.value) and "rollout.max_new_tokens=60" in str(err.value)
 
 
 def test_role_specs_give_each_actor_its_model_and_batch_shape(inputs):
     cfg = make_cfg(inputs, policy_workers=2, critic_workers=1, policy_lr=3e-5, critic_lr=7e-5, ptx_coef=0.5)
     cfg.rollout.temperature = 0.7
-    specs = ppo.role_specs(cfg, "cpu")
+    specs = setup.role_specs(cfg, "cpu")
     sft, rm = str(inputs["sft"].resolve()), str(inputs["rm"].resolve())
     assert (specs["policy"].model_path, specs["reference"].model_path) == (sft, sft)
     assert (specs["critic"].model_path, specs["reward"].model_path) == (rm, rm)
@@ -89,7 +89,7 @@ def test_role_specs_give_each_actor_its_model_and_batch_shape(inputs):
 def test_rollout_kwargs_cpu_uses_a_fixed_kv_cache(inputs):
     cfg = make_cfg(inputs)
     cfg.rollout.kv_cache_mb = 96
-    kwargs = ppo.rollout_kwargs(cfg, "cpu")
+    kwargs = setup.rollout_kwargs(cfg, "cpu")
     assert kwargs["dtype"] == "float32" and kwargs["max_model_len"] == 64
     assert kwargs["kv_cache_memory_bytes"] == 96 * 2**20
     assert not kwargs["enable_sleep_mode"]
@@ -104,10 +104,10 @@ def test_reward_model_with_another_tokenizer_is_rejected(inputs, tmp_path):
     cfg = make_cfg(inputs)
     cfg.reward.path = str(other_rm)
     with pytest.raises(ConfigError, match="PPO_DETAILS 7"):
-        ppo.validate_run(cfg, tmp_path / "out")
+        setup.validate_run(cfg, tmp_path / "out")
     train_tokenizer(
         [f"write a note about the {i} red foxes and the lazy dog" for i in range(200)],
         other_rm,
         vocab_size=320,
     )
-    ppo.validate_run(cfg, tmp_path / "out")  # the same tokenizer saved again is accepted
+    setup.validate_run(cfg, tmp_path / "out")  # the same tokenizer saved again is accepted

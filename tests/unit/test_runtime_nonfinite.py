@@ -11,7 +11,7 @@ import pytest
 
 from cluster.faults import NONFINITE_ENV as FAULT_ENV
 from trainers.errors import RunStopped
-from trainers.ppo import driver as ppo
+from trainers.ppo import checkpoint, metrics, recovery
 from trainers.runs.resume import resume_hint
 from trainers.runtime.nonfinite import (
     stop_message,
@@ -57,37 +57,37 @@ def test_skipped_steps_are_counted_and_left_out_of_the_means():
     nan = math.nan
     rank0 = [_stats(2, 1.0, ptx=2.0), _stats(2, nan, 1.0, math.inf, nan), _stats(2, 3.0, ptx=6.0)]
     rank1 = [_stats(2, 1.0, ptx=2.0), _stats(2, 1.0, 1.0, math.inf, 1.0), _stats(2, 3.0, ptx=6.0)]
-    steps = ppo.sum_over_ranks([rank0, rank1])
+    steps = metrics.sum_over_ranks([rank0, rank1])
     assert [s["skipped"] for s in steps] == [0.0, 1.0, 0.0]  # a flag, not summed over ranks
-    m = ppo.policy_metrics(steps, ptx_tokens=[4, 4, 8])
+    m = metrics.policy_metrics(steps, ptx_tokens=[4, 4, 8])
     assert m["policy/skipped_steps"] == 1.0
     assert m["loss/policy"] == pytest.approx((4 * 1.0 + 4 * 3.0) / 8)
     assert m["policy/grad_norm"] == 1.0
     assert m["loss/ptx"] == pytest.approx((4.0 + 12.0) / 12)
     assert all(math.isfinite(v) for v in m.values())
-    c = ppo.critic_metrics(steps)
+    c = metrics.critic_metrics(steps)
     assert c["value/skipped_steps"] == 1.0 and c["loss/value"] == pytest.approx(2.0)
 
 
 def test_an_iteration_with_every_step_skipped_reports_nan_not_zero():
     steps = [_stats(4, math.nan, 1.0, math.inf)]
-    m = ppo.policy_metrics(steps, ptx_tokens=[3])
+    m = metrics.policy_metrics(steps, ptx_tokens=[3])
     assert m["policy/skipped_steps"] == 1.0
     assert math.isnan(m["loss/policy"]) and math.isnan(m["policy/grad_norm"]) and math.isnan(m["loss/ptx"])
-    assert math.isnan(ppo.critic_metrics(steps)["loss/value"])
+    assert math.isnan(metrics.critic_metrics(steps)["loss/value"])
 
 
 def test_check_nonfinite_carries_the_streak_across_iterations_and_stops(tmp_path, capsys):
     for it in (2, 4):
-        (tmp_path / ppo.checkpoint_name(it)).mkdir()
+        (tmp_path / checkpoint.checkpoint_name(it)).mkdir()
     (tmp_path / "iter_000006.tmp").mkdir()  # incomplete: never named as a resume point
-    state = ppo.DriverState(iteration=4)
-    ppo.check_nonfinite(state, {"policy": [False, True], "critic": [True, False]}, 3, tmp_path)
+    state = checkpoint.DriverState(iteration=4)
+    recovery.check_nonfinite(state, {"policy": [False, True], "critic": [True, False]}, 3, tmp_path)
     assert state.nonfinite_streak == {"policy": 1, "critic": 0}
     assert "policy skipped 1 of 2" in capsys.readouterr().out
     state.iteration = 5
     with pytest.raises(RunStopped) as err:
-        ppo.check_nonfinite(state, {"policy": [True, True], "critic": [False, False]}, 3, tmp_path)
+        recovery.check_nonfinite(state, {"policy": [True, True], "critic": [False, False]}, 3, tmp_path)
     msg = str(err.value)
     assert msg.startswith("ppo iteration 6, policy: 3 optimizer steps in a row") and "\n" not in msg
     assert msg.endswith(f"resume from {tmp_path / 'iter_000004'}")
@@ -95,26 +95,26 @@ def test_check_nonfinite_carries_the_streak_across_iterations_and_stops(tmp_path
 
 def test_check_nonfinite_counts_each_role_on_its_own(tmp_path):
     """Policy and critic failing in turn is not a streak of either model."""
-    state = ppo.DriverState()
+    state = checkpoint.DriverState()
     for _ in range(3):
-        ppo.check_nonfinite(state, {"policy": [True, False], "critic": [False, True]}, 2, tmp_path)
+        recovery.check_nonfinite(state, {"policy": [True, False], "critic": [False, True]}, 2, tmp_path)
     assert state.nonfinite_streak == {"policy": 0, "critic": 1}
     with pytest.raises(RunStopped, match="critic: 2 optimizer steps.*no checkpoint was saved yet"):
-        ppo.check_nonfinite(state, {"policy": [False], "critic": [True]}, 2, checkpoints=tmp_path)
+        recovery.check_nonfinite(state, {"policy": [False], "critic": [True]}, 2, checkpoints=tmp_path)
 
 
 def test_the_streak_round_trips_through_a_checkpoint_and_old_checkpoints_load():
-    state = ppo.DriverState(iteration=3, nonfinite_streak={"policy": 2, "critic": 0})
+    state = checkpoint.DriverState(iteration=3, nonfinite_streak={"policy": 2, "critic": 0})
     saved = json.loads(json.dumps(dataclasses.asdict(state)))
-    assert ppo.DriverState(**saved).nonfinite_streak == {"policy": 2, "critic": 0}
+    assert checkpoint.DriverState(**saved).nonfinite_streak == {"policy": 2, "critic": 0}
     del saved["nonfinite_streak"]  # written before the field existed
-    assert ppo.DriverState(**saved).nonfinite_streak == {}
+    assert checkpoint.DriverState(**saved).nonfinite_streak == {}
 
 
 def test_fault_poison_maps_run_steps_of_the_env_to_this_iteration(monkeypatch, capsys):
     monkeypatch.setenv(FAULT_ENV, "policy:2,5;critic:8")
-    assert ppo.fault_poison(iteration=0, steps=4) == {"policy": [1], "critic": []}
-    assert ppo.fault_poison(iteration=1, steps=4) == {"policy": [0], "critic": [3]}
+    assert recovery.fault_poison(iteration=0, steps=4) == {"policy": [1], "critic": []}
+    assert recovery.fault_poison(iteration=1, steps=4) == {"policy": [0], "critic": [3]}
     assert "poisons policy steps [5]" in capsys.readouterr().out
     monkeypatch.delenv(FAULT_ENV)
-    assert ppo.fault_poison(iteration=1, steps=4) == {"policy": [], "critic": []}
+    assert recovery.fault_poison(iteration=1, steps=4) == {"policy": [], "critic": []}

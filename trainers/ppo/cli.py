@@ -24,13 +24,13 @@ def check_local_resources(cfg) -> None:
     ``rlhf ppo`` without ``cluster.ray_address`` (and outside ``ray job submit``, which sets
     RAY_ADDRESS) starts a one-node Ray with ``cluster.num_cpus`` CPUs (else the machine's) and the
     visible GPUs; the roles' bundles are checked against that node. A cluster is checked once joined
-    (:func:`trainers.ppo.driver.check_resources`). The machine's CPU count can only overstate what Ray
+    (:func:`trainers.ppo.roles.check_resources`). The machine's CPU count can only overstate what Ray
     detects, so this never refuses a request that Ray would meet.
     """
     import torch
 
     from cluster.resources import ClusterResources, check_feasible, use_gpu
-    from trainers.ppo.driver import ppo_bundles
+    from trainers.ppo.setup import ppo_bundles
 
     if cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS"):
         return

@@ -1,0 +1,145 @@
+"""What the driver does when something is lost or goes non-finite (docs/design.md, "Reliability").
+
+- A lost vLLM engine: Ray restarts it; the driver waits, pushes the current policy weights and reruns the
+  whole phase with the same seeds (:func:`with_engine_recovery`), within ``ppo.max_engine_restarts``.
+- A lost training rank (a rank of a torch.distributed world cannot be replaced): :func:`lost_actor` names
+  it, the run stops with one line (:func:`stop_message`).
+- Non-finite optimizer steps: the streak per role is carried through the iterations and the run stops at
+  ``ppo.max_nonfinite_steps`` in a row (:func:`check_nonfinite`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray.exceptions import RayActorError, RayError
+
+from cluster.faults import NONFINITE_ENV, injector
+from cluster.liveness import ActorGone, actor_id_of, lost_actor_id, probe_dead, wait_until_alive
+from trainers.errors import RunStopped
+from trainers.ppo.checkpoint import DriverState, complete_checkpoints
+from trainers.ppo.roles import Roles, push_policy_weights
+from trainers.runs.resume import resume_hint
+from trainers.runtime import nonfinite
+
+ENGINE_RESTART_TIMEOUT_S = 900.0
+"""How long the driver waits for a restarted vLLM engine to answer (start-up took 12-72 s on 2 CPU cores)."""
+
+
+class ActorLost(Exception):
+    """An actor the run cannot do without is gone: ``role``/``rank`` name it, ``detail`` says how."""
+
+    def __init__(self, role: str, rank: int, detail: str):
+        super().__init__(f"{'rollout engine' if role == 'rollout' else role + ' rank'} {rank} {detail}")
+        self.role, self.rank, self.detail = role, rank, detail
+
+
+def with_engine_recovery(roles: Roles, phase: str, call, push_first: bool = True):
+    """``call()`` (one phase's calls to the engines and its ``ray.get``); if a rollout engine was lost on
+    the way, wait for Ray's restart, push the current policy weights into the engines (a restarted engine
+    loaded the SFT weights from disk) and run ``call()`` again, the whole phase with the same seeds.
+
+    ``push_first=False`` when ``call`` is itself the weight push. Raises :class:`ActorLost` past
+    ``ppo.max_engine_restarts`` or when the engine does not come back.
+    """
+    stale = False
+    while True:
+        try:
+            if stale and push_first:
+                push_policy_weights(roles)
+            return call()
+        except RayActorError as err:
+            rank = roles.rollout.rank_of(lost_actor_id(err))
+            if rank is None:
+                raise
+            recover_engine(roles, rank, phase)
+            stale = True
+
+
+def recover_engine(roles: Roles, rank: int, phase: str) -> None:
+    """Count the loss of engine ``rank`` against the budget and wait until its restart answers."""
+    roles.engine_restarts += 1
+    budget = roles.max_engine_restarts
+    if roles.engine_restarts > budget:
+        raise ActorLost(
+            "rollout", rank, f"was lost during {phase} with ppo.max_engine_restarts={budget} used up"
+        )
+    print(
+        f"ppo: rollout engine {rank} lost during {phase}; restart {roles.engine_restarts}/{budget}: waiting "
+        "for it, then pushing the current policy weights and retrying the phase",
+        flush=True,
+    )
+    engine = roles.engines()[rank]
+    try:
+        wait_until_alive(lambda: engine.health.remote(), ENGINE_RESTART_TIMEOUT_S)
+    except ActorGone as err:
+        raise ActorLost("rollout", rank, f"was lost during {phase} and did not come back: {err}") from None
+
+
+def lost_actor(roles: Roles, err: BaseException) -> ActorLost | None:
+    """The actor whose loss ``err`` comes from, if the run lost one (else None: an ordinary error).
+
+    A lost rank of a torch.distributed world can surface as its own ``ActorDiedError`` or as a collective
+    error in a surviving rank (``RayTaskError``); the latter is resolved by probing every training actor.
+    """
+    if isinstance(err, ActorLost):
+        return err
+    if not isinstance(err, RayError):
+        return None
+    actors = roles.training_actors()
+    actor_id = lost_actor_id(err)
+    found = [key for key, handle in actors.items() if actor_id and actor_id_of(handle) == actor_id]
+    dead = found or probe_dead(actors)
+    if not dead:
+        return None
+    role, rank = dead[0]
+    return ActorLost(role, rank, "died (its process is gone)")
+
+
+def stop_message(lost: ActorLost, checkpoints: Path, completed: int) -> str:
+    """The one line a stopped run prints: what was lost, after how many iterations, where a rerun of the
+    same command resumes from."""
+    found = complete_checkpoints(checkpoints)
+    resume = resume_hint(found[-1] if found else None)
+    return f"{lost} after iteration {completed}; every actor was stopped; {resume}"
+
+
+def fault_poison(iteration: int, steps: int) -> dict[str, list[int]]:
+    """Fault injection for tests (``trainers.runtime.nonfinite``): per role, the indices of this iteration's
+    optimizer steps that ``RLHF_FAULT_NONFINITE_STEPS`` poisons (steps counted over the run, 1-based);
+    prints a line when any is armed."""
+    faults = injector()
+    out = {role: faults.nonfinite_in(role, iteration * steps + 1, steps) for role in ("policy", "critic")}
+    for role, idx in out.items():
+        if idx:
+            print(
+                f"ppo: {NONFINITE_ENV} poisons {role} steps {[iteration * steps + i + 1 for i in idx]}",
+                flush=True,
+            )
+    return out
+
+
+def check_nonfinite(
+    state: DriverState, skipped: dict[str, list[bool]], limit: int, checkpoints: Path
+) -> None:
+    """Carry each role's streak of skipped optimizer steps through this iteration (``state``), print a line
+    when steps were skipped, and raise :class:`RunStopped` once a role has ``limit`` in a row -- before
+    anything of this iteration is saved. The message names the newest complete checkpoint under
+    ``checkpoints``."""
+    longest = {}
+    for role, flags in skipped.items():
+        state.nonfinite_streak[role], longest[role] = nonfinite.update_streak(
+            state.nonfinite_streak.get(role, 0), flags
+        )
+        if any(flags):
+            print(
+                f"ppo: iteration {state.iteration + 1}: {role} skipped {sum(flags)} of {len(flags)} optimizer "
+                f"steps (non-finite loss or gradient; {state.nonfinite_streak[role]} in a row, stop at {limit})",
+                flush=True,
+            )
+    worst = max(longest, key=lambda role: longest[role])
+    if longest[worst] >= limit:
+        found = complete_checkpoints(checkpoints)
+        resume = resume_hint(found[-1] if found else None)
+        what = f"ppo iteration {state.iteration + 1}, {worst}"
+        raise RunStopped(nonfinite.stop_message(what, longest[worst], limit, resume))

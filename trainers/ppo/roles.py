@@ -1,0 +1,141 @@
+"""The running actor groups of a PPO run: their classes, start-up in placement groups, shut-down, and the
+check that the cluster can ever hold them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.critic import CriticWorker
+from actors.policy import PolicyWorker
+from actors.reference import ReferenceWorker
+from actors.reward import RewardWorker
+from actors.rollout import RolloutEngine
+from cluster.actor_group import ActorGroup, default_backend
+from cluster.connect import connect
+from cluster.faults import fault_env
+from cluster.placement import place_roles, release
+from cluster.resources import check_feasible, detect_resources, use_gpu
+from trainers.config import Config
+from trainers.ppo.schedule import derived_seed
+from trainers.ppo.setup import ppo_bundles, role_specs, rollout_kwargs
+
+
+@dataclass
+class Roles:
+    """The running actor groups of one PPO run and their placement groups."""
+
+    policy: Any
+    critic: Any
+    reference: Any
+    reward: Any
+    rollout: Any
+    placements: dict
+    colocated_gpu: bool = False
+    max_engine_restarts: int = 0
+    """``ppo.max_engine_restarts``: lost engines this driver recovers before it stops the run."""
+    engine_restarts: int = 0
+    """Lost engines recovered so far by this driver process (all engines together)."""
+
+    def engines(self) -> list:
+        """The rollout engines' actor handles."""
+        return list(self.rollout.actors)
+
+    def training_actors(self) -> dict[tuple[str, int], Any]:
+        """``(role, rank) -> handle`` of every DeepSpeed actor: ranks of torch.distributed worlds, which
+        cannot be restarted one by one (a lost one stops the run)."""
+        groups = {
+            "policy": self.policy,
+            "critic": self.critic,
+            "reference": self.reference,
+            "reward": self.reward,
+        }
+        return {(role, rank): a for role, group in groups.items() for rank, a in enumerate(group.actors)}
+
+    def shutdown(self) -> None:
+        """Kill every actor, then free the placement groups."""
+        for group in (self.rollout, self.policy, self.critic, self.reference, self.reward):
+            group.kill()
+        release(self.placements)
+
+
+def push_policy_weights(roles: Roles) -> dict:
+    """The gathered policy weights into every engine (collective over the policy ranks); rank 0's stats."""
+    engines = roles.engines()
+    return ray.get(roles.policy.map(lambda a, _r: a.sync_weights.remote(engines)))[0]
+
+
+def role_classes() -> dict[str, type]:
+    """The DeepSpeed roles and their actor classes (imported here: they pull in Ray and DeepSpeed)."""
+    return {
+        "policy": PolicyWorker,
+        "critic": CriticWorker,
+        "reference": ReferenceWorker,
+        "reward": RewardWorker,
+    }
+
+
+def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
+    """Place every role, start its actors, form the torch.distributed worlds, build the engines.
+
+    The vLLM engines start first (the slowest to come up) and load in the background while the
+    DeepSpeed ranks build; one ``ray.get`` waits for everything. A failed start kills what it started
+    and frees the placement groups before re-raising.
+    """
+    gpu = device == "cuda"
+    colocated = cfg.cluster.placement == "colocated"
+    placements = place_roles(
+        ppo_bundles(cfg, gpu), colocated=colocated, timeout_s=cfg.cluster.placement_timeout_s, name=run_name
+    )
+    threads, specs = cfg.cluster.torch_threads, role_specs(cfg, device)
+    started: dict = {}
+    try:
+        started["rollout"] = ActorGroup(
+            RolloutEngine,
+            placements["rollout"],
+            run_name=run_name,
+            init_args=(str(Path(cfg.model.path).resolve()),),
+            init_kwargs=rollout_kwargs(cfg, device),
+            rank_kwargs=lambda rank: {"seed": derived_seed(cfg.ppo.seed, 10_000 + rank)},
+            torch_threads=threads,
+            env=fault_env(),  # RLHF_FAULT_*: test fault injection (cluster/faults.py); empty otherwise
+            max_restarts=cfg.ppo.max_engine_restarts,
+        )
+        classes = role_classes()
+        for role, cls in classes.items():
+            started[role] = ActorGroup(
+                cls,
+                placements[role],
+                run_name=run_name,
+                init_kwargs={"spec": specs[role]},
+                torch_threads=threads,
+            )
+        for role in classes:
+            started[role].init_world(default_backend(gpu))
+        ray.get([ref for role in classes for ref in started[role].map(lambda a, _r: a.build.remote())])
+        ray.get([a.health.remote() for a in started["rollout"].actors])
+    except BaseException:
+        for group in started.values():  # leave no actors or reserved resources behind
+            group.kill()
+        release(placements)
+        raise
+    return Roles(
+        **started,
+        placements=placements,
+        colocated_gpu=gpu and colocated,
+        max_engine_restarts=cfg.ppo.max_engine_restarts,
+    )
+
+
+def check_resources(cfg: Config) -> str:
+    """Connect to Ray and fail with one line naming the role if the request can never be met;
+    returns the device (``'cpu'``/``'cuda'``)."""
+    connect(cfg.cluster.ray_address, cfg.cluster.num_cpus, cfg.cluster.torch_threads)
+    resources = detect_resources()
+    gpu = use_gpu(cfg.cluster.device, resources)
+    check_feasible(ppo_bundles(cfg, gpu), resources, colocated=cfg.cluster.placement == "colocated")
+    return "cuda" if gpu else "cpu"
