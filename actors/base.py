@@ -6,9 +6,11 @@ the model (ZeRO-3 partitioned when ``zero_stage == 3``) and wraps it in a DeepSp
 
 Conventions every actor follows:
 
-- A *shard* is a dict of CPU tensors with ``sequences``/``attention_mask`` ``(n, P+R)`` (left-padded
-  prompt, right-padded response) and ``response_mask`` ``(n, R)``. Response token t sits at column
-  ``P+t``; the logits (or value) for it are read at column ``P+t-1`` (:func:`response_slice`).
+- A *shard* is a :class:`trainers.ppo.batch.TokenBatch` of CPU tensors: ``sequences``/``attention_mask``
+  ``(n, P+R)`` (left-padded prompt, right-padded response) and ``response_mask`` ``(n, R)``. Response token
+  t sits at column ``P+t``; the logits (or value) for it are read at column ``P+t-1``
+  (:func:`response_slice`). Training takes an :class:`trainers.ppo.batch.Experience` and this rank's
+  :class:`trainers.ppo.schedule.RankPlan`.
 - ZeRO-3 ranks forward in lock-step; the driver gives every rank the same number of rows, and each
   rank cuts them into the same number of micro-batches.
 - Dropout is off and every module stays in eval mode for the whole run (PPO_DETAILS 22).
@@ -24,8 +26,12 @@ from pathlib import Path
 import torch
 
 from cluster.actor_group import DistributedWorker
-from trainers.data.sharding import micro_batches
-from trainers.runtime.zero import gathered
+from trainers.algos import logprobs_from_logits
+from trainers.ppo.batch import TokenBatch
+from trainers.runtime.dist import init_distributed
+from trainers.runtime.models import forward_logits
+from trainers.runtime.step_guard import StepGuard
+from trainers.runtime.zero import ds_config, gathered, hf_deepspeed_context, init_deepspeed
 
 CHECKPOINT_TAG = "engine"
 """DeepSpeed checkpoint tag under each role's checkpoint folder."""
@@ -98,8 +104,6 @@ class EngineWorker(DistributedWorker):
     # --- construction ---------------------------------------------------------------------------
 
     def _ds_config(self, grad_accum: int = 1, grad_clip: float = 0.0) -> dict:
-        from trainers.runtime.zero import ds_config
-
         return ds_config(
             self.spec.zero_stage,
             self.spec.dtype,
@@ -115,7 +119,7 @@ class EngineWorker(DistributedWorker):
 
     def _make_engine(self, model: torch.nn.Module, config: dict):
         """Frozen roles: a DeepSpeed engine without optimizer (ZeRO-3 partitioned inference)."""
-        import deepspeed
+        import deepspeed  # here, not at the top: the driver imports the actor classes and needs no DeepSpeed
 
         engine, *_ = deepspeed.initialize(model=model, config=config)
         return engine
@@ -125,9 +129,6 @@ class EngineWorker(DistributedWorker):
 
     def build(self) -> dict:
         """Load the model and wrap it in DeepSpeed; returns facts for the driver's log."""
-        from trainers.runtime.dist import init_distributed
-        from trainers.runtime.zero import hf_deepspeed_context
-
         if self.device.type == "cuda":
             torch.cuda.set_device(0)
         init_distributed(self.spec.device)
@@ -143,35 +144,30 @@ class EngineWorker(DistributedWorker):
 
     # --- passes ---------------------------------------------------------------------------------
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in batch.items()}
-
     @torch.no_grad()
-    def _map_micro(self, shard: dict[str, torch.Tensor], fn: Callable[[dict], torch.Tensor]) -> torch.Tensor:
-        """``fn`` over micro-batches of ``shard`` without grad; results concatenated on the CPU."""
+    def _map_micro(self, shard: TokenBatch, fn: Callable[[TokenBatch], torch.Tensor]) -> torch.Tensor:
+        """``fn`` over micro-batches of ``shard`` (on this actor's device) without grad; results
+        concatenated on the CPU."""
         outs = [
-            fn(self._to_device(mb)).float().cpu() for mb in micro_batches(shard, self.spec.micro_batch_size)
+            fn(mb.to(self.device)).float().cpu() for mb in shard.micro_batches(self.spec.micro_batch_size)
         ]
         return torch.cat(outs, dim=0)
 
-    def _response_logprobs(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _response_logprobs(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logprobs (m, R), response logits (m, R, V))`` of the response tokens at the sampling
         temperature (PPO_DETAILS 3); padding entries hold garbage and must be masked by the caller."""
-        from trainers.algos import logprobs_from_logits
-        from trainers.runtime.models import forward_logits
-
-        r_len = mb["response_mask"].shape[1]
-        logits = forward_logits(self.engine, mb["sequences"], mb["attention_mask"])  # (m, L, V)
+        r_len = mb.response_len
+        logits = forward_logits(self.engine, mb.sequences, mb.attention_mask)  # (m, L, V)
         resp_logits = response_slice(logits, r_len)  # (m, R, V)
-        labels = mb["sequences"][:, -r_len:]  # (m, R)
+        labels = mb.sequences[:, -r_len:]  # (m, R)
         return logprobs_from_logits(resp_logits, labels, self.spec.temperature), resp_logits
 
-    def logprobs(self, shard: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logprobs(self, shard: TokenBatch) -> torch.Tensor:
         """``(n, R)`` log-probs of the response tokens, no grad, 0 on padding (PPO_DETAILS 3, 5)."""
 
-        def fn(mb):
+        def fn(mb: TokenBatch) -> torch.Tensor:
             logp, _ = self._response_logprobs(mb)
-            return torch.where(mb["response_mask"].bool(), logp, torch.zeros((), device=logp.device))
+            return torch.where(mb.response_mask.bool(), logp, torch.zeros((), device=logp.device))
 
         return self._map_micro(shard, fn)
 
@@ -217,8 +213,6 @@ class TrainableWorker(EngineWorker):
         return self._ds_config(grad_accum=self.spec.grad_accum, grad_clip=self.spec.grad_clip)
 
     def _make_engine(self, model: torch.nn.Module, config: dict):
-        from trainers.runtime.zero import init_deepspeed
-
         # PPO runs at a constant learning rate (min_lr_ratio 1, no warm-up), as InstructGPT's PPO did
         # within one run; the schedule object still lives in DeepSpeed's checkpoints.
         return init_deepspeed(
@@ -238,10 +232,6 @@ class TrainableWorker(EngineWorker):
                 f"plan has {len(micros)} micro-batches per step, engine expects {self.spec.grad_accum}"
             )
 
-    def _rows(self, batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rows ``idx`` of every tensor in ``batch``, on this actor's device."""
-        return self._to_device({k: v.index_select(0, idx) for k, v in batch.items()})
-
     def _grad_norm(self) -> float:
         """Global gradient norm of the last optimizer step, before clipping (0.0 if unknown; inf for a
         step DeepSpeed skipped)."""
@@ -251,8 +241,6 @@ class TrainableWorker(EngineWorker):
     def _step_guard(self):
         """A :class:`trainers.runtime.step_guard.StepGuard` for the next optimizer step (skips it, on every rank
         alike, if a loss or the gradient norm is non-finite)."""
-        from trainers.runtime.step_guard import StepGuard
-
         return StepGuard(self.engine, scale_wrt_gas=False)
 
     def _poisoned(self, loss: torch.Tensor, poison: bool) -> torch.Tensor:

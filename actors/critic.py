@@ -1,7 +1,7 @@
 """The critic actor: one rank of the ZeRO-3 value model, initialised from the reward model.
 
     values(shard)                                (n, R) value of each response token, no grad
-    train(experience, plan, step_tokens)         clipped value loss, one optimizer step per minibatch
+    train(experience, plan)                      clipped value loss, one optimizer step per minibatch
     save_state(dir) / load_state(dir)
 
 The value model is the RM's class loaded from the RM directory (PPO_DETAILS 23): its scalar head
@@ -19,6 +19,11 @@ from collections.abc import Sequence
 import torch
 
 from actors.base import TrainableWorker, TrainSpec, response_slice
+from trainers.algos import loss_normaliser, value_loss
+from trainers.ppo.batch import Experience, TokenBatch
+from trainers.ppo.schedule import RankPlan
+from trainers.runtime.device import torch_dtype
+from trainers.runtime.models import build_value_model, token_scores
 
 
 class CriticWorker(TrainableWorker):
@@ -27,62 +32,50 @@ class CriticWorker(TrainableWorker):
     spec: TrainSpec
 
     def _load_model(self) -> torch.nn.Module:
-        from trainers.runtime.device import torch_dtype
-        from trainers.runtime.models import build_value_model
-
         return build_value_model(
             self.spec.model_path,
             dtype=torch_dtype(self.spec.dtype),
             trust_remote_code=self.spec.trust_remote_code,
         )
 
-    def _values(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _values(self, mb: TokenBatch) -> torch.Tensor:
         """``(m, R)`` values of the response tokens (padding entries are garbage; callers mask)."""
-        from trainers.runtime.models import token_scores
+        per_position = token_scores(self.engine, mb.sequences, mb.attention_mask)  # (m, L)
+        return response_slice(per_position, mb.response_len).float()  # (m, R)
 
-        per_position = token_scores(self.engine, mb["sequences"], mb["attention_mask"])  # (m, L)
-        return response_slice(per_position, mb["response_mask"].shape[1]).float()  # (m, R)
-
-    def values(self, shard: dict[str, torch.Tensor]) -> torch.Tensor:
+    def values(self, shard: TokenBatch) -> torch.Tensor:
         """``(n, R)`` values, no grad, 0 on padding (PPO_DETAILS 12)."""
 
-        def fn(mb):
+        def fn(mb: TokenBatch) -> torch.Tensor:
             v = self._values(mb)
-            return torch.where(mb["response_mask"].bool(), v, torch.zeros((), device=v.device))
+            return torch.where(mb.response_mask.bool(), v, torch.zeros((), device=v.device))
 
         return self._map_micro(shard, fn)
 
     def train(
-        self,
-        experience: dict[str, torch.Tensor],
-        plan: list[list[torch.Tensor]],
-        step_tokens: list[int],
-        poison_steps: Sequence[int] = (),
+        self, experience: Experience, plan: RankPlan, poison_steps: Sequence[int] = ()
     ) -> list[dict[str, float]]:
         """Every optimizer step of this iteration; per-step stat sums of this rank.
 
-        ``experience``: ``sequences``, ``attention_mask``, ``response_mask``, ``values`` (old values),
-        ``returns``; ``plan[step]``: this rank's micro-batches (row indices); ``step_tokens[step]``: the
-        step's global count of response tokens; ``poison_steps``: steps made non-finite (fault
-        injection). A non-finite step is skipped on every rank and has ``skipped`` 1 in its stats.
+        ``experience``: the whole batch (the critic reads the tokens, ``values`` -- the old values -- and
+        ``returns``); ``plan.steps[k]``: this rank's micro-batches (row indices) and the step's global
+        count of response tokens; ``poison_steps``: steps made non-finite (fault injection). A
+        non-finite step is skipped on every rank and has ``skipped`` 1 in its stats.
         """
-        from trainers.algos import loss_normaliser, value_loss
-
-        keys = ("sequences", "attention_mask", "response_mask", "values", "returns")
-        experience = {k: experience[k] for k in keys}
         out = []
-        for step, micros in enumerate(plan):
+        for step, sp in enumerate(plan.steps):
+            micros = sp.micro_batches
             self._check_plan(micros)
-            norm = loss_normaliser(max(step_tokens[step], 1), self.world_size)
+            norm = loss_normaliser(max(sp.tokens, 1), self.world_size)
             acc: dict[str, float] = defaultdict(float)
             guard = self._step_guard()
             for i, idx in enumerate(micros):
-                mb = self._rows(experience, idx)
+                mb = experience.rows(idx).to(self.device)
                 loss, st = value_loss(
-                    self._values(mb),
-                    mb["values"],
-                    mb["returns"],
-                    mb["response_mask"],
+                    self._values(mb.tokens),
+                    mb.values,
+                    mb.returns,
+                    mb.tokens.response_mask,
                     self.spec.clip_eps,
                     num_tokens=norm,
                 )

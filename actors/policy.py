@@ -1,7 +1,7 @@
 """The policy actor: one rank of the ZeRO-3 policy (initialised from the SFT model).
 
     logprobs(shard)                                   old log-probs, no grad, by the training engine
-    train(experience, plan, ptx, step_tokens, ptx_tokens)   PPO clip + ptx_coef x LM loss, one step per minibatch
+    train(experience, plan)                           PPO clip + ptx_coef x LM loss, one step per minibatch
     sync_weights(engines)                             gathered weights -> every vLLM engine
     save_state(dir) / load_state(dir) / save_model(dir)
 
@@ -23,6 +23,21 @@ from collections.abc import Sequence
 import torch
 
 from actors.base import TrainableWorker, TrainSpec
+from cluster.weight_sync import CpuBlobSync
+from trainers.algos import (
+    entropy_from_logits,
+    lm_loss,
+    loss_normaliser,
+    masked_sum,
+    policy_loss,
+    shift_for_lm,
+)
+from trainers.data.tokenizer import load_tokenizer
+from trainers.ppo.batch import Experience, PtxBatch
+from trainers.ppo.schedule import RankPlan
+from trainers.runtime.device import torch_dtype
+from trainers.runtime.export import save_hf
+from trainers.runtime.models import build_causal_lm, forward_logits, no_dropout_updates
 
 
 class PolicyWorker(TrainableWorker):
@@ -31,9 +46,6 @@ class PolicyWorker(TrainableWorker):
     spec: TrainSpec
 
     def _load_model(self) -> torch.nn.Module:
-        from trainers.runtime.device import torch_dtype
-        from trainers.runtime.models import build_causal_lm
-
         return build_causal_lm(
             path=self.spec.model_path,
             dropout=0.0,
@@ -42,19 +54,16 @@ class PolicyWorker(TrainableWorker):
             trust_remote_code=self.spec.trust_remote_code,
         )
 
-    def _ptx_loss(self, ptx: dict[str, torch.Tensor], num_tokens: float) -> torch.Tensor:
+    def _ptx_loss(self, ptx: PtxBatch, num_tokens: float) -> torch.Tensor:
         """LM loss on a pretraining micro-batch as ``sum / num_tokens`` (temperature 1: data likelihood)."""
-        from trainers.algos import lm_loss, shift_for_lm
-        from trainers.runtime.models import forward_logits
-
-        ptx = self._to_device(ptx)
-        logits = forward_logits(self.engine, ptx["input_ids"], ptx["attention_mask"])  # (b, T, V)
-        return lm_loss(*shift_for_lm(logits, ptx["labels"]), num_tokens=num_tokens)
+        ptx = ptx.to(self.device)
+        logits = forward_logits(self.engine, ptx.input_ids, ptx.attention_mask)  # (b, T, V)
+        return lm_loss(*shift_for_lm(logits, ptx.labels), num_tokens=num_tokens)
 
     def _micro_step(
         self,
-        mb: dict[str, torch.Tensor],
-        ptx: dict[str, torch.Tensor] | None,
+        mb: Experience,
+        ptx: PtxBatch | None,
         norm: float,
         ptx_norm: float,
         acc: dict[str, float],
@@ -64,12 +73,10 @@ class PolicyWorker(TrainableWorker):
     ) -> None:
         """Forward + backward of one micro-batch through ``guard`` (``last``: the step's final one);
         adds its stat sums to ``acc``."""
-        from trainers.algos import entropy_from_logits, masked_sum, policy_loss
-
-        mask = mb["response_mask"]
-        logp, resp_logits = self._response_logprobs(mb)  # (m, R), (m, R, V)
+        mask = mb.tokens.response_mask
+        logp, resp_logits = self._response_logprobs(mb.tokens)  # (m, R), (m, R, V)
         loss, st = policy_loss(
-            logp, mb["old_logprobs"], mb["advantages"], mask, self.spec.clip_eps, num_tokens=norm
+            logp, mb.old_logprobs, mb.advantages, mask, self.spec.clip_eps, num_tokens=norm
         )
         loss = self._poisoned(loss, poison)
         total = loss
@@ -81,7 +88,7 @@ class PolicyWorker(TrainableWorker):
         with torch.no_grad():
             n = float(st["tokens"])
             log_ratio = torch.where(
-                mask.bool(), logp.detach() - mb["old_logprobs"], torch.zeros((), device=logp.device)
+                mask.bool(), logp.detach() - mb.old_logprobs, torch.zeros((), device=logp.device)
             )
             entropy = entropy_from_logits(resp_logits.detach(), self.spec.temperature)  # (m, R)
             acc["tokens"] += n
@@ -94,40 +101,31 @@ class PolicyWorker(TrainableWorker):
             acc["max_abs_log_ratio"] = max(acc["max_abs_log_ratio"], float(log_ratio.abs().max()))
 
     def train(
-        self,
-        experience: dict[str, torch.Tensor],
-        plan: list[list[torch.Tensor]],
-        ptx: list[list[dict[str, torch.Tensor] | None]] | None,
-        step_tokens: list[int],
-        ptx_tokens: list[int] | None,
-        poison_steps: Sequence[int] = (),
+        self, experience: Experience, plan: RankPlan, poison_steps: Sequence[int] = ()
     ) -> list[dict[str, float]]:
         """Run every optimizer step of this iteration; returns per-step stat sums of this rank.
 
-        ``experience``: the whole batch (``sequences``, ``attention_mask``, ``response_mask``,
-        ``old_logprobs``, ``advantages``; N rows). ``plan[step]``: this rank's micro-batches (row
-        indices). ``ptx[step][micro]``: pretraining micro-batch or None. ``step_tokens[step]`` /
-        ``ptx_tokens[step]``: global token counts of the step (see the module docstring).
-        ``poison_steps``: indices of steps made non-finite (fault injection, ``trainers.runtime.nonfinite``).
-        A step with a non-finite loss or gradient norm is skipped on every rank; its stats carry
-        ``skipped`` 1 (else 0) and its other sums are not meaningful.
+        ``experience``: the whole batch (N rows; the policy reads the tokens, ``old_logprobs`` and
+        ``advantages``). ``plan.steps[k]``: this rank's micro-batches (row indices), the step's global
+        token counts (see the module docstring) and, with ptx, one pretraining micro-batch or None per
+        micro-batch. ``poison_steps``: indices of steps made non-finite (fault injection,
+        ``trainers.runtime.nonfinite``). A step with a non-finite loss or gradient norm is skipped on every
+        rank; its stats carry ``skipped`` 1 (else 0) and its other sums are not meaningful.
         """
-        from trainers.algos import loss_normaliser
-
-        keys = ("sequences", "attention_mask", "response_mask", "old_logprobs", "advantages")
-        experience = {k: experience[k] for k in keys}
         out = []
-        for step, micros in enumerate(plan):
+        for step, sp in enumerate(plan.steps):
+            micros = sp.micro_batches
             self._check_plan(micros)
             acc: dict[str, float] = defaultdict(float)
             acc["max_abs_log_ratio"] = 0.0
-            norm = loss_normaliser(max(step_tokens[step], 1), self.world_size)
-            ptx_norm = loss_normaliser(max(ptx_tokens[step], 1), self.world_size) if ptx else 1.0
-            slots = ptx[step] if ptx else [None] * len(micros)
+            norm = loss_normaliser(max(sp.tokens, 1), self.world_size)
+            ptx_norm = loss_normaliser(max(sp.ptx_tokens, 1), self.world_size) if sp.ptx is not None else 1.0
+            slots = sp.ptx if sp.ptx is not None else [None] * len(micros)
             guard = self._step_guard()
             for i, (idx, slot) in enumerate(zip(micros, slots, strict=True)):
                 last, poison = i == len(micros) - 1, i == 0 and step in poison_steps
-                self._micro_step(self._rows(experience, idx), slot, norm, ptx_norm, acc, guard, last, poison)
+                mb = experience.rows(idx).to(self.device)
+                self._micro_step(mb, slot, norm, ptx_norm, acc, guard, last, poison)
             acc["skipped"] = 0.0 if guard.applied else 1.0  # the same on every rank
             acc["max_grad_norm"] = self._grad_norm()  # the same on every rank
             out.append(dict(acc))
@@ -138,8 +136,6 @@ class PolicyWorker(TrainableWorker):
     def sync_weights(self, engines: list) -> dict | None:
         """Push the full current weights into every rollout engine (collective over the policy ranks:
         all take part in each parameter's gather; rank 0 sends). Returns rank 0's transfer stats."""
-        from cluster.weight_sync import CpuBlobSync
-
         named = self.named_full_params()
         if self.rank != 0:
             for _ in named:  # take part in every gather
@@ -153,10 +149,6 @@ class PolicyWorker(TrainableWorker):
     def save_model(self, out_dir: str) -> str | None:
         """The policy as a Hugging Face directory (safetensors + tokenizer, dropout 0) at ``out_dir``,
         written atomically by rank 0; collective."""
-        from trainers.data.tokenizer import load_tokenizer
-        from trainers.runtime.export import save_hf
-        from trainers.runtime.models import no_dropout_updates
-
         tokenizer = load_tokenizer(self.spec.tokenizer_path) if self.spec.tokenizer_path else None
         module = self.engine.module
         path = save_hf(self.engine, tokenizer, out_dir, config_updates=no_dropout_updates(module.config))

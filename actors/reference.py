@@ -11,15 +11,14 @@ from __future__ import annotations
 import torch
 
 from actors.base import EngineWorker
+from trainers.runtime.device import torch_dtype
+from trainers.runtime.models import build_causal_lm
 
 
 class ReferenceWorker(EngineWorker):
     """Reference rank: frozen SFT weights; ``logprobs`` comes from :class:`actors.base.EngineWorker`."""
 
     def _load_model(self) -> torch.nn.Module:
-        from trainers.runtime.device import torch_dtype
-        from trainers.runtime.models import build_causal_lm
-
         model = build_causal_lm(
             path=self.spec.model_path,
             dropout=0.0,

@@ -13,15 +13,15 @@ from __future__ import annotations
 import torch
 
 from actors.base import EngineWorker
+from trainers.ppo.batch import TokenBatch
+from trainers.runtime.device import torch_dtype
+from trainers.runtime.models import build_value_model, reward_scores
 
 
 class RewardWorker(EngineWorker):
     """Reward rank: frozen RM weights."""
 
     def _load_model(self) -> torch.nn.Module:
-        from trainers.runtime.device import torch_dtype
-        from trainers.runtime.models import build_value_model
-
         # The RM's own class and weights with dropout forced off: the same loader as the critic's.
         model = build_value_model(
             self.spec.model_path,
@@ -31,10 +31,6 @@ class RewardWorker(EngineWorker):
         model.requires_grad_(False)
         return model
 
-    def scores(self, shard: dict[str, torch.Tensor]) -> torch.Tensor:
+    def scores(self, shard: TokenBatch) -> torch.Tensor:
         """``(n,)`` scores, no grad."""
-        from trainers.runtime.models import reward_scores
-
-        return self._map_micro(
-            shard, lambda mb: reward_scores(self.engine, mb["sequences"], mb["attention_mask"])
-        )
+        return self._map_micro(shard, lambda mb: reward_scores(self.engine, mb.sequences, mb.attention_mask))

@@ -65,36 +65,40 @@ def _state(ray, group) -> dict[str, torch.Tensor]:
     return ray.get(group.map(lambda a, _r: a.gathered_state_dict.remote()))[0]  # collective; rank 0 holds it
 
 
+def _experience(batch, old_logprobs, advantages=None):
+    """The policy's view of ``batch`` (zero advantages unless given; the critic's fields are zeros)."""
+    from trainers.ppo.batch import Experience
+
+    zeros = torch.zeros_like(old_logprobs)
+    advantages = zeros if advantages is None else advantages
+    return Experience(batch.tokens, old_logprobs, advantages, values=zeros, returns=zeros)
+
+
+def _plans(batch, world: int, ptx_rows, pad):
+    """Each rank's plan of one optimizer step over all rows of ``batch``, split like the driver."""
+    from trainers.ppo.schedule import ptx_plan, rank_plans, step_token_counts
+
+    steps = [torch.arange(len(batch))]
+    tokens = step_token_counts(batch.tokens.response_mask, steps)
+    micro_steps = len(batch) // (2 * world)
+    ptx = None if ptx_rows is None else [ptx_plan(ptx_rows, world, micro_steps=micro_steps, pad_id=pad)]
+    return rank_plans(steps, world, micro_batch_size=2, step_tokens=tokens, first_step=1, ptx=ptx)
+
+
 def _train(ray, group, batch, old_logprobs, ptx_rows, pad, advantages=None):
     """One optimizer step over all rows of ``batch`` (zero advantages unless given), split like the driver."""
-    from trainers.ppo.schedule import ptx_plan, rank_plan, step_token_counts
-
-    world = len(group)
-    micro_steps = batch["sequences"].shape[0] // (2 * world)
-    steps = [torch.arange(batch["sequences"].shape[0])]
-    advantages = torch.zeros_like(old_logprobs) if advantages is None else advantages
-    experience = {**batch, "old_logprobs": old_logprobs, "advantages": advantages}
-    plan = rank_plan(steps, world, micro_batch_size=2)
-    tokens = step_token_counts(batch["response_mask"], steps)
-    if ptx_rows is None:
-        refs = group.map(lambda a, r: a.train.remote(experience, plan[r], None, tokens, None))
-    else:
-        layout, ptx_tokens = ptx_plan(ptx_rows, world, micro_steps=micro_steps, pad_id=pad)
-        refs = group.map(lambda a, r: a.train.remote(experience, plan[r], [layout[r]], tokens, [ptx_tokens]))
-    return ray.get(refs)
+    experience = _experience(batch, old_logprobs, advantages)
+    plans = _plans(batch, len(group), ptx_rows, pad)
+    return ray.get(group.map(lambda a, r: a.train.remote(experience, plans[r])))
 
 
 def _old_logprobs(ray, group, batch) -> torch.Tensor:
     """``(N, R)`` log-probs of the batch's responses by the group's engine, the way the driver shards."""
     from trainers.data.sharding import equal_shards, unshard
 
-    tokens = {k: batch[k] for k in ("sequences", "attention_mask", "response_mask")}
-    shards = equal_shards(batch["sequences"].shape[0], len(group))
+    shards = equal_shards(len(batch), len(group))
     parts = ray.get(
-        [
-            a.logprobs.remote({k: v[shard.indices] for k, v in tokens.items()})
-            for a, shard in zip(group.actors, shards)
-        ]
+        [a.logprobs.remote(batch.tokens.rows(shard.indices)) for a, shard in zip(group.actors, shards)]
     )
     return unshard(parts, shards)
 
@@ -133,7 +137,7 @@ def test_one_step_is_the_same_over_2_ranks_or_2_micro_batches(ray_local, sft_mod
     deep, deep_pg = start_policy(ray_local, sft_model_dir, world=1, grad_accum=2, name="test-agg-1x2")
     try:
         g = torch.Generator().manual_seed(0)
-        mask = batch["response_mask"].float()
+        mask = batch.tokens.response_mask.float()
         old = _old_logprobs(ray_local, wide, batch) + 0.3 * torch.randn(mask.shape, generator=g) * mask
         advantages = torch.randn(mask.shape, generator=g) * mask
         args = (batch, old, data["ptx_rows"], data["pad"], advantages)
@@ -150,3 +154,43 @@ def test_one_step_is_the_same_over_2_ranks_or_2_micro_batches(ray_local, sft_mod
         for group, pg in ((wide, wide_pg), (deep, deep_pg)):
             group.kill()
             release(pg)
+
+
+def test_typed_batches_and_plans_cross_ray_unchanged(ray_local, data):
+    """The dataclasses the driver sends (Experience, RankPlan with ptx micro-batches) arrive in another
+    worker process with every tensor's dtype, shape and values intact."""
+    import dataclasses
+
+    batch = data["batch"]
+    old = torch.randn(batch.tokens.response_mask.shape, generator=torch.Generator().manual_seed(1))
+    experience = _experience(batch, old, advantages=old * 2)
+    plan = _plans(batch, WORLD, data["ptx_rows"], data["pad"])[1]
+
+    @ray_local.remote(num_cpus=0)
+    def echo(*items):
+        return items
+
+    back_exp, back_plan = ray_local.get(echo.remote(experience, plan))
+
+    def tensors(obj, prefix=""):
+        if isinstance(obj, torch.Tensor):
+            return {prefix: obj}
+        if dataclasses.is_dataclass(obj):
+            return {
+                k: v
+                for f in dataclasses.fields(obj)
+                for k, v in tensors(getattr(obj, f.name), f"{prefix}.{f.name}").items()
+            }
+        if isinstance(obj, list):
+            return {k: v for i, item in enumerate(obj) for k, v in tensors(item, f"{prefix}[{i}]").items()}
+        return {}
+
+    for sent, got in ((experience, back_exp), (plan, back_plan)):
+        assert type(got) is type(sent)
+        want, have = tensors(sent), tensors(got)
+        assert want and set(have) == set(want)
+        for key, tensor in want.items():
+            assert have[key].dtype == tensor.dtype and have[key].shape == tensor.shape, key
+            assert torch.equal(have[key], tensor), key
+    assert back_plan.first_step == 1 and back_plan.steps[0].ptx_tokens == plan.steps[0].ptx_tokens
+    assert back_exp.tokens.sequences.dtype == torch.long and back_exp.advantages.dtype == torch.float32

@@ -23,12 +23,12 @@ def test_rollout_batch_left_pads_prompts_right_pads_responses():
         prompts, responses, PAD, EOS, vllm_logprobs=[[-1.0, -2.0, -9.0], [-3.0, -4.0, -5.0]]
     )
     # P = 3, R = 3 (second response, no EOS: truncated at max_new_tokens, kept whole)
-    assert b["sequences"].tolist() == [[11, 12, 13, 31, EOS, PAD], [PAD, PAD, 21, 41, 42, 43]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
-    assert b["response_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
-    assert b["vllm_logprobs"].tolist() == [[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]
+    assert b.tokens.sequences.tolist() == [[11, 12, 13, 31, EOS, PAD], [PAD, PAD, 21, 41, 42, 43]]
+    assert b.tokens.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert b.tokens.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert b.vllm_logprobs.tolist() == [[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]
     # position ids derived from the mask start at 0 on the first real token of each row (item 1)
-    pos = (b["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    pos = (b.tokens.attention_mask.cumsum(-1) - 1).clamp(min=0)
     assert pos[1, 2].item() == 0 and pos[0, 0].item() == 0
 
 
@@ -39,8 +39,8 @@ def test_rollout_batch_rejects_pad_equal_eos():
 
 def test_rollout_batch_empty_responses_keep_one_masked_column():
     b = batch.build_rollout_batch([[5]], [[]], PAD, EOS)
-    assert b["response_mask"].tolist() == [[0]]
-    assert b["sequences"].shape == (1, 2)
+    assert b.tokens.response_mask.tolist() == [[0]]
+    assert b.tokens.sequences.shape == (1, 2)
 
 
 def test_take_rows_crosses_epochs_and_is_resumable():
@@ -59,12 +59,12 @@ def test_derived_seeds_differ_per_engine_and_iteration():
     assert schedule.derived_seed(1, 2, 3) == schedule.derived_seed(1, 2, 3)
 
 
-def test_select_rows_selects_every_tensor():
-    rows = {"a": torch.arange(6).view(3, 2), "b": torch.tensor([7, 8, 9])}
-    out = batch.select_rows(rows, torch.tensor([2, 0]))
-    assert out["a"].tolist() == [[4, 5], [0, 1]] and out["b"].tolist() == [9, 7]
+def test_rows_selects_every_tensor():
+    tokens = batch.TokenBatch(torch.arange(6).view(3, 2), torch.ones(3, 2), torch.tensor([[7], [8], [9]]))
+    out = tokens.rows(torch.tensor([2, 0]))
+    assert out.sequences.tolist() == [[4, 5], [0, 1]] and out.response_mask.tolist() == [[9], [7]]
 
 
 def test_lm_label_count_skips_column_zero():
     labels = torch.tensor([[-100, 5, 6], [-100, -100, 7]])
-    assert schedule.lm_label_count({"labels": labels}) == 3
+    assert schedule.lm_label_count(labels) == 3

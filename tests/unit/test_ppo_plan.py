@@ -24,7 +24,7 @@ def test_rank_plan_covers_each_row_once_per_epoch_in_equal_micro_batches():
     perms = schedule.epoch_permutations(16, 2, seed=0, iteration=0)
     steps = schedule.minibatches(perms, 8)
     assert len(steps) == 4  # 2 epochs x 16/8 optimizer steps
-    plan = schedule.rank_plan(steps, world=2, micro_batch_size=2)
+    plan = schedule.rank_micro_batches(steps, world=2, micro_batch_size=2)
     assert len(plan) == 2 and all(len(p) == 4 for p in plan)
     for step, rows in enumerate(steps):
         micro = [m for rank in plan for m in rank[step]]
@@ -36,7 +36,7 @@ def test_rank_plan_covers_each_row_once_per_epoch_in_equal_micro_batches():
 
 def test_rank_plan_rejects_uneven_split():
     with pytest.raises(ValueError):
-        schedule.rank_plan([torch.arange(6)], world=4, micro_batch_size=1)
+        schedule.rank_micro_batches([torch.arange(6)], world=4, micro_batch_size=1)
 
 
 def test_step_token_counts_are_global():
@@ -46,12 +46,13 @@ def test_step_token_counts_are_global():
 
 def test_ptx_plan_same_slots_on_every_rank_and_global_token_count():
     rows = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]  # world 2 x ptx_batch_size 2
-    plan, tokens = schedule.ptx_plan(rows, world=2, micro_steps=3, pad_id=0)
+    layout = schedule.ptx_plan(rows, world=2, micro_steps=3, pad_id=0)
+    plan, tokens = layout.slots, layout.tokens
     assert [[s is None for s in r] for r in plan] == [[False, False, True], [False, False, True]]
     # each row predicts all its tokens but the first (collate_lm masks it): 2 + 1 + 3 + 1
     assert tokens == 7
-    assert plan[1][0]["input_ids"].tolist() == [[6, 7, 8, 9]]
-    assert plan[0][1]["labels"].tolist() == [[-100, 5]]
+    assert plan[1][0].input_ids.tolist() == [[6, 7, 8, 9]]
+    assert plan[0][1].labels.tolist() == [[-100, 5]]
 
 
 def test_compute_advantages_hand_example():
@@ -61,23 +62,24 @@ def test_compute_advantages_hand_example():
     ref = torch.tensor([[-1.5, -1.0, 0.0], [-2.0, 0.0, 0.0]])
     values = torch.tensor([[0.2, 0.1, 9.0], [0.3, 9.0, 9.0]])
     scores = torch.tensor([1.0, -1.0])
-    exp = experience.compute_advantages(mask, old, ref, scores, values, kl_coef=0.5, gamma=1.0, lam=1.0)
-    assert exp["kl"].tolist() == [[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]
-    assert exp["rewards"].tolist() == [[-0.25, 1.0, 0.0], [-1.0, 0.0, 0.0]]
+    exp = experience.compute_advantages(
+        mask, experience.ExperiencePasses(old, ref, scores, values), kl_coef=0.5, gamma=1.0, lam=1.0
+    )
+    assert exp.kl.tolist() == [[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert exp.rewards.tolist() == [[-0.25, 1.0, 0.0], [-1.0, 0.0, 0.0]]
     # gamma = lam = 1: returns = reward-to-go; advantages = returns - values (before whitening)
-    assert torch.allclose(exp["returns"], torch.tensor([[0.75, 1.0, 0.0], [-1.0, 0.0, 0.0]]))
+    assert torch.allclose(exp.returns, torch.tensor([[0.75, 1.0, 0.0], [-1.0, 0.0, 0.0]]))
     raw_adv = torch.tensor([[0.55, 0.9, 0.0], [-1.3, 0.0, 0.0]])
-    assert torch.allclose(exp["advantages"], algos.masked_whiten(raw_adv, mask), atol=1e-6)
-    assert exp["values"][0, 2] == 0 and exp["values"][1, 1] == 0  # zero past the end (item 12)
+    assert torch.allclose(exp.advantages, algos.masked_whiten(raw_adv, mask), atol=1e-6)
+    assert exp.values[0, 2] == 0 and exp.values[1, 1] == 0  # zero past the end (item 12)
 
 
 def test_compute_advantages_score_clip():
     mask = torch.ones(2, 1)
     zeros = torch.zeros(2, 1)
-    exp = experience.compute_advantages(
-        mask, zeros, zeros, torch.tensor([5.0, -0.5]), zeros, 0.1, score_clip=1.0
-    )
-    assert exp["scores"].tolist() == [1.0, -0.5]
+    passes = experience.ExperiencePasses(zeros, zeros, torch.tensor([5.0, -0.5]), zeros)
+    exp = experience.compute_advantages(mask, passes, 0.1, score_clip=1.0)
+    assert exp.scores.tolist() == [1.0, -0.5]
 
 
 def test_rollout_metrics():
@@ -95,14 +97,13 @@ def test_rollout_metrics():
 
 def test_objective_metrics_match_definitions():
     mask = torch.tensor([[1, 1], [1, 0]])
-    exp = experience.compute_advantages(
-        mask,
+    passes = experience.ExperiencePasses(
         torch.tensor([[0.0, -1.0], [-1.0, 0.0]]),
         torch.tensor([[-1.0, -1.0], [-2.0, 0.0]]),
         torch.tensor([2.0, 0.0]),
         torch.zeros(2, 2),
-        kl_coef=0.1,
     )
+    exp = experience.compute_advantages(mask, passes, kl_coef=0.1)
     m = metrics.objective_metrics(exp, torch.tensor([2.0, 0.0]), mask, 0.1)
     assert m["objective/kl"] == pytest.approx(1.0)  # per-sequence sums 1 and 1
     assert m["objective/non_score_reward"] == pytest.approx(-0.1)

@@ -1,14 +1,129 @@
-"""Rollout batches: prompt and response token ids laid out as the model passes read them.
+"""The data that crosses between the driver and the actors, typed: token batches, rollouts, experience.
 
-Row i is prompt i left-padded to P, then response i (cut after its first EOS) right-padded to R
-(PPO_DETAILS 1, 4). Pure: torch only, no Ray, DeepSpeed or vLLM.
+Shapes: N rows (sequences), P prompt columns, R response columns, L = P + R. Row i is prompt i
+left-padded to P, then response i (cut after its first EOS) right-padded to R (PPO_DETAILS 1, 4); response
+token t sits at column ``P + t``. Every tensor is on the CPU when it crosses Ray (dataclasses of tensors
+pickle as they are).
+
+Pure: torch only, no Ray, DeepSpeed or vLLM, so the actors import these types without the driver.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+def _rows(value: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return value.index_select(0, idx)
+
+
+class _Rows:
+    """Row selection shared by the batch types: every tensor field has the rows as dimension 0."""
+
+    def _map(self, fn):
+        changes = {
+            f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor | _Rows) else v
+            for f in dataclasses.fields(self)
+        }
+        return dataclasses.replace(self, **changes)
+
+    def rows(self, idx: torch.Tensor):
+        """The rows ``idx`` (a ``(k,)`` index tensor) of every tensor."""
+        return self._map(lambda v: v.rows(idx) if isinstance(v, _Rows) else _rows(v, idx))
+
+    def row_range(self, start: int, stop: int):
+        """The consecutive rows ``start .. stop - 1`` of every tensor (views, no copy)."""
+        return self._map(lambda v: v.row_range(start, stop) if isinstance(v, _Rows) else v[start:stop])
+
+    def to(self, device: torch.device | str):
+        """Every tensor on ``device``."""
+        return self._map(lambda v: v.to(device))
+
+    def micro_batches(self, size: int) -> list:
+        """Consecutive pieces of at most ``size`` rows."""
+        if size < 1:
+            raise ValueError(f"micro-batch size must be positive, got {size}")
+        return [self.row_range(start, start + size) for start in range(0, len(self), size)]
+
+
+@dataclass
+class TokenBatch(_Rows):
+    """Token ids of N sequences and their masks: what every no-grad pass (log-probs, scores, values) reads."""
+
+    sequences: torch.Tensor
+    """``(N, P+R)`` long: left-padded prompt ++ right-padded response."""
+    attention_mask: torch.Tensor
+    """``(N, P+R)`` long: 1 on every real token of prompt and response."""
+    response_mask: torch.Tensor
+    """``(N, R)`` long: 1 on the response tokens up to and including EOS."""
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def response_len(self) -> int:
+        """R, the number of response columns."""
+        return self.response_mask.shape[1]
+
+    def responses(self) -> torch.Tensor:
+        """``(N, R)`` the response columns of ``sequences``."""
+        return self.sequences[:, -self.response_len :]
+
+
+@dataclass
+class Rollout(_Rows):
+    """One iteration's samples as the driver holds them (:func:`build_rollout_batch`)."""
+
+    tokens: TokenBatch
+    """Prompts and responses, ``(N, P+R)``."""
+    vllm_logprobs: torch.Tensor | None = None
+    """``(N, R)`` float32: vLLM's log-probs of the sampled tokens, 0 on padding (a mismatch metric only,
+    PPO_DETAILS 5); None when not asked for."""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Experience(_Rows):
+    """What the training actors learn from (one ``ray.put`` per iteration, both roles read it).
+
+    The policy reads ``old_logprobs`` and ``advantages``, the critic ``values`` and ``returns``; all are
+    ``(N, R)`` float32 and 0 on padding.
+    """
+
+    tokens: TokenBatch
+    """Prompts and responses, ``(N, P+R)``."""
+    old_logprobs: torch.Tensor
+    """``(N, R)`` log-probs of the policy's training engine at rollout time (PPO_DETAILS 5)."""
+    advantages: torch.Tensor
+    """``(N, R)`` whitened over the batch (PPO_DETAILS 17)."""
+    values: torch.Tensor
+    """``(N, R)`` the critic's values at rollout time (the centre of the value clip)."""
+    returns: torch.Tensor
+    """``(N, R)`` advantages (before whitening) + values: the critic's targets (PPO_DETAILS 16)."""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class PtxBatch(_Rows):
+    """One pretraining micro-batch of the ptx term (PPO_DETAILS 20), left-padded, ``(b, T)`` each."""
+
+    input_ids: torch.Tensor
+    """``(b, T)`` long."""
+    attention_mask: torch.Tensor
+    """``(b, T)`` long."""
+    labels: torch.Tensor
+    """``(b, T)`` long: the token to predict, -100 on padding and on each row's first token."""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
 
 
 def cut_at_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
@@ -23,13 +138,12 @@ def build_rollout_batch(
     pad_id: int,
     eos_id: int,
     vllm_logprobs: Sequence[Sequence[float]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Token tensors of one rollout: row i is prompt i left-padded to P, then response i (cut after its
-    first EOS) right-padded to R (PPO_DETAILS 1, 4).
+) -> Rollout:
+    """The :class:`Rollout` of these prompts and responses: each response cut after its first EOS, masks
+    from the lengths, vLLM's log-probs (if given) aligned with the cut responses.
 
-    Returns ``sequences (N, P+R)``, ``attention_mask (N, P+R)``, ``response_mask (N, R)`` (1 on response
-    tokens up to and including EOS) and, if given, ``vllm_logprobs (N, R)`` (0 on padding). PAD must not
-    be EOS (item 2): masks come from lengths here, but every model pass downstream trusts them.
+    PAD must not be EOS (PPO_DETAILS 2): masks come from lengths here, but every model pass downstream
+    trusts them.
     """
     if pad_id == eos_id:
         raise ValueError("PAD and EOS must be different tokens (PPO_DETAILS 2)")
@@ -44,19 +158,10 @@ def build_rollout_batch(
         sequences[i, p_len - len(prompt) : p_len] = torch.tensor(prompt, dtype=torch.long)
         sequences[i, p_len : p_len + len(response)] = torch.tensor(response, dtype=torch.long)
         attention_mask[i, p_len - len(prompt) : p_len + len(response)] = 1
-    batch = {
-        "sequences": sequences,
-        "attention_mask": attention_mask,
-        "response_mask": attention_mask[:, p_len:].clone(),  # (N, R)
-    }
+    tokens = TokenBatch(sequences, attention_mask, attention_mask[:, p_len:].clone())  # mask (N, R)
+    lp = None
     if vllm_logprobs is not None:
         lp = torch.zeros((n, r_len), dtype=torch.float32)  # (N, R)
         for i, (values, response) in enumerate(zip(vllm_logprobs, cut)):
             lp[i, : len(response)] = torch.tensor(list(values)[: len(response)], dtype=torch.float32)
-        batch["vllm_logprobs"] = lp
-    return batch
-
-
-def select_rows(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The rows ``idx`` of every tensor in ``batch`` (all share dimension 0)."""
-    return {k: v.index_select(0, idx) for k, v in batch.items()}
+    return Rollout(tokens, lp)

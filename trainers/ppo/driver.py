@@ -23,20 +23,21 @@ phases and the loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
-import torch
 
 from trainers import algos
 from trainers.config import Config, dump_yaml, to_dict
-from trainers.data.sharding import contiguous_bounds, equal_shards, unshard
+from trainers.data.sharding import Shard, contiguous_bounds, equal_shards, unshard
 from trainers.errors import RunStopped
 from trainers.files import atomic_write_json
-from trainers.ppo.batch import build_rollout_batch, select_rows
+from trainers.ppo.batch import Experience, Rollout, TokenBatch, build_rollout_batch
 from trainers.ppo.checkpoint import (
     DriverState,
     check_resumable,
@@ -45,7 +46,7 @@ from trainers.ppo.checkpoint import (
     run_shape,
     save_checkpoint,
 )
-from trainers.ppo.experience import compute_advantages
+from trainers.ppo.experience import ExperiencePasses, build_experience, compute_advantages
 from trainers.ppo.metrics import (
     critic_metrics,
     objective_metrics,
@@ -63,25 +64,25 @@ from trainers.ppo.recovery import (
     with_engine_recovery,
 )
 from trainers.ppo.roles import Roles, check_resources, push_policy_weights, start_roles
-from trainers.ppo.schedule import (
-    derived_seed,
-    epoch_permutations,
-    minibatches,
-    ptx_plan,
-    rank_plan,
-    step_token_counts,
-    take_rows,
-)
+from trainers.ppo.schedule import TrainPlan, derived_seed, plan_training, take_rows
 from trainers.ppo.setup import RunData, validate_run
 from trainers.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
 from trainers.runs.outdir import prepare_output
 from trainers.runs.sinks import open_sinks
 
 
-def generate(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Wall time of the block as ``timings["timing/<phase>"]`` (not recorded if the block raises)."""
+    clock = time.perf_counter()
+    yield
+    timings[f"timing/{phase}"] = time.perf_counter() - clock
+
+
+def generate(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> Rollout:
     """Phase 1: this iteration's prompts, split over the engines (own seed each, PPO_DETAILS 6), n samples
-    per prompt; returns the rollout batch (:func:`build_rollout_batch`, vLLM log-probs included). A lost
-    engine is restarted and the phase retried (:func:`with_engine_recovery`)."""
+    per prompt; returns the rollout (:func:`trainers.ppo.batch.build_rollout_batch`, vLLM log-probs
+    included). A lost engine is restarted and the phase retried (:func:`with_engine_recovery`)."""
     rows = take_rows(state.prompt_position, cfg.ppo.prompts_per_iteration, len(data.prompts), cfg.ppo.seed)
     prompts = [data.prompts[i] for i in rows]
     r = cfg.rollout
@@ -115,72 +116,51 @@ def generate(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> di
     )
 
 
-def put_shards(batch: dict[str, torch.Tensor], world: int, cache: dict) -> list:
-    """ObjectRefs of the token tensors split into ``world`` equal shards (one ``ray.put`` per shard,
-    shared by every group with the same world size through ``cache``)."""
-    if world not in cache:
-        tokens = {k: batch[k] for k in ("sequences", "attention_mask", "response_mask")}
-        cache[world] = (equal_shards(tokens["sequences"].shape[0], world), [])
-        for shard in cache[world][0]:
-            cache[world][1].append(ray.put(select_rows(tokens, shard.indices)))
-    return cache[world][1]
-
-
-def make_experience(roles: Roles, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def score_rollout(roles: Roles, tokens: TokenBatch) -> ExperiencePasses:
     """Phase 2a: old log-probs (policy's training engine), reference log-probs, RM scores and values, all
-    in flight together, one ``ray.get``; returns them whole-batch (padding rows of shards dropped)."""
-    cache: dict = {}
-    calls = {
+    in flight together, one ``ray.get``; returned whole-batch (padding rows of the shards dropped).
+
+    Each group gets ``tokens`` in equal shards, one per rank (ZeRO-3 lock-step); groups of the same size
+    share the shards' ``ray.put``."""
+    groups = {
         "old_logprobs": (roles.policy, lambda a, s: a.logprobs.remote(s)),
         "ref_logprobs": (roles.reference, lambda a, s: a.logprobs.remote(s)),
         "scores": (roles.reward, lambda a, s: a.scores.remote(s)),
         "values": (roles.critic, lambda a, s: a.values.remote(s)),
     }
-    refs = {}
-    for name, (group, call) in calls.items():
-        shards = put_shards(batch, len(group), cache)
-        refs[name] = [call(actor, shard) for actor, shard in zip(group.actors, shards)]
-    flat = ray.get([r for rs in refs.values() for r in rs])
-    out, pos = {}, 0
-    for name, (group, _) in calls.items():
-        parts = flat[pos : pos + len(group)]
+    shards: dict[int, tuple[list[Shard], list[ray.ObjectRef]]] = {}
+    refs = []
+    for group, call in groups.values():
+        if len(group) not in shards:
+            split = equal_shards(len(tokens), len(group))
+            shards[len(group)] = (split, [ray.put(tokens.rows(shard.indices)) for shard in split])
+        refs += [call(actor, ref) for actor, ref in zip(group.actors, shards[len(group)][1])]
+    flat, out, pos = ray.get(refs), {}, 0
+    for name, (group, _) in groups.items():
+        out[name] = unshard(flat[pos : pos + len(group)], shards[len(group)][0])
         pos += len(group)
-        out[name] = unshard(parts, cache[len(group)][0])
-    return out
+    return ExperiencePasses(**out)
 
 
-def train_plans(cfg: Config, data: RunData, state: DriverState, response_mask: torch.Tensor) -> dict:
-    """Phase 3 inputs: minibatches of every PPO epoch, each rank's micro-batches, global token counts,
-    and (with ptx) each policy rank's pretraining micro-batches; advances ``state.ptx_position``."""
+def make_experience(
+    roles: Roles, cfg: Config, rollout: Rollout, eos_id: int, kl_coef: float
+) -> tuple[Experience, dict[str, float]]:
+    """Phase 2: the passes over the rollout (:func:`score_rollout`), then KL -> shaped rewards -> GAE ->
+    whitened advantages (:func:`trainers.ppo.experience.compute_advantages`); returns what the training
+    actors get and the rollout and objective metrics."""
+    if roles.colocated_gpu:
+        ray.get([e.sleep.remote() for e in roles.engines()])
+    mask = rollout.tokens.response_mask
+    passes = score_rollout(roles, rollout.tokens)
     p = cfg.ppo
-    perms = epoch_permutations(response_mask.shape[0], p.ppo_epochs, p.seed, state.iteration)
-    steps = minibatches(perms, p.mini_batch_size)
-    plans = {
-        "steps": len(steps),
-        "step_tokens": step_token_counts(response_mask, steps),
-        "policy": rank_plan(steps, p.policy_workers, p.micro_batch_size),
-        "critic": rank_plan(steps, p.critic_workers, p.micro_batch_size),
-        "ptx": None,
-        "ptx_tokens": None,
-    }
-    if p.ptx_coef > 0:
-        per_step = p.policy_workers * p.ptx_batch_size
-        micro_steps = p.mini_batch_size // (p.micro_batch_size * p.policy_workers)
-        ptx_by_rank: list[list] = [[] for _ in range(p.policy_workers)]
-        tokens = []
-        for _ in steps:
-            rows = take_rows(state.ptx_position, per_step, len(data.ptx), derived_seed(p.seed, 1))
-            state.ptx_position += per_step
-            layout, count = ptx_plan([data.ptx[i] for i in rows], p.policy_workers, micro_steps, data.pad_id)
-            for rank, slots in enumerate(layout):
-                ptx_by_rank[rank].append(slots)
-            tokens.append(count)
-        plans["ptx"], plans["ptx_tokens"] = ptx_by_rank, tokens
-    return plans
+    adv = compute_advantages(mask, passes, kl_coef, p.kl_estimator, p.gamma, p.lam, cfg.reward.score_clip)
+    metrics = rollout_metrics(rollout, eos_id, passes.old_logprobs, passes.ref_logprobs)
+    metrics |= objective_metrics(adv, passes.scores, mask, kl_coef)
+    return build_experience(rollout.tokens, passes, adv), metrics
 
 
 def train(
-    roles: Roles, experience: dict[str, torch.Tensor], plans: dict, poison: dict[str, list[int]] | None = None
+    roles: Roles, experience: Experience, plan: TrainPlan, poison: dict[str, list[int]] | None = None
 ) -> tuple[dict[str, float], dict[str, list[bool]]]:
     """Phase 3: policy and critic train in parallel on the same minibatches (one ``ray.get``).
 
@@ -190,19 +170,10 @@ def train(
     poison = poison or {}
     exp_ref = ray.put(experience)
     policy_refs = roles.policy.map(
-        lambda a, r: a.train.remote(
-            exp_ref,
-            plans["policy"][r],
-            plans["ptx"][r] if plans["ptx"] else None,
-            plans["step_tokens"],
-            plans["ptx_tokens"],
-            poison.get("policy", []),
-        )
+        lambda a, r: a.train.remote(exp_ref, plan.policy[r], poison.get("policy", []))
     )
     critic_refs = roles.critic.map(
-        lambda a, r: a.train.remote(
-            exp_ref, plans["critic"][r], plans["step_tokens"], poison.get("critic", [])
-        )
+        lambda a, r: a.train.remote(exp_ref, plan.critic[r], poison.get("critic", []))
     )
     results = ray.get(policy_refs + critic_refs)
     policy_steps = sum_over_ranks(results[: len(policy_refs)])
@@ -211,7 +182,7 @@ def train(
         "policy": [bool(s.get("skipped")) for s in policy_steps],
         "critic": [bool(s.get("skipped")) for s in critic_steps],
     }
-    return policy_metrics(policy_steps, plans["ptx_tokens"]) | critic_metrics(critic_steps), skipped
+    return policy_metrics(policy_steps, plan.ptx_tokens) | critic_metrics(critic_steps), skipped
 
 
 def sync_weights(roles: Roles) -> dict[str, float]:
@@ -229,58 +200,34 @@ def sync_weights(roles: Roles) -> dict[str, float]:
 def run_iteration(
     roles: Roles, cfg: Config, data: RunData, state: DriverState, kl_ctl, checkpoints: Path
 ) -> dict[str, float]:
-    """One PPO-ptx iteration (module docstring); advances ``state``; returns its metrics.
+    """One PPO-ptx iteration (module docstring), phase by phase; advances ``state``; returns its metrics.
 
     Raises :class:`RunStopped` (naming the newest complete checkpoint under ``checkpoints``) when
     ``ppo.max_nonfinite_steps`` optimizer steps in a row of the policy or the critic were skipped.
     """
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    batch = generate(roles, cfg, data, state)
-    state.prompt_position += cfg.ppo.prompts_per_iteration
-    timings["timing/generate"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    if roles.colocated_gpu:
-        ray.get([e.sleep.remote() for e in roles.engines()])
-    mask = batch["response_mask"]
-    passes = make_experience(roles, batch)
-    kl_coef = kl_ctl.value
-    exp = compute_advantages(
-        mask,
-        passes["old_logprobs"],
-        passes["ref_logprobs"],
-        passes["scores"],
-        passes["values"],
-        kl_coef,
-        cfg.ppo.kl_estimator,
-        cfg.ppo.gamma,
-        cfg.ppo.lam,
-        cfg.reward.score_clip,
-    )
-    metrics = rollout_metrics(batch, data.eos_id, passes["old_logprobs"], passes["ref_logprobs"])
-    metrics |= objective_metrics(exp, passes["scores"], mask, kl_coef)
-    timings["timing/experience"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    experience = {k: batch[k] for k in ("sequences", "attention_mask", "response_mask")}
-    experience |= {
-        "old_logprobs": passes["old_logprobs"],
-        "advantages": exp["advantages"],
-        "values": exp["values"],
-        "returns": exp["returns"],
-    }
-    plans = train_plans(cfg, data, state, mask)
-    train_metrics, skipped = train(roles, experience, plans, fault_poison(state.iteration, plans["steps"]))
-    metrics |= train_metrics
-    check_nonfinite(state, skipped, cfg.ppo.max_nonfinite_steps, checkpoints)
-    timings["timing/train"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    metrics |= sync_weights(roles)
-    timings["timing/sync"] = time.perf_counter() - clock
-
-    kl_ctl.update(metrics["objective/kl"], int(mask.shape[0]))
+    with timed(timings, "generate"):
+        rollout = generate(roles, cfg, data, state)
+        state.prompt_position += cfg.ppo.prompts_per_iteration
+    with timed(timings, "experience"):
+        experience, metrics = make_experience(roles, cfg, rollout, data.eos_id, kl_ctl.value)
+    with timed(timings, "train"):
+        plan = plan_training(
+            cfg.ppo,
+            state.iteration,
+            experience.tokens.response_mask,
+            data.ptx,
+            state.ptx_position,
+            data.pad_id,
+        )
+        state.ptx_position += plan.ptx_rows
+        poison = fault_poison(state.iteration, len(plan.minibatches))
+        train_metrics, skipped = train(roles, experience, plan, poison)
+        metrics |= train_metrics
+        check_nonfinite(state, skipped, cfg.ppo.max_nonfinite_steps, checkpoints)
+    with timed(timings, "sync"):
+        metrics |= sync_weights(roles)
+    kl_ctl.update(metrics["objective/kl"], len(rollout))
     state.iteration += 1
     state.kl_controller = kl_ctl.state_dict()
     return metrics | timings

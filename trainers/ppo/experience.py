@@ -1,29 +1,62 @@
 """From the experience passes (old and reference log-probs, scores, values) to what PPO trains on: per-token
-KL, shaped rewards, advantages and returns (PPO_DETAILS 11-17). New advantage estimators plug in here.
+KL, shaped rewards, advantages and returns (PPO_DETAILS 11-17). New advantage estimators plug in here:
+they take :class:`ExperiencePasses` and the response mask and give :class:`Advantages`.
 
 Pure: ``trainers.algos`` on whole-batch tensors, no Ray, DeepSpeed or vLLM.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from trainers import algos
+from trainers.ppo.batch import Experience, TokenBatch
+
+
+@dataclass
+class ExperiencePasses:
+    """The four no-grad passes over one rollout, whole batch (the shards' padding rows dropped)."""
+
+    old_logprobs: torch.Tensor
+    """``(N, R)`` the policy's training engine, 0 on padding (PPO_DETAILS 5)."""
+    ref_logprobs: torch.Tensor
+    """``(N, R)`` the frozen SFT model, 0 on padding."""
+    scores: torch.Tensor
+    """``(N,)`` raw RM scores at the last real token, ``reward_bias`` added (PPO_DETAILS 7, 9)."""
+    values: torch.Tensor
+    """``(N, R)`` the critic's values, 0 on padding."""
+
+
+@dataclass
+class Advantages:
+    """The experience maths of one batch: all ``(N, R)`` and 0 on padding, except ``scores (N,)``."""
+
+    kl: torch.Tensor
+    """Per-token KL estimate between policy and reference (PPO_DETAILS 11)."""
+    scores: torch.Tensor
+    """``(N,)`` the scores used in the reward (clipped if ``reward.score_clip``; PPO_DETAILS 14)."""
+    rewards: torch.Tensor
+    """``-beta kl`` on every response token, plus the score on the last real one."""
+    values: torch.Tensor
+    """The critic's values, zeroed on padding (PPO_DETAILS 12)."""
+    returns: torch.Tensor
+    """GAE advantages before whitening + values (PPO_DETAILS 16)."""
+    advantages: torch.Tensor
+    """GAE advantages whitened over every real token of the batch (PPO_DETAILS 15, 17)."""
 
 
 def compute_advantages(
     response_mask: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    scores: torch.Tensor,
-    values: torch.Tensor,
+    passes: ExperiencePasses,
     kl_coef: float,
     kl_estimator: str = "k1",
     gamma: float = 1.0,
     lam: float = 0.95,
     score_clip: float = 0.0,
-) -> dict[str, torch.Tensor]:
-    """Whole-batch experience maths (PPO_DETAILS 11-17), all ``(N, R)`` except ``scores (N,)``:
+) -> Advantages:
+    """Whole-batch experience maths (PPO_DETAILS 11-17), ``response_mask (N, R)``:
 
     ``kl`` (per token, 0 on padding) -> ``rewards`` = -beta kl + (optionally clipped) score on the last
     real token -> GAE ``advantages``/``returns`` (returns from the raw advantages) -> advantages whitened
@@ -31,15 +64,27 @@ def compute_advantages(
     whitening of item 17). ``values`` come back zeroed on padding, as the value loss expects.
     """
     mask = response_mask
-    kl = algos.kl_estimate(old_logprobs, ref_logprobs, kl_estimator, mask)  # (N, R)
-    used_scores = algos.normalize_scores(scores, clip=score_clip if score_clip > 0 else None)  # (N,)
+    kl = algos.kl_estimate(passes.old_logprobs, passes.ref_logprobs, kl_estimator, mask)  # (N, R)
+    used_scores = algos.normalize_scores(passes.scores, clip=score_clip if score_clip > 0 else None)  # (N,)
     rewards = algos.shape_rewards(used_scores, kl, mask, kl_coef)  # (N, R)
-    advantages, returns = algos.gae(rewards, values, mask, gamma, lam)  # (N, R) each
-    return {
-        "kl": kl,
-        "scores": used_scores,
-        "rewards": rewards,
-        "values": torch.where(mask.bool(), values.float(), torch.zeros(())),
-        "returns": returns,
-        "advantages": algos.masked_whiten(advantages, mask),
-    }
+    advantages, returns = algos.gae(rewards, passes.values, mask, gamma, lam)  # (N, R) each
+    return Advantages(
+        kl=kl,
+        scores=used_scores,
+        rewards=rewards,
+        values=torch.where(mask.bool(), passes.values.float(), torch.zeros(())),
+        returns=returns,
+        advantages=algos.masked_whiten(advantages, mask),
+    )
+
+
+def build_experience(tokens: TokenBatch, passes: ExperiencePasses, adv: Advantages) -> Experience:
+    """What the training actors get: the tokens, the rollout-time log-probs, whitened advantages, the
+    padding-zeroed values and the returns."""
+    return Experience(
+        tokens=tokens,
+        old_logprobs=passes.old_logprobs,
+        advantages=adv.advantages,
+        values=adv.values,
+        returns=adv.returns,
+    )

@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from trainers import algos
+from trainers.ppo.batch import Rollout
+from trainers.ppo.experience import Advantages
 from trainers.runs.progress import format_number
 
 
 def rollout_metrics(
-    batch: dict[str, torch.Tensor],
+    rollout: Rollout,
     eos_id: int,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
@@ -27,17 +29,17 @@ def rollout_metrics(
     absolute difference over real response tokens. ``rollout/ref_logprob_diff`` is the same mean for
     policy vs reference: once the policy has moved, a weight sync that did not reach vLLM shows up as a
     vLLM mismatch of that size."""
-    mask = batch["response_mask"]
+    mask = rollout.tokens.response_mask
     lengths = mask.sum(-1)  # (N,)
     last = algos.last_token_index(mask).clamp(min=0)  # (N,)
-    responses = batch["sequences"][:, -mask.shape[1] :]  # (N, R)
+    responses = rollout.tokens.responses()  # (N, R)
     ended = (responses.gather(1, last.unsqueeze(1)).squeeze(1) == eos_id) & (lengths > 0)
     out = {
         "rollout/response_length": float(lengths.float().mean()),
         "rollout/eos_rate": float(ended.float().mean()),
     }
-    if old_logprobs is not None and "vllm_logprobs" in batch:
-        diff = (batch["vllm_logprobs"] - old_logprobs.float()).abs()  # (N, R)
+    if old_logprobs is not None and rollout.vllm_logprobs is not None:
+        diff = (rollout.vllm_logprobs - old_logprobs.float()).abs()  # (N, R)
         out["rollout/vllm_logprob_diff"] = float(algos.masked_mean(diff, mask))
         out["rollout/vllm_logprob_diff_max"] = float(torch.where(mask.bool(), diff, torch.zeros(())).max())
     if old_logprobs is not None and ref_logprobs is not None:
@@ -47,21 +49,21 @@ def rollout_metrics(
 
 
 def objective_metrics(
-    exp: dict[str, torch.Tensor], raw_scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
+    adv: Advantages, raw_scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
 ) -> dict[str, float]:
     """``objective/*`` (PPO_DETAILS 14, 27): KL as the mean per-sequence sum (the quantity the adaptive
     controller tracks), the coefficient, raw and used RM scores, the KL part of the reward and the total
     shaped reward per sequence."""
-    non_score = algos.masked_sum(-kl_coef * exp["kl"], mask, dim=-1)  # (N,)
+    non_score = algos.masked_sum(-kl_coef * adv.kl, mask, dim=-1)  # (N,)
     return {
-        "objective/kl": float(algos.mean_sequence_kl(exp["kl"], mask)),
+        "objective/kl": float(algos.mean_sequence_kl(adv.kl, mask)),
         "objective/kl_coef": float(kl_coef),
         "objective/score": float(raw_scores.float().mean()),
-        "objective/score_used": float(exp["scores"].mean()),
+        "objective/score_used": float(adv.scores.mean()),
         "objective/non_score_reward": float(non_score.mean()),
-        "objective/reward_total": float(algos.masked_sum(exp["rewards"], mask, dim=-1).mean()),
-        "value/mean": float(algos.masked_mean(exp["values"], mask)),
-        "value/returns_mean": float(algos.masked_mean(exp["returns"], mask)),
+        "objective/reward_total": float(algos.masked_sum(adv.rewards, mask, dim=-1).mean()),
+        "value/mean": float(algos.masked_mean(adv.values, mask)),
+        "value/returns_mean": float(algos.masked_mean(adv.returns, mask)),
     }
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import ray
+from ray.actor import ActorHandle
 
 from actors.critic import CriticWorker
 from actors.policy import PolicyWorker
@@ -18,7 +18,7 @@ from actors.rollout import RolloutEngine
 from cluster.actor_group import ActorGroup, default_backend
 from cluster.connect import connect
 from cluster.faults import fault_env
-from cluster.placement import place_roles, release
+from cluster.placement import RolePlacement, place_roles, release
 from cluster.resources import check_feasible, detect_resources, use_gpu
 from trainers.config import Config
 from trainers.ppo.schedule import derived_seed
@@ -29,23 +29,29 @@ from trainers.ppo.setup import ppo_bundles, role_specs, rollout_kwargs
 class Roles:
     """The running actor groups of one PPO run and their placement groups."""
 
-    policy: Any
-    critic: Any
-    reference: Any
-    reward: Any
-    rollout: Any
-    placements: dict
+    policy: ActorGroup
+    """:class:`actors.policy.PolicyWorker` ranks (one ZeRO world)."""
+    critic: ActorGroup
+    """:class:`actors.critic.CriticWorker` ranks."""
+    reference: ActorGroup
+    """:class:`actors.reference.ReferenceWorker` ranks."""
+    reward: ActorGroup
+    """:class:`actors.reward.RewardWorker` ranks."""
+    rollout: ActorGroup
+    """:class:`actors.rollout.RolloutEngine` actors (vLLM engines; not a torch.distributed world)."""
+    placements: dict[str, RolePlacement]
+    """Each role's placement group share (:func:`cluster.placement.place_roles`)."""
     colocated_gpu: bool = False
     max_engine_restarts: int = 0
     """``ppo.max_engine_restarts``: lost engines this driver recovers before it stops the run."""
     engine_restarts: int = 0
     """Lost engines recovered so far by this driver process (all engines together)."""
 
-    def engines(self) -> list:
+    def engines(self) -> list[ActorHandle]:
         """The rollout engines' actor handles."""
         return list(self.rollout.actors)
 
-    def training_actors(self) -> dict[tuple[str, int], Any]:
+    def training_actors(self) -> dict[tuple[str, int], ActorHandle]:
         """``(role, rank) -> handle`` of every DeepSpeed actor: ranks of torch.distributed worlds, which
         cannot be restarted one by one (a lost one stops the run)."""
         groups = {
@@ -92,7 +98,7 @@ def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
         ppo_bundles(cfg, gpu), colocated=colocated, timeout_s=cfg.cluster.placement_timeout_s, name=run_name
     )
     threads, specs = cfg.cluster.torch_threads, role_specs(cfg, device)
-    started: dict = {}
+    started: dict[str, ActorGroup] = {}
     try:
         started["rollout"] = ActorGroup(
             RolloutEngine,

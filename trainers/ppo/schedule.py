@@ -8,11 +8,17 @@ checkpoint stores counters only. Pure: torch and ``trainers.data``, no Ray, Deep
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from trainers.data.collate import collate_lm
 from trainers.data.sharding import split_sizes
+from trainers.ppo.batch import PtxBatch
+
+if TYPE_CHECKING:  # annotations only: the actors import this module, and must not import the config
+    from trainers.config import PPOConfig
 
 _SEED_MOD = 2**31 - 1
 
@@ -67,10 +73,10 @@ def minibatches(perms: Sequence[torch.Tensor], mini_batch_size: int) -> list[tor
     return steps
 
 
-def rank_plan(
+def rank_micro_batches(
     steps: Sequence[torch.Tensor], world: int, micro_batch_size: int
 ) -> list[list[list[torch.Tensor]]]:
-    """``plan[rank][step]`` = that rank's micro-batches (row indices) of each optimizer step.
+    """``out[rank][step]`` = that rank's micro-batches (row indices) of each optimizer step.
 
     Every step's rows are split evenly over ``world`` ranks, then into micro-batches of
     ``micro_batch_size``; config validation guarantees both divisions are exact, and then every rank runs
@@ -93,38 +99,149 @@ def step_token_counts(response_mask: torch.Tensor, steps: Sequence[torch.Tensor]
     return [int(response_mask.index_select(0, rows).sum()) for rows in steps]
 
 
-def lm_label_count(batch: dict[str, torch.Tensor]) -> int:
-    """Predicted tokens of an LM batch (``labels`` aligned with ``input_ids``, -100 = ignored): the loss
-    shifts by one, so column 0 is never a target."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+def lm_label_count(labels: torch.Tensor) -> int:
+    """Predicted tokens of an LM batch (``labels (b, T)`` aligned with the input ids, -100 = ignored): the
+    loss shifts by one, so column 0 is never a target."""
+    return int((labels[:, 1:] != -100).sum())
 
 
-def ptx_plan(
-    rows: Sequence[Sequence[int]], world: int, micro_steps: int, pad_id: int
-) -> tuple[list[list[dict[str, torch.Tensor] | None]], int]:
-    """The pretraining text of one optimizer step, laid out for the policy ranks (PPO_DETAILS 20).
+@dataclass
+class PtxStep:
+    """The pretraining text of one optimizer step, laid out for the policy ranks (PPO_DETAILS 20)."""
 
-    ``rows`` holds ``world x ptx_batch_size`` token lists; rank r takes the r-th equal part and spreads
-    it over its ``micro_steps`` micro-batches (sizes differ by at most one; an empty slot is None, and
-    every rank has the same slots, so ZeRO-3 ranks stay in lock-step). Returns ``(plan[rank][micro],
-    global count of predicted tokens)`` -- the denominator of the ptx token mean.
-    """
+    slots: list[list[PtxBatch | None]]
+    """``slots[rank][micro]``: the pretraining micro-batch that rank adds to that micro-batch's loss, None
+    for an empty slot; every rank has the same number of slots (ZeRO-3 lock-step)."""
+    tokens: int
+    """Predicted tokens of the step over all ranks: the denominator of the ptx token mean."""
+
+
+def ptx_plan(rows: Sequence[Sequence[int]], world: int, micro_steps: int, pad_id: int) -> PtxStep:
+    """Lay out one optimizer step's pretraining rows (``world x ptx_batch_size`` token lists): rank r
+    takes the r-th equal part and spreads it over its ``micro_steps`` micro-batches (sizes differ by at
+    most one, larger first; an empty slot is None)."""
     if len(rows) % world:
         raise ValueError(f"{len(rows)} ptx rows do not split over {world} ranks")
     per_rank = len(rows) // world
-    plan: list[list[dict[str, torch.Tensor] | None]] = []
+    plan: list[list[PtxBatch | None]] = []
     tokens = 0
     for rank in range(world):
         mine = rows[rank * per_rank : (rank + 1) * per_rank]
-        slots: list[dict[str, torch.Tensor] | None] = []
+        slots: list[PtxBatch | None] = []
         start = 0
         for size in split_sizes(per_rank, micro_steps):
             if size == 0:
                 slots.append(None)
                 continue
             batch = collate_lm([(list(ids), 0) for ids in mine[start : start + size]], pad_id)
-            tokens += lm_label_count(batch)
-            slots.append(batch)
+            tokens += lm_label_count(batch["labels"])
+            slots.append(PtxBatch(batch["input_ids"], batch["attention_mask"], batch["labels"]))
             start += size
         plan.append(slots)
-    return plan, tokens
+    return PtxStep(plan, tokens)
+
+
+@dataclass
+class StepPlan:
+    """One optimizer step as one rank runs it."""
+
+    micro_batches: list[torch.Tensor]
+    """Row indices into the :class:`trainers.ppo.batch.Experience` of each of this rank's micro-batches."""
+    tokens: int
+    """Real response tokens of the step over all ranks (the token mean's denominator, PPO_DETAILS 24)."""
+    ptx: list[PtxBatch | None] | None = None
+    """This rank's pretraining micro-batches, one slot per micro-batch (policy with ptx on); else None."""
+    ptx_tokens: int = 0
+    """Predicted pretraining tokens of the step over all ranks (with ``ptx``)."""
+
+
+@dataclass
+class RankPlan:
+    """Every optimizer step of one iteration for one rank of the policy or the critic."""
+
+    first_step: int
+    """Run-wide number (1-based) of the iteration's first optimizer step; step k of ``steps`` is
+    ``first_step + k`` (fault injection names steps this way, ``cluster/faults.py``)."""
+    steps: list[StepPlan]
+
+
+@dataclass
+class TrainPlan:
+    """The train phase of one iteration: its minibatches and each rank's share of them."""
+
+    first_step: int
+    """Run-wide number (1-based) of the iteration's first optimizer step."""
+    minibatches: list[torch.Tensor]
+    """Row indices of every optimizer step, PPO epochs in order (PPO_DETAILS 21)."""
+    step_tokens: list[int]
+    """Real response tokens of each step over all ranks."""
+    policy: list[RankPlan]
+    """One per policy rank."""
+    critic: list[RankPlan]
+    """One per critic rank."""
+    ptx_tokens: list[int] | None
+    """Predicted pretraining tokens of each step over all ranks; None when ptx is off."""
+    ptx_rows: int
+    """Pretraining rows the iteration consumed (the ptx data position advances by this)."""
+
+
+def rank_plans(
+    steps: Sequence[torch.Tensor],
+    world: int,
+    micro_batch_size: int,
+    step_tokens: Sequence[int],
+    first_step: int,
+    ptx: Sequence[PtxStep] | None = None,
+) -> list[RankPlan]:
+    """Each of ``world`` ranks' :class:`RankPlan` for the optimizer steps ``steps`` (and, for the policy
+    with ptx on, one :class:`PtxStep` per step)."""
+    micros = rank_micro_batches(steps, world, micro_batch_size)
+    plans = []
+    for rank in range(world):
+        step_plans = [
+            StepPlan(
+                micro_batches=micros[rank][k],
+                tokens=step_tokens[k],
+                ptx=ptx[k].slots[rank] if ptx else None,
+                ptx_tokens=ptx[k].tokens if ptx else 0,
+            )
+            for k in range(len(steps))
+        ]
+        plans.append(RankPlan(first_step, step_plans))
+    return plans
+
+
+def plan_training(
+    p: PPOConfig,
+    iteration: int,
+    response_mask: torch.Tensor,
+    ptx_data: Sequence[Sequence[int]],
+    ptx_position: int,
+    pad_id: int,
+) -> TrainPlan:
+    """The :class:`TrainPlan` of (0-based) ``iteration``: fresh permutations per PPO epoch cut into
+    minibatches, their global token counts, each rank's micro-batches and -- with ``ppo.ptx_coef > 0`` --
+    the pretraining rows of every step, taken from ``ptx_data`` at ``ptx_position`` on."""
+    perms = epoch_permutations(response_mask.shape[0], p.ppo_epochs, p.seed, iteration)
+    steps = minibatches(perms, p.mini_batch_size)
+    first_step = iteration * len(steps) + 1
+    step_tokens = step_token_counts(response_mask, steps)
+    ptx: list[PtxStep] | None = None
+    ptx_rows = 0
+    if p.ptx_coef > 0:
+        per_step = p.policy_workers * p.ptx_batch_size
+        micro_steps = p.mini_batch_size // (p.micro_batch_size * p.policy_workers)
+        ptx = []
+        for _ in steps:
+            rows = take_rows(ptx_position + ptx_rows, per_step, len(ptx_data), derived_seed(p.seed, 1))
+            ptx_rows += per_step
+            ptx.append(ptx_plan([ptx_data[i] for i in rows], p.policy_workers, micro_steps, pad_id))
+    return TrainPlan(
+        first_step=first_step,
+        minibatches=steps,
+        step_tokens=step_tokens,
+        policy=rank_plans(steps, p.policy_workers, p.micro_batch_size, step_tokens, first_step, ptx),
+        critic=rank_plans(steps, p.critic_workers, p.micro_batch_size, step_tokens, first_step),
+        ptx_tokens=[s.tokens for s in ptx] if ptx is not None else None,
+        ptx_rows=ptx_rows,
+    )
