@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from cluster.actor_group import DistributedWorker
+from cluster.faults import injector
 from trainers.algos import logprobs_from_logits
 from trainers.ppo.batch import TokenBatch
 from trainers.runtime.dist import init_distributed
@@ -208,6 +209,8 @@ class TrainableWorker(EngineWorker):
     """An actor whose engine also trains: AdamW at a constant LR, one optimizer step per minibatch."""
 
     spec: TrainSpec
+    fault_role = ""
+    """The role's name in ``RLHF_FAULT_NONFINITE_STEPS`` (``policy``, ``critic``)."""
 
     def _config_for_engine(self) -> dict:
         return self._ds_config(grad_accum=self.spec.grad_accum, grad_clip=self.spec.grad_clip)
@@ -243,7 +246,12 @@ class TrainableWorker(EngineWorker):
         alike, if a loss or the gradient norm is non-finite)."""
         return StepGuard(self.engine, scale_wrt_gas=False)
 
+    def _fault_at(self, step: int) -> bool:
+        """Fault injection for tests (``cluster/faults.py``): whether ``RLHF_FAULT_NONFINITE_STEPS`` names
+        run-wide optimizer step ``step`` (1-based) of this role; never without the variable."""
+        return injector().nonfinite(self.fault_role, step)
+
     def _poisoned(self, loss: torch.Tensor, poison: bool) -> torch.Tensor:
-        """Fault injection (``trainers.runtime.nonfinite``): NaN added to rank 0's loss of a poisoned step; the
-        gradients stay finite, so only the all-ranks loss check can catch it."""
+        """NaN added to rank 0's loss of a step chosen by :meth:`_fault_at`; the gradients stay finite, so
+        only the all-ranks loss check can catch it."""
         return loss + float("nan") if poison and self.rank == 0 else loss

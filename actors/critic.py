@@ -14,7 +14,6 @@ the step's global token count N, ``engine.backward(loss, scale_wrt_gas=False)``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
 
 import torch
 
@@ -30,6 +29,7 @@ class CriticWorker(TrainableWorker):
     """Critic rank: per-token values and the clipped value loss (PPO_DETAILS 19)."""
 
     spec: TrainSpec
+    fault_role = "critic"
 
     def _load_model(self) -> torch.nn.Module:
         return build_value_model(
@@ -52,15 +52,13 @@ class CriticWorker(TrainableWorker):
 
         return self._map_micro(shard, fn)
 
-    def train(
-        self, experience: Experience, plan: RankPlan, poison_steps: Sequence[int] = ()
-    ) -> list[dict[str, float]]:
+    def train(self, experience: Experience, plan: RankPlan) -> list[dict[str, float]]:
         """Every optimizer step of this iteration; per-step stat sums of this rank.
 
         ``experience``: the whole batch (the critic reads the tokens, ``values`` -- the old values -- and
         ``returns``); ``plan.steps[k]``: this rank's micro-batches (row indices) and the step's global
-        count of response tokens; ``poison_steps``: steps made non-finite (fault injection). A
-        non-finite step is skipped on every rank and has ``skipped`` 1 in its stats.
+        count of response tokens. A non-finite step is skipped on every rank and has ``skipped`` 1 in
+        its stats (tests choose such steps through ``RLHF_FAULT_NONFINITE_STEPS``).
         """
         out = []
         for step, sp in enumerate(plan.steps):
@@ -79,7 +77,7 @@ class CriticWorker(TrainableWorker):
                     self.spec.clip_eps,
                     num_tokens=norm,
                 )
-                loss = self._poisoned(loss, i == 0 and step in poison_steps)
+                loss = self._poisoned(loss, i == 0 and self._fault_at(plan.first_step + step))
                 guard.backward_step(loss, last=i == len(micros) - 1)
                 n = float(st["tokens"])
                 acc["tokens"] += n

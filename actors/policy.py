@@ -18,7 +18,6 @@ in the same optimizer step (PPO_DETAILS 20).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
 
 import torch
 
@@ -44,6 +43,7 @@ class PolicyWorker(TrainableWorker):
     """Policy rank: a causal LM trained with the PPO clipped objective plus the ptx LM loss."""
 
     spec: TrainSpec
+    fault_role = "policy"
 
     def _load_model(self) -> torch.nn.Module:
         return build_causal_lm(
@@ -69,7 +69,7 @@ class PolicyWorker(TrainableWorker):
         acc: dict[str, float],
         guard,
         last: bool,
-        poison: bool = False,
+        inject_nan: bool = False,
     ) -> None:
         """Forward + backward of one micro-batch through ``guard`` (``last``: the step's final one);
         adds its stat sums to ``acc``."""
@@ -78,7 +78,7 @@ class PolicyWorker(TrainableWorker):
         loss, st = policy_loss(
             logp, mb.old_logprobs, mb.advantages, mask, self.spec.clip_eps, num_tokens=norm
         )
-        loss = self._poisoned(loss, poison)
+        loss = self._poisoned(loss, inject_nan)
         total = loss
         if ptx is not None:
             ptx_loss = self._ptx_loss(ptx, ptx_norm)
@@ -100,17 +100,15 @@ class PolicyWorker(TrainableWorker):
             acc["entropy_sum"] += float(masked_sum(entropy, mask))
             acc["max_abs_log_ratio"] = max(acc["max_abs_log_ratio"], float(log_ratio.abs().max()))
 
-    def train(
-        self, experience: Experience, plan: RankPlan, poison_steps: Sequence[int] = ()
-    ) -> list[dict[str, float]]:
+    def train(self, experience: Experience, plan: RankPlan) -> list[dict[str, float]]:
         """Run every optimizer step of this iteration; returns per-step stat sums of this rank.
 
         ``experience``: the whole batch (N rows; the policy reads the tokens, ``old_logprobs`` and
         ``advantages``). ``plan.steps[k]``: this rank's micro-batches (row indices), the step's global
         token counts (see the module docstring) and, with ptx, one pretraining micro-batch or None per
-        micro-batch. ``poison_steps``: indices of steps made non-finite (fault injection,
-        ``trainers.runtime.nonfinite``). A step with a non-finite loss or gradient norm is skipped on every
-        rank; its stats carry ``skipped`` 1 (else 0) and its other sums are not meaningful.
+        micro-batch. A step with a non-finite loss or gradient norm is skipped on every rank; its stats
+        carry ``skipped`` 1 (else 0) and its other sums are not meaningful. Tests make chosen steps
+        non-finite through ``RLHF_FAULT_NONFINITE_STEPS`` (run-wide step ``plan.first_step + k``).
         """
         out = []
         for step, sp in enumerate(plan.steps):
@@ -123,7 +121,7 @@ class PolicyWorker(TrainableWorker):
             slots = sp.ptx if sp.ptx is not None else [None] * len(micros)
             guard = self._step_guard()
             for i, (idx, slot) in enumerate(zip(micros, slots, strict=True)):
-                last, poison = i == len(micros) - 1, i == 0 and step in poison_steps
+                last, poison = i == len(micros) - 1, i == 0 and self._fault_at(plan.first_step + step)
                 mb = experience.rows(idx).to(self.device)
                 self._micro_step(mb, slot, norm, ptx_norm, acc, guard, last, poison)
             acc["skipped"] = 0.0 if guard.applied else 1.0  # the same on every rank

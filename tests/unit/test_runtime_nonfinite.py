@@ -111,10 +111,10 @@ def test_the_streak_round_trips_through_a_checkpoint_and_old_checkpoints_load():
     assert checkpoint.DriverState(**saved).nonfinite_streak == {}
 
 
-def test_fault_poison_maps_run_steps_of_the_env_to_this_iteration(monkeypatch, capsys):
+def test_poisoned_steps_map_run_steps_of_the_env_to_this_iteration(monkeypatch, capsys):
     monkeypatch.setenv(FAULT_ENV, "policy:2,5;critic:8")
-    assert recovery.fault_poison(iteration=0, steps=4) == {"policy": [1], "critic": []}
-    assert recovery.fault_poison(iteration=1, steps=4) == {"policy": [0], "critic": [3]}
+    assert recovery.announce_poisoned_steps(first_step=1, count=4) == {"policy": [1], "critic": []}
+    assert recovery.announce_poisoned_steps(first_step=5, count=4) == {"policy": [0], "critic": [3]}
     assert "poisons policy steps [5]" in capsys.readouterr().out
     monkeypatch.delenv(FAULT_ENV)
-    assert recovery.fault_poison(iteration=1, steps=4) == {"policy": [], "critic": []}
+    assert recovery.announce_poisoned_steps(first_step=5, count=4) == {"policy": [], "critic": []}

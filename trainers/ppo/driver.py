@@ -57,8 +57,8 @@ from trainers.ppo.metrics import (
     summarize,
 )
 from trainers.ppo.recovery import (
+    announce_poisoned_steps,
     check_nonfinite,
-    fault_poison,
     lost_actor,
     stop_message,
     with_engine_recovery,
@@ -160,21 +160,15 @@ def make_experience(
 
 
 def train(
-    roles: Roles, experience: Experience, plan: TrainPlan, poison: dict[str, list[int]] | None = None
+    roles: Roles, experience: Experience, plan: TrainPlan
 ) -> tuple[dict[str, float], dict[str, list[bool]]]:
     """Phase 3: policy and critic train in parallel on the same minibatches (one ``ray.get``).
 
     Returns the metrics and, per role, which optimizer steps were skipped (non-finite loss or gradient
-    norm). ``poison``: per role, step indices to make non-finite (fault injection, :func:`fault_poison`).
-    """
-    poison = poison or {}
+    norm)."""
     exp_ref = ray.put(experience)
-    policy_refs = roles.policy.map(
-        lambda a, r: a.train.remote(exp_ref, plan.policy[r], poison.get("policy", []))
-    )
-    critic_refs = roles.critic.map(
-        lambda a, r: a.train.remote(exp_ref, plan.critic[r], poison.get("critic", []))
-    )
+    policy_refs = roles.policy.map(lambda a, r: a.train.remote(exp_ref, plan.policy[r]))
+    critic_refs = roles.critic.map(lambda a, r: a.train.remote(exp_ref, plan.critic[r]))
     results = ray.get(policy_refs + critic_refs)
     policy_steps = sum_over_ranks(results[: len(policy_refs)])
     critic_steps = sum_over_ranks(results[len(policy_refs) :])
@@ -221,8 +215,8 @@ def run_iteration(
             data.pad_id,
         )
         state.ptx_position += plan.ptx_rows
-        poison = fault_poison(state.iteration, len(plan.minibatches))
-        train_metrics, skipped = train(roles, experience, plan, poison)
+        announce_poisoned_steps(plan.first_step, len(plan.minibatches))
+        train_metrics, skipped = train(roles, experience, plan)
         metrics |= train_metrics
         check_nonfinite(state, skipped, cfg.ppo.max_nonfinite_steps, checkpoints)
     with timed(timings, "sync"):

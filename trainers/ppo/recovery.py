@@ -104,18 +104,16 @@ def stop_message(lost: ActorLost, checkpoints: Path, completed: int) -> str:
     return f"{lost} after iteration {completed}; every actor was stopped; {resume}"
 
 
-def fault_poison(iteration: int, steps: int) -> dict[str, list[int]]:
-    """Fault injection for tests (``trainers.runtime.nonfinite``): per role, the indices of this iteration's
-    optimizer steps that ``RLHF_FAULT_NONFINITE_STEPS`` poisons (steps counted over the run, 1-based);
-    prints a line when any is armed."""
+def announce_poisoned_steps(first_step: int, count: int) -> dict[str, list[int]]:
+    """Fault injection for tests (``cluster/faults.py``): print which of the ``count`` optimizer steps from
+    run-wide step ``first_step`` on ``RLHF_FAULT_NONFINITE_STEPS`` makes non-finite, per role; returns
+    their indices within those steps. Only a report: the training actors read the same variable (the
+    driver forwards it to them) and poison those steps themselves."""
     faults = injector()
-    out = {role: faults.nonfinite_in(role, iteration * steps + 1, steps) for role in ("policy", "critic")}
+    out = {role: faults.nonfinite_in(role, first_step, count) for role in ("policy", "critic")}
     for role, idx in out.items():
         if idx:
-            print(
-                f"ppo: {NONFINITE_ENV} poisons {role} steps {[iteration * steps + i + 1 for i in idx]}",
-                flush=True,
-            )
+            print(f"ppo: {NONFINITE_ENV} poisons {role} steps {[first_step + i for i in idx]}", flush=True)
     return out
 
 

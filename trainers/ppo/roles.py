@@ -98,6 +98,9 @@ def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
         ppo_bundles(cfg, gpu), colocated=colocated, timeout_s=cfg.cluster.placement_timeout_s, name=run_name
     )
     threads, specs = cfg.cluster.torch_threads, role_specs(cfg, device)
+    # RLHF_FAULT_* (test fault injection, cluster/faults.py; empty otherwise) to every actor: Ray workers do
+    # not see variables set after Ray started, and each actor consults its own environment.
+    faults = fault_env()
     started: dict[str, ActorGroup] = {}
     try:
         started["rollout"] = ActorGroup(
@@ -108,7 +111,7 @@ def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
             init_kwargs=rollout_kwargs(cfg, device),
             rank_kwargs=lambda rank: {"seed": derived_seed(cfg.ppo.seed, 10_000 + rank)},
             torch_threads=threads,
-            env=fault_env(),  # RLHF_FAULT_*: test fault injection (cluster/faults.py); empty otherwise
+            env=faults,
             max_restarts=cfg.ppo.max_engine_restarts,
         )
         classes = role_classes()
@@ -119,6 +122,7 @@ def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
                 run_name=run_name,
                 init_kwargs={"spec": specs[role]},
                 torch_threads=threads,
+                env=faults,
             )
         for role in classes:
             started[role].init_world(default_backend(gpu))
