@@ -1,8 +1,10 @@
 """What the DeepSpeed-backed PPO actors (policy, critic, reference, reward) share.
 
 Each actor is one rank of its role's torch.distributed world (``cluster.actor_group``): the driver
-creates the group, forms the world, then calls :meth:`EngineWorker.build` on every rank, which loads
-the model (ZeRO-3 partitioned when ``zero_stage == 3``) and wraps it in a DeepSpeed engine.
+creates the group, forms the world, then calls :meth:`ModelWorker.build` on every rank, which loads
+the model (ZeRO-3 partitioned when ``zero_stage == 3``) and wraps it in DeepSpeed: ``self.model`` is
+the DeepSpeed-wrapped model (DeepSpeed's ``DeepSpeedEngine``; "engine" in this project means a vLLM
+engine only), ``self.model.module`` the transformers model inside it.
 
 Conventions every actor follows:
 
@@ -19,12 +21,12 @@ Conventions every actor follows:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from actors.specs import ModelSpec, TrainSpec
 from cluster.actor_group import DistributedWorker
 from cluster.faults import injector
 from trainers.algos import logprobs_from_logits
@@ -32,54 +34,7 @@ from trainers.ppo.batch import TokenBatch
 from trainers.runtime.dist import init_distributed
 from trainers.runtime.models import forward_logits
 from trainers.runtime.step_guard import StepGuard
-from trainers.runtime.zero import ds_config, gathered, hf_deepspeed_context, init_deepspeed
-
-CHECKPOINT_TAG = "engine"
-"""DeepSpeed checkpoint tag under each role's checkpoint folder."""
-
-
-@dataclasses.dataclass
-class EngineSpec:
-    """What one DeepSpeed actor needs: only these fields, not the whole config (STYLE)."""
-
-    model_path: str
-    """Hugging Face directory to load (safetensors)."""
-    device: str = "cpu"
-    """'cpu' (gloo, fp32) or 'cuda'."""
-    dtype: str = "fp32"
-    """'fp32' or 'bf16' (resolved already, never 'auto')."""
-    zero_stage: int = 3
-    """DeepSpeed ZeRO stage."""
-    micro_batch_size: int = 8
-    """Rows per forward (and per backward when training)."""
-    temperature: float = 1.0
-    """Sampling temperature: every log-prob divides logits by it (PPO_DETAILS 3)."""
-    torch_threads: int = 1
-    """torch intra-op threads in this actor."""
-    seed: int = 0
-    """torch seed of this actor (nothing random runs in it with dropout off; set for completeness)."""
-    trust_remote_code: bool = False
-    """Allow model code shipped with the checkpoint."""
-
-
-@dataclasses.dataclass
-class TrainSpec(EngineSpec):
-    """An actor that also trains (policy, critic)."""
-
-    lr: float = 1e-5
-    """Constant AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on matrices."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0: off)."""
-    grad_accum: int = 1
-    """Micro-batches per rank per optimizer step (the plan the driver sends has exactly this many)."""
-    clip_eps: float = 0.2
-    """PPO ratio clip (policy) or value clip around the old values (critic)."""
-    ptx_coef: float = 0.0
-    """Weight of the pretraining LM loss in the policy's step (PPO-ptx gamma); unused by the critic."""
-    tokenizer_path: str | None = None
-    """Tokenizer saved next to the final model (policy only)."""
+from trainers.runtime.zero import CHECKPOINT_TAG, ds_config, gathered, hf_deepspeed_context, init_deepspeed
 
 
 def response_slice(per_position: torch.Tensor, r_len: int) -> torch.Tensor:
@@ -91,15 +46,16 @@ def response_slice(per_position: torch.Tensor, r_len: int) -> torch.Tensor:
     return per_position[:, -r_len - 1 : -1]
 
 
-class EngineWorker(DistributedWorker):
-    """Base of the PPO actors: spec, device, DeepSpeed engine, micro-batched no-grad passes, checkpoints."""
+class ModelWorker(DistributedWorker):
+    """Base of the PPO actors: spec, device, DeepSpeed-wrapped model, micro-batched no-grad passes,
+    checkpoints."""
 
-    def __init__(self, spec: EngineSpec):
+    def __init__(self, spec: ModelSpec):
         torch.set_num_threads(spec.torch_threads)
         torch.manual_seed(spec.seed)
         self.spec = spec
         self.device = torch.device("cuda" if spec.device == "cuda" else "cpu")
-        self.engine = None
+        self.model = None
         self._hf_ds = None  # keeps transformers' ZeRO-3 integration alive (it holds a weak reference)
 
     # --- construction ---------------------------------------------------------------------------
@@ -118,14 +74,14 @@ class EngineWorker(DistributedWorker):
         """Build the transformers model (subclasses); called while the ZeRO-3 context is alive."""
         raise NotImplementedError
 
-    def _make_engine(self, model: torch.nn.Module, config: dict):
-        """Frozen roles: a DeepSpeed engine without optimizer (ZeRO-3 partitioned inference)."""
+    def _wrap_model(self, model: torch.nn.Module, config: dict):
+        """Frozen roles: the model wrapped by DeepSpeed without optimizer (ZeRO-3 partitioned inference)."""
         import deepspeed  # here, not at the top: the driver imports the actor classes and needs no DeepSpeed
 
-        engine, *_ = deepspeed.initialize(model=model, config=config)
-        return engine
+        wrapped, *_ = deepspeed.initialize(model=model, config=config)
+        return wrapped
 
-    def _config_for_engine(self) -> dict:
+    def _role_ds_config(self) -> dict:
         return self._ds_config()
 
     def build(self) -> dict:
@@ -133,13 +89,13 @@ class EngineWorker(DistributedWorker):
         if self.device.type == "cuda":
             torch.cuda.set_device(0)
         init_distributed(self.spec.device)
-        config = self._config_for_engine()
+        config = self._role_ds_config()
         if self.spec.zero_stage == 3:
             self._hf_ds = hf_deepspeed_context(config)
         model = self._load_model()
         model.eval()  # dropout off (PPO_DETAILS 22); stays so: nothing calls train()
-        self.engine = self._make_engine(model, config)
-        self.engine.module.eval()
+        self.model = self._wrap_model(model, config)
+        self.model.module.eval()
         trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
         return {"rank": self.rank, "world_size": self.world_size, "parameters": trainable}
 
@@ -158,7 +114,7 @@ class EngineWorker(DistributedWorker):
         """``(logprobs (m, R), response logits (m, R, V))`` of the response tokens at the sampling
         temperature (PPO_DETAILS 3); padding entries hold garbage and must be masked by the caller."""
         r_len = mb.response_len
-        logits = forward_logits(self.engine, mb.sequences, mb.attention_mask)  # (m, L, V)
+        logits = forward_logits(self.model, mb.sequences, mb.attention_mask)  # (m, L, V)
         resp_logits = response_slice(logits, r_len)  # (m, R, V)
         labels = mb.sequences[:, -r_len:]  # (m, R)
         return logprobs_from_logits(resp_logits, labels, self.spec.temperature), resp_logits
@@ -183,7 +139,7 @@ class EngineWorker(DistributedWorker):
         weight reload unties them, and an ``lm_head`` that receives nothing keeps its old values (seen:
         log-prob mismatch 1.6 after one perturbed update without the alias, 1e-6 with it).
         """
-        module = self.engine.module
+        module = self.model.module
         for name, param in module.named_parameters(remove_duplicate=False):
             with gathered([param]):
                 full = param.detach().to("cpu", copy=True) if self.rank == 0 else None
@@ -192,11 +148,11 @@ class EngineWorker(DistributedWorker):
 
     def save_state(self, directory: str) -> None:
         """DeepSpeed checkpoint (weights, optimizer, LR schedule) of this role; collective."""
-        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
+        self.model.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
 
     def load_state(self, directory: str) -> None:
         """Restore :meth:`save_state`; collective."""
-        path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        path, _ = self.model.load_checkpoint(directory, tag=CHECKPOINT_TAG)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{CHECKPOINT_TAG}' under {Path(directory)}")
 
@@ -205,17 +161,17 @@ class EngineWorker(DistributedWorker):
         return dict(self.named_full_params())
 
 
-class TrainableWorker(EngineWorker):
-    """An actor whose engine also trains: AdamW at a constant LR, one optimizer step per minibatch."""
+class TrainableWorker(ModelWorker):
+    """An actor whose model also trains: AdamW at a constant LR, one optimizer step per minibatch."""
 
     spec: TrainSpec
     fault_role = ""
     """The role's name in ``RLHF_FAULT_NONFINITE_STEPS`` (``policy``, ``critic``)."""
 
-    def _config_for_engine(self) -> dict:
+    def _role_ds_config(self) -> dict:
         return self._ds_config(grad_accum=self.spec.grad_accum, grad_clip=self.spec.grad_clip)
 
-    def _make_engine(self, model: torch.nn.Module, config: dict):
+    def _wrap_model(self, model: torch.nn.Module, config: dict):
         # PPO runs at a constant learning rate (min_lr_ratio 1, no warm-up), as InstructGPT's PPO did
         # within one run; the schedule object still lives in DeepSpeed's checkpoints.
         return init_deepspeed(
@@ -228,23 +184,23 @@ class TrainableWorker(EngineWorker):
         )
 
     def _check_plan(self, micros: list[torch.Tensor]) -> None:
-        """The driver's plan must match the engine's accumulation steps, or DeepSpeed would step at the
+        """The driver's plan must match DeepSpeed's accumulation steps, or DeepSpeed would step at the
         wrong micro-batch."""
         if len(micros) != self.spec.grad_accum:
             raise ValueError(
-                f"plan has {len(micros)} micro-batches per step, engine expects {self.spec.grad_accum}"
+                f"plan has {len(micros)} micro-batches per step, DeepSpeed expects {self.spec.grad_accum}"
             )
 
     def _grad_norm(self) -> float:
         """Global gradient norm of the last optimizer step, before clipping (0.0 if unknown; inf for a
         step DeepSpeed skipped)."""
-        norm = self.engine.get_global_grad_norm()
+        norm = self.model.get_global_grad_norm()
         return 0.0 if norm is None else float(norm)
 
     def _step_guard(self):
         """A :class:`trainers.runtime.step_guard.StepGuard` for the next optimizer step (skips it, on every rank
         alike, if a loss or the gradient norm is non-finite)."""
-        return StepGuard(self.engine, scale_wrt_gas=False)
+        return StepGuard(self.model, scale_wrt_gas=False)
 
     def _fault_at(self, step: int) -> bool:
         """Fault injection for tests (``cluster/faults.py``): whether ``RLHF_FAULT_NONFINITE_STEPS`` names

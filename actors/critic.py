@@ -8,7 +8,7 @@ The value model is the RM's class loaded from the RM directory (PPO_DETAILS 23):
 applied at every position (``trainers.runtime.models.token_scores``), without the RM's ``reward_bias``. The
 value of response token t is read at the position that predicts it (``actors.base.response_slice``).
 Loss aggregation as for the policy (``actors/policy.py``): ``sum / (N / W)`` per micro-batch with
-the step's global token count N, ``engine.backward(loss, scale_wrt_gas=False)``.
+the step's global token count N, ``model.backward(loss, scale_wrt_gas=False)``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from collections import defaultdict
 
 import torch
 
-from actors.base import TrainableWorker, TrainSpec, response_slice
+from actors.base import TrainableWorker, response_slice
+from actors.specs import TrainSpec
 from trainers.algos import loss_normaliser, value_loss
 from trainers.ppo.batch import Experience, TokenBatch
 from trainers.ppo.schedule import RankPlan
@@ -40,7 +41,7 @@ class CriticWorker(TrainableWorker):
 
     def _values(self, mb: TokenBatch) -> torch.Tensor:
         """``(m, R)`` values of the response tokens (padding entries are garbage; callers mask)."""
-        per_position = token_scores(self.engine, mb.sequences, mb.attention_mask)  # (m, L)
+        per_position = token_scores(self.model, mb.sequences, mb.attention_mask)  # (m, L)
         return response_slice(per_position, mb.response_len).float()  # (m, R)
 
     def values(self, shard: TokenBatch) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The policy actor: one rank of the ZeRO-3 policy (initialised from the SFT model).
 
-    logprobs(shard)                                   old log-probs, no grad, by the training engine
+    logprobs(shard)                                   old log-probs, no grad, by the trained model
     train(experience, plan)                           PPO clip + ptx_coef x LM loss, one step per minibatch
     sync_weights(engines)                             gathered weights -> every vLLM engine
     save_state(dir) / load_state(dir) / save_model(dir)
@@ -8,7 +8,7 @@
 Loss aggregation (PPO_DETAILS 24): the driver sends, for every optimizer step, the global number of
 response tokens N (and of ptx label tokens N_ptx) over all ranks and micro-batches. Each micro-batch's
 loss is ``sum / (N / W)`` (``trainers.algos.loss_normaliser``) and goes through
-``engine.backward(loss, scale_wrt_gas=False)``: DeepSpeed averages gradients over the W ranks and,
+``model.backward(loss, scale_wrt_gas=False)``: DeepSpeed averages gradients over the W ranks and,
 with ``scale_wrt_gas=False``, does not divide by the accumulation steps, so the optimizer sees the
 gradient of the token mean over the whole minibatch whatever the split. The ptx term is a second
 token mean over the step's pretraining tokens, added to the same micro-batch loss, so both terms land
@@ -21,7 +21,8 @@ from collections import defaultdict
 
 import torch
 
-from actors.base import TrainableWorker, TrainSpec
+from actors.base import TrainableWorker
+from actors.specs import TrainSpec
 from cluster.weight_sync import CpuBlobSync
 from trainers.algos import (
     entropy_from_logits,
@@ -57,7 +58,7 @@ class PolicyWorker(TrainableWorker):
     def _ptx_loss(self, ptx: PtxBatch, num_tokens: float) -> torch.Tensor:
         """LM loss on a pretraining micro-batch as ``sum / num_tokens`` (temperature 1: data likelihood)."""
         ptx = ptx.to(self.device)
-        logits = forward_logits(self.engine, ptx.input_ids, ptx.attention_mask)  # (b, T, V)
+        logits = forward_logits(self.model, ptx.input_ids, ptx.attention_mask)  # (b, T, V)
         return lm_loss(*shift_for_lm(logits, ptx.labels), num_tokens=num_tokens)
 
     def _micro_step(
@@ -148,6 +149,6 @@ class PolicyWorker(TrainableWorker):
         """The policy as a Hugging Face directory (safetensors + tokenizer, dropout 0) at ``out_dir``,
         written atomically by rank 0; collective."""
         tokenizer = load_tokenizer(self.spec.tokenizer_path) if self.spec.tokenizer_path else None
-        module = self.engine.module
-        path = save_hf(self.engine, tokenizer, out_dir, config_updates=no_dropout_updates(module.config))
+        module = self.model.module
+        path = save_hf(self.model, tokenizer, out_dir, config_updates=no_dropout_updates(module.config))
         return None if path is None else str(path)

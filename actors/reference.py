@@ -1,4 +1,4 @@
-"""The reference actor: the frozen SFT model (ZeRO-3 inference engine, no optimizer).
+"""The reference actor: the frozen SFT model (ZeRO-3 partitioned inference, no optimizer).
 
     logprobs(shard)   (n, R) log-probs of the response tokens at the sampling temperature, no grad
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from actors.base import EngineWorker
+from actors.base import ModelWorker
 from trainers.runtime.device import torch_dtype
 from trainers.runtime.models import build_causal_lm
 
 
-class ReferenceWorker(EngineWorker):
-    """Reference rank: frozen SFT weights; ``logprobs`` comes from :class:`actors.base.EngineWorker`."""
+class ReferenceWorker(ModelWorker):
+    """Reference rank: frozen SFT weights; ``logprobs`` comes from :class:`actors.base.ModelWorker`."""
 
     def _load_model(self) -> torch.nn.Module:
         model = build_causal_lm(

@@ -1,4 +1,4 @@
-"""The reward actor: the frozen reward model (ZeRO-3 inference engine, no optimizer).
+"""The reward actor: the frozen reward model (ZeRO-3 partitioned inference, no optimizer).
 
     scores(shard)   (n,) RM score of prompt + response at the last real token, + reward_bias
 
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from actors.base import EngineWorker
+from actors.base import ModelWorker
 from trainers.ppo.batch import TokenBatch
 from trainers.runtime.device import torch_dtype
 from trainers.runtime.models import build_value_model, reward_scores
 
 
-class RewardWorker(EngineWorker):
+class RewardWorker(ModelWorker):
     """Reward rank: frozen RM weights."""
 
     def _load_model(self) -> torch.nn.Module:
@@ -33,4 +33,4 @@ class RewardWorker(EngineWorker):
 
     def scores(self, shard: TokenBatch) -> torch.Tensor:
         """``(n,)`` scores, no grad."""
-        return self._map_micro(shard, lambda mb: reward_scores(self.engine, mb.sequences, mb.attention_mask))
+        return self._map_micro(shard, lambda mb: reward_scores(self.model, mb.sequences, mb.attention_mask))

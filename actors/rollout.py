@@ -194,7 +194,7 @@ class RolloutEngine:
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Log-prob of tokens 1..L-1 of each full sequence given its prefix, at temperature 1. (L-1,) each.
 
-        vLLM applies no temperature to prompt log-probs; compare them with a training engine at T = 1.
+        vLLM applies no temperature to prompt log-probs; compare them with a trained model's at T = 1.
         """
         from vllm import SamplingParams
 

@@ -19,8 +19,8 @@ WORLD = 2
 
 def start_policy(ray, model_dir, world: int, grad_accum: int, name: str):
     """``world`` PolicyWorker ranks (ZeRO-3, micro-batches of 2 rows) built from ``model_dir``."""
-    from actors.base import TrainSpec
     from actors.policy import PolicyWorker
+    from actors.specs import TrainSpec
     from cluster.actor_group import ActorGroup
     from cluster.placement import place_roles
 

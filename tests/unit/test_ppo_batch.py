@@ -47,10 +47,10 @@ def test_take_rows_crosses_epochs_and_is_resumable():
     n, seed = 5, 3
     first = schedule.take_rows(0, 4, n, seed)
     second = schedule.take_rows(4, 4, n, seed)
-    stream = schedule.epoch_order(n, seed, 0).tolist() + schedule.epoch_order(n, seed, 1).tolist()
+    stream = schedule.pass_order(n, seed, 0).tolist() + schedule.pass_order(n, seed, 1).tolist()
     assert first + second == stream[:8]
     assert sorted(stream[:5]) == list(range(5))
-    assert schedule.epoch_order(n, seed, 0).tolist() != schedule.epoch_order(n, seed, 1).tolist() or n < 3
+    assert schedule.pass_order(n, seed, 0).tolist() != schedule.pass_order(n, seed, 1).tolist() or n < 3
 
 
 def test_derived_seeds_differ_per_engine_and_iteration():

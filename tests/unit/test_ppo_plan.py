@@ -174,7 +174,7 @@ def test_resume_with_another_run_shape_is_a_config_error(tmp_path):
     ckpt = tmp_path / checkpoint.checkpoint_name(3)
     ckpt.mkdir()
     state = checkpoint.DriverState(iteration=3, shape=checkpoint.run_shape(cfg))
-    (ckpt / checkpoint.STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
+    (ckpt / checkpoint.DRIVER_STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
     checkpoint.check_resumable(ckpt, cfg)  # same shape: fine
     checkpoint.check_resumable(None, cfg)  # nothing to resume: fine
     cfg.ppo.adaptive_kl = True

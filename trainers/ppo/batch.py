@@ -99,7 +99,7 @@ class Experience(_Rows):
     tokens: TokenBatch
     """Prompts and responses, ``(N, P+R)``."""
     old_logprobs: torch.Tensor
-    """``(N, R)`` log-probs of the policy's training engine at rollout time (PPO_DETAILS 5)."""
+    """``(N, R)`` log-probs of the policy's trained model at rollout time (PPO_DETAILS 5)."""
     advantages: torch.Tensor
     """``(N, R)`` whitened over the batch (PPO_DETAILS 17)."""
     values: torch.Tensor

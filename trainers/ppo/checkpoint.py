@@ -51,7 +51,7 @@ def rotate_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
     return doomed
 
 
-STATE_FILE = "driver_state.json"
+DRIVER_STATE_FILE = "driver_state.json"
 """Driver part of a checkpoint: iteration, KL controller, data positions, run shape."""
 
 
@@ -95,7 +95,7 @@ def check_resumable(checkpoint: Path | None, cfg: Config) -> None:
     """ConfigError (before any actor starts) if the newest checkpoint was made with another run shape."""
     if checkpoint is None:
         return
-    saved = json.loads((checkpoint / STATE_FILE).read_text()).get("shape", {})
+    saved = json.loads((checkpoint / DRIVER_STATE_FILE).read_text()).get("shape", {})
     check_run_shape(saved, run_shape(cfg), checkpoint)
 
 
@@ -110,7 +110,7 @@ def save_checkpoint(roles: Roles, root: Path, state: DriverState, keep: int) -> 
         roles.policy.map(lambda a, _r: a.save_state.remote(str(tmp / "policy")))
         + roles.critic.map(lambda a, _r: a.save_state.remote(str(tmp / "critic")))
     )
-    atomic_write_json(tmp / STATE_FILE, dataclasses.asdict(state))
+    atomic_write_json(tmp / DRIVER_STATE_FILE, dataclasses.asdict(state))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -119,9 +119,9 @@ def save_checkpoint(roles: Roles, root: Path, state: DriverState, keep: int) -> 
 
 
 def load_checkpoint(roles: Roles, path: Path) -> DriverState:
-    """Restore policy and critic engines (weights, AdamW, schedule) and the driver state from ``path``."""
+    """Restore policy and critic (weights, AdamW, schedule) and the driver state from ``path``."""
     ray.get(
         roles.policy.map(lambda a, _r: a.load_state.remote(str(path / "policy")))
         + roles.critic.map(lambda a, _r: a.load_state.remote(str(path / "critic")))
     )
-    return DriverState(**json.loads((path / STATE_FILE).read_text()))
+    return DriverState(**json.loads((path / DRIVER_STATE_FILE).read_text()))

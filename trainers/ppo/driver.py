@@ -6,13 +6,15 @@ Ray actor groups (policy, critic, reference, reward, vLLM rollout) and does the 
 
 One iteration (docs/design.md, "PPO-ptx data flow"):
 
-1. generate   prompts -> vLLM engines (n samples each, a seed per engine and iteration) -> responses
-              cut after their first EOS;
-2. experience old log-probs (policy's training engine), reference log-probs, RM scores, values, all
-              in flight together; then KL -> shaped rewards -> GAE -> advantages whitened over the batch;
-3. train      ppo_epochs x freshly shuffled minibatches, one optimizer step each; policy (PPO clip +
-              ptx_coef x LM loss on pretraining text) and critic (clipped value loss) in parallel;
-4. sync       gathered policy weights -> every vLLM engine;
+1. generate   (:func:`sample_rollouts`) prompts -> vLLM engines (n samples each, a seed per engine and
+              iteration) -> responses cut after their first EOS;
+2. experience (:func:`make_experience`) old log-probs (the trained policy), reference log-probs, RM
+              scores, values, all in flight together; then KL -> shaped rewards -> GAE -> advantages
+              whitened over the batch;
+3. train      (:func:`train`) ppo_epochs x freshly shuffled minibatches, one optimizer step each; policy
+              (PPO clip + ptx_coef x LM loss on pretraining text) and critic (clipped value loss) in
+              parallel;
+4. sync       (:func:`sync_weights`) gathered policy weights -> every vLLM engine;
 5. KL controller update, metrics, checkpoint.
 
 The package, one file per seam: ``schedule`` (seeds, rows, permutations, rank plans), ``batch`` (rollout
@@ -79,7 +81,7 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
     timings[f"timing/{phase}"] = time.perf_counter() - clock
 
 
-def generate(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> Rollout:
+def sample_rollouts(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> Rollout:
     """Phase 1: this iteration's prompts, split over the engines (own seed each, PPO_DETAILS 6), n samples
     per prompt; returns the rollout (:func:`trainers.ppo.batch.build_rollout_batch`, vLLM log-probs
     included). A lost engine is restarted and the phase retried (:func:`with_engine_recovery`)."""
@@ -117,7 +119,7 @@ def generate(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> Ro
 
 
 def score_rollout(roles: Roles, tokens: TokenBatch) -> ExperiencePasses:
-    """Phase 2a: old log-probs (policy's training engine), reference log-probs, RM scores and values, all
+    """Phase 2a: old log-probs (the trained policy), reference log-probs, RM scores and values, all
     in flight together, one ``ray.get``; returned whole-batch (padding rows of the shards dropped).
 
     Each group gets ``tokens`` in equal shards, one per rank (ZeRO-3 lock-step); groups of the same size
@@ -201,7 +203,7 @@ def run_iteration(
     """
     timings: dict[str, float] = {}
     with timed(timings, "generate"):
-        rollout = generate(roles, cfg, data, state)
+        rollout = sample_rollouts(roles, cfg, data, state)
         state.prompt_position += cfg.ppo.prompts_per_iteration
     with timed(timings, "experience"):
         experience, metrics = make_experience(roles, cfg, rollout, data.eos_id, kl_ctl.value)

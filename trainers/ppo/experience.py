@@ -20,7 +20,7 @@ class ExperiencePasses:
     """The four no-grad passes over one rollout, whole batch (the shards' padding rows dropped)."""
 
     old_logprobs: torch.Tensor
-    """``(N, R)`` the policy's training engine, 0 on padding (PPO_DETAILS 5)."""
+    """``(N, R)`` the policy's trained model (DeepSpeed), 0 on padding (PPO_DETAILS 5)."""
     ref_logprobs: torch.Tensor
     """``(N, R)`` the frozen SFT model, 0 on padding."""
     scores: torch.Tensor

@@ -25,7 +25,7 @@ def rollout_metrics(
     ref_logprobs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``rollout/*``: mean response length, share of responses that ended with EOS, and -- when vLLM's
-    log-probs are present -- their mismatch with the training engine's (PPO_DETAILS 5, 26): mean and max
+    log-probs are present -- their mismatch with the trained policy's (PPO_DETAILS 5, 26): mean and max
     absolute difference over real response tokens. ``rollout/ref_logprob_diff`` is the same mean for
     policy vs reference: once the policy has moved, a weight sync that did not reach vLLM shows up as a
     vLLM mismatch of that size."""

@@ -86,7 +86,7 @@ def role_classes() -> dict[str, type]:
 
 
 def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
-    """Place every role, start its actors, form the torch.distributed worlds, build the engines.
+    """Place every role, start its actors, form the torch.distributed worlds, build the models.
 
     The vLLM engines start first (the slowest to come up) and load in the background while the
     DeepSpeed ranks build; one ``ray.get`` waits for everything. A failed start kills what it started

@@ -33,24 +33,25 @@ def derived_seed(seed: int, *parts: int) -> int:
     return value
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
-    """``(num_rows,)`` permutation used for pass ``epoch`` over a dataset (prompts or ptx text)."""
-    g = torch.Generator().manual_seed(derived_seed(seed, epoch))
+def pass_order(num_rows: int, seed: int, pass_index: int) -> torch.Tensor:
+    """``(num_rows,)`` permutation of the ``pass_index``-th pass over a dataset (prompts or ptx text).
+    Not the PPO epochs over one rollout batch (:func:`epoch_permutations`)."""
+    g = torch.Generator().manual_seed(derived_seed(seed, pass_index))
     return torch.randperm(num_rows, generator=g)
 
 
 def take_rows(position: int, count: int, num_rows: int, seed: int) -> list[int]:
     """Row indices ``position .. position + count - 1`` of the endless stream of shuffled passes over a
-    dataset of ``num_rows`` rows: pass e is :func:`epoch_order` ``(num_rows, seed, e)``. The caller keeps
+    dataset of ``num_rows`` rows: pass k is :func:`pass_order` ``(num_rows, seed, k)``. The caller keeps
     ``position`` (rows consumed so far); that single integer is the data position a checkpoint stores."""
     if num_rows < 1:
         raise ValueError("cannot take rows from an empty dataset")
     rows: list[int] = []
-    epoch, offset = divmod(position, num_rows)
+    pass_index, offset = divmod(position, num_rows)
     while len(rows) < count:
-        order = epoch_order(num_rows, seed, epoch)
+        order = pass_order(num_rows, seed, pass_index)
         rows.extend(order[offset : offset + count - len(rows)].tolist())
-        epoch, offset = epoch + 1, 0
+        pass_index, offset = pass_index + 1, 0
     return rows
 
 

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.base import EngineSpec, TrainSpec
+from actors.specs import ModelSpec, TrainSpec
 from cluster.resources import RoleRequest, role_bundles
 from trainers.config import Config, tokenizer_dir
 from trainers.data import read_records
@@ -34,7 +34,7 @@ class RunData:
     eos_id: int
 
 
-def read_prompts(cfg: Config, tokenizer) -> list[list[int]]:
+def encode_train_prompts(cfg: Config, tokenizer) -> list[list[int]]:
     """Validated ``prompts/train`` encoded with the chat format; a DataError lists the prompts that leave
     no room for ``rollout.max_new_tokens`` within ``model.max_len``."""
     path = data_path(cfg.data.dir, "prompts", "train")
@@ -66,7 +66,7 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
             f"reward.path='{rm_dir}' has another tokenizer than the policy ({tokenizer_dir(cfg)}); the reward "
             "model must read the policy's token ids (PPO_DETAILS 7)"
         )
-    prompts = read_prompts(cfg, tokenizer)
+    prompts = encode_train_prompts(cfg, tokenizer)
     ptx: list[list[int]] = []
     if cfg.ppo.ptx_coef > 0:
         records = read_records("pretrain", [data_path(cfg.data.dir, "pretrain", "train")])
@@ -77,7 +77,7 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
 
 
 def role_specs(cfg: Config, device: str) -> dict:
-    """Each DeepSpeed role's :class:`actors.base.EngineSpec`: only what that actor needs (STYLE).
+    """Each DeepSpeed role's :class:`actors.specs.ModelSpec`: only what that actor needs (STYLE).
 
     Policy and reference start from ``model.path`` (SFT), reward and critic from ``reward.path`` (RM).
     """
@@ -113,8 +113,8 @@ def role_specs(cfg: Config, device: str) -> dict:
             **train,
             **common,
         ),
-        "reference": EngineSpec(model_path=sft, **common),
-        "reward": EngineSpec(model_path=rm, **common),
+        "reference": ModelSpec(model_path=sft, **common),
+        "reward": ModelSpec(model_path=rm, **common),
     }
 
 

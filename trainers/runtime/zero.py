@@ -31,6 +31,9 @@ CHECKPOINT_TAG = "engine"
 ADAM_BETAS = (0.9, 0.95)
 """AdamW betas (GPT-3 / InstructGPT-era LM training; 0.95 reacts faster than 0.999 to loss spikes)."""
 ADAM_EPS = 1e-8
+CHECKPOINT_TAG = "engine"
+"""DeepSpeed checkpoint tag (the folder under a checkpoint directory) of the stages and the PPO actors. The
+value is DeepSpeed's word and stays so, or older checkpoints would not load."""
 
 
 def grad_accum_steps(global_batch: int, micro_batch: int, workers: int) -> int:

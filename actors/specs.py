@@ -1,0 +1,52 @@
+"""What the driver gives each DeepSpeed actor (policy, critic, reference, reward): only the fields that
+role needs, not the whole config. Plain dataclasses: the driver builds them (``trainers.ppo.setup``)
+without importing the actor classes, and they pickle through Ray as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """What one DeepSpeed actor needs: only these fields, not the whole config (STYLE)."""
+
+    model_path: str
+    """Hugging Face directory to load (safetensors)."""
+    device: str = "cpu"
+    """'cpu' (gloo, fp32) or 'cuda'."""
+    dtype: str = "fp32"
+    """'fp32' or 'bf16' (resolved already, never 'auto')."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage."""
+    micro_batch_size: int = 8
+    """Rows per forward (and per backward when training)."""
+    temperature: float = 1.0
+    """Sampling temperature: every log-prob divides logits by it (PPO_DETAILS 3)."""
+    torch_threads: int = 1
+    """torch intra-op threads in this actor."""
+    seed: int = 0
+    """torch seed of this actor (nothing random runs in it with dropout off; set for completeness)."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainSpec(ModelSpec):
+    """An actor that also trains (policy, critic)."""
+
+    lr: float = 1e-5
+    """Constant AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+    grad_accum: int = 1
+    """Micro-batches per rank per optimizer step (the plan the driver sends has exactly this many)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip (policy) or value clip around the old values (critic)."""
+    ptx_coef: float = 0.0
+    """Weight of the pretraining LM loss in the policy's step (PPO-ptx gamma); unused by the critic."""
+    tokenizer_path: str | None = None
+    """Tokenizer saved next to the final model (policy only)."""
