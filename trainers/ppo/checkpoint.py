@@ -40,6 +40,18 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def newest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root``, None if there is none."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resume_point(root: str | os.PathLike, fresh: bool) -> Path | None:
+    """The checkpoint a run resumes from: the newest complete one under ``root``; None with ``fresh``
+    (``rlhf ppo --fresh`` starts over; ``trainers.runs.outdir.prepare_output`` then deletes the old ones)."""
+    return None if fresh else newest_checkpoint(root)
+
+
 def rotate_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` complete checkpoints and any leftover ``.tmp`` directory;
     returns what was deleted."""

@@ -43,8 +43,8 @@ from trainers.ppo.batch import Experience, Rollout, TokenBatch, build_rollout_ba
 from trainers.ppo.checkpoint import (
     DriverState,
     check_resumable,
-    complete_checkpoints,
     load_checkpoint,
+    resume_point,
     run_shape,
     save_checkpoint,
 )
@@ -252,8 +252,8 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
     """
     start = time.time()
     out, data = validate_run(cfg, out_dir)
-    found = [] if fresh else complete_checkpoints(out / "checkpoints")
-    check_resumable(found[-1] if found else None, cfg)
+    resume = resume_point(out / "checkpoints", fresh)
+    check_resumable(resume, cfg)
     device = check_resources(cfg)
     prepare_output(out, dump_yaml(cfg), fresh)
     p = cfg.ppo
@@ -266,12 +266,12 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
     state, resumed_from = DriverState(kl_controller=kl_ctl.state_dict(), shape=run_shape(cfg)), 0
     writer = None
     try:
-        if found:
-            state = load_checkpoint(roles, found[-1])
+        if resume is not None:
+            state = load_checkpoint(roles, resume)
             kl_ctl.load_state_dict(state.kl_controller)
             resumed_from = state.iteration
             sync_weights(roles)  # the engines started from the SFT weights
-            print(f"ppo: resumed from {found[-1]} (iteration {state.iteration})", flush=True)
+            print(f"ppo: resumed from {resume} (iteration {state.iteration})", flush=True)
         truncate_metrics(out / "metrics.jsonl", state.iteration)  # before the writer opens the file
         writer = MetricsWriter(out, prefix="ppo", sinks=open_sinks(out, cfg.logging, to_dict(cfg)))
         iterate(roles, cfg, data, state, kl_ctl, writer, out)

@@ -17,7 +17,7 @@ from ray.exceptions import RayActorError, RayError
 from cluster.faults import NONFINITE_ENV, injector
 from cluster.liveness import ActorGone, actor_id_of, lost_actor_id, probe_dead, wait_until_alive
 from trainers.errors import RunStopped
-from trainers.ppo.checkpoint import DriverState, complete_checkpoints
+from trainers.ppo.checkpoint import DriverState, newest_checkpoint
 from trainers.ppo.roles import Roles, push_policy_weights
 from trainers.runs.resume import resume_hint
 from trainers.runtime import nonfinite
@@ -99,8 +99,7 @@ def lost_actor(roles: Roles, err: BaseException) -> ActorLost | None:
 def stop_message(lost: ActorLost, checkpoints: Path, completed: int) -> str:
     """The one line a stopped run prints: what was lost, after how many iterations, where a rerun of the
     same command resumes from."""
-    found = complete_checkpoints(checkpoints)
-    resume = resume_hint(found[-1] if found else None)
+    resume = resume_hint(newest_checkpoint(checkpoints))
     return f"{lost} after iteration {completed}; every actor was stopped; {resume}"
 
 
@@ -137,7 +136,6 @@ def check_nonfinite(
             )
     worst = max(longest, key=lambda role: longest[role])
     if longest[worst] >= limit:
-        found = complete_checkpoints(checkpoints)
-        resume = resume_hint(found[-1] if found else None)
+        resume = resume_hint(newest_checkpoint(checkpoints))
         what = f"ppo iteration {state.iteration + 1}, {worst}"
         raise RunStopped(nonfinite.stop_message(what, longest[worst], limit, resume))
