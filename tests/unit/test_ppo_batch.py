@@ -1,11 +1,16 @@
-"""Pure helpers of the PPO driver: rollout batches, data positions, seeds, shards."""
+"""trainers/ppo/batch.py: the rollout layout, the cut at EOS, and the typed batches' row operations."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
+from ray import cloudpickle
 
-from trainers.ppo import batch, schedule
+from trainers.data.collate import position_ids_from_mask
+from trainers.ppo import batch
+from trainers.ppo.batch import Experience, Rollout, TokenBatch
 
 PAD, EOS = 0, 2
 
@@ -27,44 +32,77 @@ def test_rollout_batch_left_pads_prompts_right_pads_responses():
     assert b.tokens.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
     assert b.tokens.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     assert b.vllm_logprobs.tolist() == [[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]
-    # position ids derived from the mask start at 0 on the first real token of each row (item 1)
-    pos = (b.tokens.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    assert pos[1, 2].item() == 0 and pos[0, 0].item() == 0
+    assert b.tokens.responses().tolist() == [[31, EOS, PAD], [41, 42, 43]]
+    assert len(b) == 2 and b.tokens.response_len == 3
+    assert b.tokens.sequences.dtype == torch.long and b.vllm_logprobs.dtype == torch.float32
+    # the position ids every model pass computes from this mask (trainers.runtime.models.forward_logits)
+    # start at 0 on each row's first real token (PPO_DETAILS 1)
+    assert position_ids_from_mask(b.tokens.attention_mask).tolist() == [
+        [0, 1, 2, 3, 4, 4],
+        [0, 0, 0, 1, 2, 3],
+    ]
 
 
-def test_rollout_batch_rejects_pad_equal_eos():
+def test_rollout_batch_rejects_pad_equal_eos_and_unpaired_lists():
     with pytest.raises(ValueError, match="PAD and EOS"):
         batch.build_rollout_batch([[1]], [[2]], pad_id=EOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        batch.build_rollout_batch([[1], [1]], [[3]], PAD, EOS)
 
 
 def test_rollout_batch_empty_responses_keep_one_masked_column():
     b = batch.build_rollout_batch([[5]], [[]], PAD, EOS)
     assert b.tokens.response_mask.tolist() == [[0]]
     assert b.tokens.sequences.shape == (1, 2)
+    assert b.vllm_logprobs is None
 
 
-def test_take_rows_crosses_epochs_and_is_resumable():
-    n, seed = 5, 3
-    first = schedule.take_rows(0, 4, n, seed)
-    second = schedule.take_rows(4, 4, n, seed)
-    stream = schedule.pass_order(n, seed, 0).tolist() + schedule.pass_order(n, seed, 1).tolist()
-    assert first + second == stream[:8]
-    assert sorted(stream[:5]) == list(range(5))
-    assert schedule.pass_order(n, seed, 0).tolist() != schedule.pass_order(n, seed, 1).tolist() or n < 3
+def _tokens() -> TokenBatch:
+    return TokenBatch(
+        sequences=torch.arange(12).view(3, 4),
+        attention_mask=torch.ones(3, 4, dtype=torch.long),
+        response_mask=torch.tensor([[7, 1], [8, 1], [9, 0]]),
+    )
 
 
-def test_derived_seeds_differ_per_engine_and_iteration():
-    seeds = {schedule.derived_seed(0, it, e) for it in range(10) for e in range(4)}
-    assert len(seeds) == 40
-    assert schedule.derived_seed(1, 2, 3) == schedule.derived_seed(1, 2, 3)
+def test_rows_selects_every_tensor_also_nested_ones():
+    out = _tokens().rows(torch.tensor([2, 0]))
+    assert out.sequences.tolist() == [[8, 9, 10, 11], [0, 1, 2, 3]]
+    assert out.response_mask.tolist() == [[9, 0], [7, 1]]
+    lp = torch.tensor([[0.5, 0.0], [1.5, 0.0], [2.5, 0.0]])
+    exp = Experience(_tokens(), old_logprobs=lp, advantages=-lp, values=lp * 2, returns=lp * 3)
+    picked = exp.rows(torch.tensor([1]))
+    assert picked.tokens.sequences.tolist() == [[4, 5, 6, 7]]
+    assert [picked.old_logprobs.tolist(), picked.advantages.tolist()] == [[[1.5, 0.0]], [[-1.5, -0.0]]]
+    assert [picked.values.tolist(), picked.returns.tolist()] == [[[3.0, 0.0]], [[4.5, 0.0]]]
+    rollout = Rollout(_tokens(), None).rows(torch.tensor([0]))
+    assert rollout.vllm_logprobs is None and rollout.tokens.response_mask.tolist() == [[7, 1]]
 
 
-def test_rows_selects_every_tensor():
-    tokens = batch.TokenBatch(torch.arange(6).view(3, 2), torch.ones(3, 2), torch.tensor([[7], [8], [9]]))
-    out = tokens.rows(torch.tensor([2, 0]))
-    assert out.sequences.tolist() == [[4, 5], [0, 1]] and out.response_mask.tolist() == [[9], [7]]
+def test_micro_batches_are_consecutive_pieces():
+    pieces = _tokens().micro_batches(2)
+    assert [p.sequences.tolist() for p in pieces] == [[[0, 1, 2, 3], [4, 5, 6, 7]], [[8, 9, 10, 11]]]
+    assert [p.response_mask.tolist() for p in pieces] == [[[7, 1], [8, 1]], [[9, 0]]]
+    with pytest.raises(ValueError, match="positive"):
+        _tokens().micro_batches(0)
 
 
-def test_lm_label_count_skips_column_zero():
-    labels = torch.tensor([[-100, 5, 6], [-100, -100, 7]])
-    assert schedule.lm_label_count(labels) == 3
+def test_to_moves_every_tensor_and_keeps_the_type():
+    moved = Rollout(_tokens(), torch.zeros(3, 2)).to("cpu")
+    assert isinstance(moved, Rollout) and isinstance(moved.tokens, TokenBatch)
+    assert moved.tokens.sequences.device.type == "cpu" and torch.equal(
+        moved.tokens.sequences, _tokens().sequences
+    )
+
+
+@pytest.mark.parametrize("dumps,loads", [(pickle.dumps, pickle.loads), (cloudpickle.dumps, pickle.loads)])
+def test_batches_pickle_with_shapes_dtypes_and_values(dumps, loads):
+    """What Ray does to every argument (cloudpickle; the integration test test_ppo_policy sends them for real)."""
+    lp = torch.tensor([[0.25, 0.0], [1.0, -1.0], [0.0, 0.0]], dtype=torch.float32)
+    exp = Experience(_tokens(), old_logprobs=lp, advantages=lp, values=lp, returns=lp)
+    back = loads(dumps(exp))
+    assert isinstance(back, Experience) and isinstance(back.tokens, TokenBatch)
+    for name in ("sequences", "attention_mask", "response_mask"):
+        sent, got = getattr(exp.tokens, name), getattr(back.tokens, name)
+        assert got.dtype == sent.dtype == torch.long and got.shape == sent.shape and torch.equal(got, sent)
+    assert back.old_logprobs.dtype == torch.float32 and torch.equal(back.returns, lp)

@@ -1,4 +1,4 @@
-"""PPO driver set-up without Ray: validation before anything starts, and what each actor is given."""
+"""trainers/ppo/setup.py without Ray: validation before anything starts, and what each actor is given."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.resources import RoleRequest
 from trainers.config import config_from_dict
 from trainers.data.io import write_parquet
 from trainers.data.tokenizer import train_tokenizer
@@ -111,3 +112,26 @@ def test_reward_model_with_another_tokenizer_is_rejected(inputs, tmp_path):
         vocab_size=320,
     )
     setup.validate_run(cfg, tmp_path / "out")  # the same tokenizer saved again is accepted
+
+
+def test_role_requests_and_bundles_follow_the_worker_counts(inputs):
+    cfg = make_cfg(inputs, policy_workers=2, critic_workers=1, reference_workers=1, reward_workers=3)
+    cfg.rollout.num_engines, cfg.rollout.tensor_parallel_size = 2, 4
+    assert setup.role_requests(cfg) == {
+        "policy": RoleRequest(2),
+        "critic": RoleRequest(1),
+        "reference": RoleRequest(1),
+        "reward": RoleRequest(3),
+        "rollout": RoleRequest(2, gpus_per_rank=4),
+    }
+    cfg.cluster.cpus_per_actor = 0.5
+    cpu = setup.ppo_bundles(cfg, gpu=False)
+    assert {role: len(b) for role, b in cpu.items()} == {
+        "policy": 2,
+        "critic": 1,
+        "reference": 1,
+        "reward": 3,
+        "rollout": 2,
+    }
+    assert all(b == {"CPU": 0.5} for bundles in cpu.values() for b in bundles)
+    assert setup.ppo_bundles(cfg, gpu=True)["rollout"] == [{"GPU": 4.0, "CPU": 0.5}] * 2

@@ -17,7 +17,7 @@ from trainers.errors import ConfigError, UserError
 
 
 def make_roles(engines=2, tp=1, policy=2, critic=1) -> dict[str, RoleRequest]:
-    """The five PPO roles as the PPO driver asks for them (trainers.ppo.driver.role_requests)."""
+    """The five PPO roles as the PPO driver asks for them (trainers.ppo.setup.role_requests)."""
     return {
         "policy": RoleRequest(policy),
         "critic": RoleRequest(critic),

@@ -51,9 +51,9 @@ from trainers.ppo.checkpoint import (
 from trainers.ppo.experience import ExperiencePasses, build_experience, compute_advantages
 from trainers.ppo.metrics import (
     critic_metrics,
+    iteration_line,
     objective_metrics,
     policy_metrics,
-    progress_line,
     rollout_metrics,
     sum_over_ranks,
     summarize,
@@ -239,7 +239,7 @@ def iterate(roles: Roles, cfg: Config, data: RunData, state: DriverState, kl_ctl
         metrics["rollout/engine_restarts"] = float(roles.engine_restarts - restarts)
         writer.log(state.iteration, metrics)
         if cfg.logging.progress and (state.iteration % cfg.logging.log_every == 0 or state.iteration == 1):
-            print(progress_line(state.iteration, p.iterations, metrics), flush=True)
+            print(iteration_line(state.iteration, p.iterations, metrics), flush=True)
         every = p.checkpoint_every
         if (every and state.iteration % every == 0) or state.iteration == p.iterations:
             save_checkpoint(roles, out / "checkpoints", state, p.keep_checkpoints)

@@ -137,7 +137,7 @@ def critic_metrics(steps: Sequence[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def progress_line(it: int, total: int, m: dict[str, float]) -> str:
+def iteration_line(it: int, total: int, m: dict[str, float]) -> str:
     keys = (
         "objective/score",
         "objective/kl",
