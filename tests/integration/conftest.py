@@ -8,7 +8,10 @@ The trained models are session-scoped so later tests (PPO) reuse them:
 - ``world_dir``: ``trainers.data.world.synthesize`` at :data:`SYNTH_SCALE`;
 - ``base_run`` / ``sft_run`` / ``rm_run``: the three stages run by ``trainers.stages`` with the tiny
   preset (``trainers/configs/tiny.yaml`` + :data:`TEST_OVERRIDES`); each is ``StageRun(out, summary,
-  cfg)``; ``base_model_dir``, ``sft_model_dir``, ``rm_model_dir`` are their ``model/`` folders.
+  cfg)``; ``base_model_dir``, ``sft_model_dir``, ``rm_model_dir`` are their ``model/`` folders;
+- ``ppo_reference``: one uninterrupted PPO-ptx run (:data:`PPO_REFERENCE_OVERRIDES`) from that SFT model and
+  RM, ``PPORun(out, summary, records, inputs)``: test_ppo.py inspects its outputs, and the fault tests
+  (test_ppo_fault_recovery.py, test_ppo_sigkill.py) compare their disturbed runs with its metrics.
 """
 
 from __future__ import annotations
@@ -55,6 +58,28 @@ ADAPTIVE_KL_OVERRIDES = [
     "ppo.kl_horizon=200",
 ]
 """The adaptive KL controller with a target the tiny run reaches (its state is part of a checkpoint)."""
+PPO_REFERENCE_ITERATIONS = 6
+PPO_REFERENCE_OVERRIDES = [
+    f"ppo.iterations={PPO_REFERENCE_ITERATIONS}",
+    *PPO_TEST_OVERRIDES,
+    *ADAPTIVE_KL_OVERRIDES,
+    "ppo.checkpoint_every=3",
+    "ppo.keep_checkpoints=2",
+]
+"""The shared uninterrupted PPO run (``ppo_reference``): 6 iterations, adaptive KL, ptx on, checkpoints after
+iterations 3 and 6.
+
+A run that differs from it only in :data:`METRIC_NEUTRAL_KEYS` logs the same metrics for every iteration
+both have: every random choice derives from (seed, iteration), the learning rate is constant, and a
+checkpoint save reads the DeepSpeed states without changing them. That is what lets the fault tests
+compare a 4-iteration disturbed run with the first 4 rows of this one."""
+METRIC_NEUTRAL_KEYS = (
+    "ppo.iterations",
+    "ppo.checkpoint_every",
+    "ppo.keep_checkpoints",
+    "ppo.max_engine_restarts",
+)
+"""Settings a run may change against :data:`PPO_REFERENCE_OVERRIDES` and still be compared with its metrics."""
 STAGE_CACHE = os.environ.get("RLHF_TEST_STAGE_CACHE")
 """Developer convenience (CI leaves it unset): a directory where the session fixtures keep the world and
 the trained base/SFT/RM runs between pytest sessions, so iterating on one PPO test skips ~2.5 min of
@@ -117,6 +142,37 @@ def run_stage_for_test(
     runner = {"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm}[stage]
     summary = runner(cfg, out, fresh=fresh)
     return StageRun(out=out, summary=summary, cfg=cfg)
+
+
+@dataclass
+class PPORun:
+    """One finished PPO run: output directory, summary, metrics.jsonl rows, and its data/model overrides."""
+
+    out: Path
+    summary: dict
+    records: list[dict]
+    inputs: list[str]
+    """``data.dir``/``model.path``/``reward.path`` of the run (a variant of it passes them on)."""
+
+
+def ppo_inputs(world_dir: Path, sft_model_dir: Path, rm_model_dir: Path) -> list[str]:
+    """The data and model overrides of a PPO test run."""
+    return [f"data.dir={world_dir}", f"model.path={sft_model_dir}", f"reward.path={rm_model_dir}"]
+
+
+def reference_variant(extra: list[str]) -> list[str]:
+    """:data:`PPO_REFERENCE_OVERRIDES` then ``extra``, which may only set :data:`METRIC_NEUTRAL_KEYS`, so the
+    variant's metrics can be compared with the reference run's row by row."""
+    for item in extra:
+        assert item.split("=", 1)[0] in METRIC_NEUTRAL_KEYS, item
+    return [*PPO_REFERENCE_OVERRIDES, *extra]
+
+
+def load_ppo_config(inputs: list[str], overrides: list[str]):
+    """tiny.yaml + the data/model inputs + ``overrides``, as a validated Config."""
+    from trainers.config import load_config
+
+    return load_config(TINY_CONFIG, [*inputs, *overrides])
 
 
 @pytest.fixture(scope="session")
@@ -185,3 +241,16 @@ def sft_model_dir(sft_run) -> Path:
 @pytest.fixture(scope="session")
 def rm_model_dir(rm_run) -> Path:
     return rm_run.model_dir
+
+
+@pytest.fixture(scope="session")
+def ppo_reference(ray_local, world_dir, sft_model_dir, rm_model_dir, tmp_path_factory) -> PPORun:
+    """The uninterrupted PPO run of :data:`PPO_REFERENCE_OVERRIDES`, in this process on the session's Ray.
+    Tests only read it (a test that continues it works on a copy)."""
+    from trainers.ppo.driver import run_ppo
+    from trainers.runs.metrics import read_metrics
+
+    inputs = ppo_inputs(world_dir, sft_model_dir, rm_model_dir)
+    out = tmp_path_factory.mktemp("ppo_reference") / "run"
+    summary = run_ppo(load_ppo_config(inputs, PPO_REFERENCE_OVERRIDES), out)
+    return PPORun(out, summary, read_metrics(out / "metrics.jsonl"), inputs)

@@ -1,8 +1,9 @@
 """PPO-ptx end to end on CPU: real Ray actors, DeepSpeed ZeRO-3 (2 policy ranks over gloo), one vLLM
 engine, the tiny SFT model and reward model trained by the session fixtures (conftest.py).
 
-One run (``ppo_run``, 6 iterations, adaptive KL, ptx on, checkpoints every 3) is shared by most tests;
-the resume test continues a copy of it from its first checkpoint and compares the iteration it redoes.
+One run (``ppo_reference`` of conftest.py: 6 iterations, adaptive KL, ptx on, checkpoints every 3, shared
+with the fault tests) is inspected by most tests; the resume test continues a copy of it from its first
+checkpoint and compares the iteration it redoes.
 """
 
 from __future__ import annotations
@@ -13,26 +14,23 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.conftest import ADAPTIVE_KL_OVERRIDES, PPO_TEST_OVERRIDES
+from tests.integration.conftest import (
+    PPO_REFERENCE_ITERATIONS,
+    PPO_REFERENCE_OVERRIDES,
+    PPORun,
+    load_ppo_config,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "trainers" / "configs" / "tiny.yaml"
-ITERATIONS = 6
-RUN_OVERRIDES = [
-    f"ppo.iterations={ITERATIONS}",
-    *PPO_TEST_OVERRIDES,
-    *ADAPTIVE_KL_OVERRIDES,
-    "ppo.checkpoint_every=3",
-    "ppo.keep_checkpoints=2",
-]
+ITERATIONS = PPO_REFERENCE_ITERATIONS
 REQUIRED_METRICS = [
     "objective/kl",
     "objective/kl_coef",
@@ -58,30 +56,10 @@ REQUIRED_METRICS = [
 ]
 
 
-@dataclass
-class PPORun:
-    out: Path
-    summary: dict
-    records: list[dict]
-    inputs: list[str]
-    """The data/model overrides of the run (shared by the resume run)."""
-
-
-def ppo_config(inputs: list[str], extra: list[str] = ()):
-    from trainers.config import load_config
-
-    return load_config(TINY, [*inputs, *RUN_OVERRIDES, *extra])
-
-
 @pytest.fixture(scope="module")
-def ppo_run(ray_local, world_dir, sft_model_dir, rm_model_dir, tmp_path_factory) -> PPORun:
-    from trainers.ppo.driver import run_ppo
-    from trainers.runs.metrics import read_metrics
-
-    inputs = [f"data.dir={world_dir}", f"model.path={sft_model_dir}", f"reward.path={rm_model_dir}"]
-    out = tmp_path_factory.mktemp("ppo") / "run"
-    summary = run_ppo(ppo_config(inputs), out)
-    return PPORun(out, summary, read_metrics(out / "metrics.jsonl"), inputs)
+def ppo_run(ppo_reference) -> PPORun:
+    """The session's shared uninterrupted run (conftest.py)."""
+    return ppo_reference
 
 
 def test_every_iteration_logged_with_namespaced_metrics(ppo_run):
@@ -218,7 +196,7 @@ def test_resume_from_checkpoint_redoes_the_next_iteration_exactly(ppo_run, tmp_p
     shutil.copytree(ppo_run.out, out)
     shutil.rmtree(out / "checkpoints" / "iter_000006")
     (out / "checkpoints" / "iter_000006.tmp" / "policy").mkdir(parents=True)  # crashed mid-write
-    summary = run_ppo(ppo_config(ppo_run.inputs, ["ppo.iterations=4"]), out)
+    summary = run_ppo(load_ppo_config(ppo_run.inputs, [*PPO_REFERENCE_OVERRIDES, "ppo.iterations=4"]), out)
     assert summary["ppo/resumed_from_iteration"] == 3 and summary["ppo/iterations"] == 4
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # steps 4-6 of the first run were cut

@@ -1,9 +1,9 @@
 """PPO survives what goes wrong (issue 8): a vLLM engine lost mid-run, a training rank lost mid-run.
 
 Real Ray, DeepSpeed ZeRO-3 (2 policy ranks over gloo), one vLLM engine, the session's tiny SFT model and
-RM. One uninterrupted run (``reference``) is the yardstick: every random choice derives from (seed,
-iteration), so a run that lost an engine, or that stopped and resumed, must log the same metrics for every
-iteration. Tolerance: rel 1e-6 (abs 1e-9) for every non-timing metric -- the in-process resume test's
+RM. The session's uninterrupted run (``ppo_reference``, conftest.py; 6 iterations, of which these 4-iteration
+runs compare the first 4) is the yardstick: every random choice derives from (seed, iteration), so a run
+that lost an engine, or that stopped and resumed, must log the same metrics for every iteration. Tolerance: rel 1e-6 (abs 1e-9) for every non-timing metric -- the in-process resume test's
 tolerance; it has been bit-identical here.
 
 Faults: the engine crashes through ``RLHF_FAULT_KILL_ENGINE`` (``cluster/faults.py``: the actor itself
@@ -19,28 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ADAPTIVE_KL_OVERRIDES, PPO_TEST_OVERRIDES, TINY_CONFIG
+from tests.integration.conftest import load_ppo_config, ppo_inputs, reference_variant
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ITERATIONS = 4
-RUN_OVERRIDES = [
-    f"ppo.iterations={ITERATIONS}",
-    *PPO_TEST_OVERRIDES,
-    *ADAPTIVE_KL_OVERRIDES,
-    "ppo.checkpoint_every=1",
-    "ppo.keep_checkpoints=2",
-    "ppo.max_engine_restarts=2",
-]
+RUN_OVERRIDES = reference_variant(
+    [f"ppo.iterations={ITERATIONS}", "ppo.checkpoint_every=1", "ppo.max_engine_restarts=2"]
+)
+"""The reference run's settings with 4 iterations, a checkpoint after each and 2 engine restarts allowed."""
 REL, ABS = 1e-6, 1e-9
 """Metrics of a disturbed run against the uninterrupted one (non-timing keys)."""
-
-
-def ppo_config(world_dir, sft_model_dir, rm_model_dir):
-    from trainers.config import load_config
-
-    inputs = [f"data.dir={world_dir}", f"model.path={sft_model_dir}", f"reward.path={rm_model_dir}"]
-    return load_config(TINY_CONFIG, [*inputs, *RUN_OVERRIDES])
 
 
 def assert_same_metrics(records: list[dict], reference: list[dict]) -> None:
@@ -53,18 +42,13 @@ def assert_same_metrics(records: list[dict], reference: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def cfg(world_dir, sft_model_dir, rm_model_dir):
-    return ppo_config(world_dir, sft_model_dir, rm_model_dir)
+    return load_ppo_config(ppo_inputs(world_dir, sft_model_dir, rm_model_dir), RUN_OVERRIDES)
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, cfg, tmp_path_factory) -> list[dict]:
-    """Metrics of the uninterrupted run."""
-    from trainers.ppo.driver import run_ppo
-    from trainers.runs.metrics import read_metrics
-
-    out = tmp_path_factory.mktemp("reference") / "run"
-    run_ppo(cfg, out)
-    records = read_metrics(out / "metrics.jsonl")
+def reference(ppo_reference) -> list[dict]:
+    """Metrics of the uninterrupted run's first ITERATIONS iterations."""
+    records = ppo_reference.records[:ITERATIONS]
     assert [r["rollout/engine_restarts"] for r in records] == [0.0] * ITERATIONS
     return records
 

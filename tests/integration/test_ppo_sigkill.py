@@ -3,10 +3,11 @@
 1. ``rlhf ppo`` in its own process group (its Ray -- GCS, raylet, workers -- is started by the driver and
    lives in that group); once the iteration-2 checkpoint exists and iteration 3 is in metrics.jsonl, the
    whole group gets SIGKILL: no clean-up code runs anywhere. No process of that run may survive.
-2. The same command again: it says it resumed from the newest complete checkpoint and finishes.
-3. The same command with ``--fresh``: it ignores the checkpoints and runs all iterations from scratch --
-   the uninterrupted run. Every row of the resumed run's metrics.jsonl equals its row (non-timing keys,
-   rel 1e-6 / abs 1e-9, the in-process resume test's tolerance).
+2. The same command again: it says it resumed from the newest complete checkpoint and finishes. Every row of
+   its metrics.jsonl equals the uninterrupted run's (the session's ``ppo_reference``, conftest.py, whose
+   settings differ only in iterations and checkpoint interval; non-timing keys, rel 1e-6 / abs 1e-9, the
+   in-process resume test's tolerance). That run replaces a ``--fresh`` rerun of this command, which cost a
+   whole PPO run of its own; ``--fresh`` resuming from nothing is tested in tests/unit/test_ppo_checkpoint.py.
 
 The subprocesses get no ``RAY_ADDRESS``, so each driver starts its own Ray next to the session's (ports
 are picked free by ``ray.init``; the dashboard is off, as ``cluster/connect.py`` does for local Ray).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,18 +27,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.conftest import ADAPTIVE_KL_OVERRIDES, PPO_TEST_OVERRIDES, REPO, TINY_CONFIG
+from tests.integration.conftest import REPO, TINY_CONFIG, ppo_inputs, reference_variant
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 ITERATIONS = 4
-RUN_OVERRIDES = [
-    f"ppo.iterations={ITERATIONS}",
-    *PPO_TEST_OVERRIDES,
-    *ADAPTIVE_KL_OVERRIDES,
-    "ppo.checkpoint_every=2",
-    "ppo.keep_checkpoints=2",
-]
+RUN_OVERRIDES = reference_variant([f"ppo.iterations={ITERATIONS}", "ppo.checkpoint_every=2"])
+"""The reference run's settings with 4 iterations and a checkpoint every 2."""
 RUN_TIMEOUT_S = 600
 
 
@@ -126,10 +121,8 @@ def sigkill_after(cmd: list[str], out: Path, log: Path) -> tuple[list[str], list
     return names, survivors
 
 
-def test_sigkilled_driver_resumes_exactly_and_fresh_starts_over(
-    world_dir, sft_model_dir, rm_model_dir, tmp_path
-):
-    inputs = [f"data.dir={world_dir}", f"model.path={sft_model_dir}", f"reward.path={rm_model_dir}"]
+def test_sigkilled_driver_resumes_exactly(world_dir, sft_model_dir, rm_model_dir, ppo_reference, tmp_path):
+    inputs = ppo_inputs(world_dir, sft_model_dir, rm_model_dir)
     out = tmp_path / "run"
     cmd = ppo_command(out, inputs)
 
@@ -145,13 +138,10 @@ def test_sigkilled_driver_resumes_exactly_and_fresh_starts_over(
     assert f"ppo: resumed from {newest} (iteration 2)" in resumed, resumed[-3000:]
     assert "ppo/resumed_from_iteration: 2" in resumed
     resumed_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    shutil.copy(out / "metrics.jsonl", tmp_path / "resumed-metrics.jsonl")  # the fresh run overwrites it
     assert [r["step"] for r in resumed_rows] == list(range(1, ITERATIONS + 1))
 
-    fresh = run_to_end(ppo_command(out, inputs, "--fresh"), tmp_path / "fresh.log")
-    assert "resumed from" not in fresh and "ppo/resumed_from_iteration: 0" in fresh, fresh[-3000:]
-    fresh_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in fresh_rows] == list(range(1, ITERATIONS + 1))
-    for row, ref in zip(resumed_rows, fresh_rows):
+    reference_rows = ppo_reference.records[:ITERATIONS]
+    assert [r["step"] for r in reference_rows] == list(range(1, ITERATIONS + 1))
+    for row, ref in zip(resumed_rows, reference_rows):
         for key in (k for k in ref if not k.startswith("timing/")):
             assert row[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), (row["step"], key)
