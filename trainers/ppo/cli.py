@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from trainers.config import add_config_args
+from cluster.resources import ClusterResources, check_feasible, use_gpu
+from trainers.config import add_config_args, load_config
 
 
 def check_local_resources(cfg) -> None:
@@ -27,10 +28,9 @@ def check_local_resources(cfg) -> None:
     (:func:`trainers.ppo.roles.check_resources`). The machine's CPU count can only overstate what Ray
     detects, so this never refuses a request that Ray would meet.
     """
-    import torch
+    import torch  # here, not at the top: a config error is reported before torch loads (seconds)
 
-    from cluster.resources import ClusterResources, check_feasible, use_gpu
-    from trainers.ppo.setup import ppo_bundles
+    from trainers.ppo.setup import ppo_bundles  # imports torch
 
     if cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS"):
         return
@@ -45,9 +45,7 @@ def check_local_resources(cfg) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """Load the config, check resources a local Ray would have, run PPO, print the summary."""
-    from trainers.config import load_config
-
-    # Before the driver's imports (torch, seconds): a config error is reported at once.
+    # Before the driver's imports (torch, Ray; seconds): a config error is reported at once.
     cfg = load_config(args.config, args.overrides)
     check_local_resources(cfg)
     from trainers.ppo.driver import run_ppo
