@@ -76,7 +76,7 @@ def push_policy_weights(roles: Roles) -> dict:
 
 
 def role_classes() -> dict[str, type]:
-    """The DeepSpeed roles and their actor classes (imported here: they pull in Ray and DeepSpeed)."""
+    """The DeepSpeed roles and their actor classes, in start-up order."""
     return {
         "policy": PolicyWorker,
         "critic": CriticWorker,
