@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-CHECKPOINT_TAG = "engine"
-"""Tag (sub-folder) of DeepSpeed's state in a checkpoint; "engine" is kept so existing checkpoints load."""
 ADAM_BETAS = (0.9, 0.95)
 """AdamW betas (GPT-3 / InstructGPT-era LM training; 0.95 reacts faster than 0.999 to loss spikes)."""
 ADAM_EPS = 1e-8
