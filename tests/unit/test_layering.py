@@ -163,6 +163,47 @@ def test_no_import_cycle_between_the_projects_modules():
     assert cycles(project) == []
 
 
+def defined_names(path: Path) -> set[str]:
+    """Names a module binds at its top level (definitions, assignments, imports)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def dangling_imports(root: Path) -> list[str]:
+    """Imports of project modules (or of names from project packages) that this repository lacks: with
+    another install of the package on the path they would quietly load stale code."""
+    files = module_files(root)
+    found = []
+    for module, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [(a.name, None) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [(node.module, a.name) for a in node.names]
+            for target, name in names:
+                if target.split(".")[0] not in PACKAGES:
+                    continue
+                if target not in files:
+                    found.append(f"{module} imports {target}")
+                elif name and f"{target}.{name}" not in files and name not in defined_names(files[target]):
+                    found.append(f"{module} imports {name} from {target}")
+    return found
+
+
+def test_every_project_import_exists_in_this_repository():
+    assert dangling_imports(REPO) == []
+
+
 def test_the_layers_name_real_packages():
     """A rule about a package that was renamed would silently check nothing."""
     modules = module_files(REPO)
