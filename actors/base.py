@@ -15,7 +15,7 @@ Conventions every actor follows:
   :class:`trainers.ppo.schedule.RankPlan`.
 - ZeRO-3 ranks forward in lock-step; the driver gives every rank the same number of rows, and each
   rank cuts them into the same number of micro-batches.
-- Dropout is off and every module stays in eval mode for the whole run (PPO_DETAILS 22).
+- Dropout is off and every module stays in eval mode for the whole run (docs/ppo_details.md item 22).
 - Results go back as CPU tensors; all maths on them happens in the driver (``trainers.algos``).
 """
 
@@ -93,7 +93,7 @@ class ModelWorker(DistributedWorker):
         if self.spec.zero_stage == 3:
             self._hf_ds = hf_deepspeed_context(config)
         model = self._load_model()
-        model.eval()  # dropout off (PPO_DETAILS 22); stays so: nothing calls train()
+        model.eval()  # dropout off (docs/ppo_details.md item 22); stays so: nothing calls train()
         self.model = self._wrap_model(model, config)
         self.model.module.eval()
         trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
@@ -111,8 +111,8 @@ class ModelWorker(DistributedWorker):
         return torch.cat(outs, dim=0)
 
     def _response_logprobs(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logprobs (m, R), response logits (m, R, V))`` of the response tokens at the sampling
-        temperature (PPO_DETAILS 3); padding entries hold garbage and must be masked by the caller."""
+        """``(logprobs (m, R), response logits (m, R, V))`` of the response tokens at the sampling temperature
+        (docs/ppo_details.md item 3); padding entries hold garbage and must be masked by the caller."""
         r_len = mb.response_len
         logits = forward_logits(self.model, mb.sequences, mb.attention_mask)  # (m, L, V)
         resp_logits = response_slice(logits, r_len)  # (m, R, V)
@@ -120,7 +120,8 @@ class ModelWorker(DistributedWorker):
         return logprobs_from_logits(resp_logits, labels, self.spec.temperature), resp_logits
 
     def logprobs(self, shard: TokenBatch) -> torch.Tensor:
-        """``(n, R)`` log-probs of the response tokens, no grad, 0 on padding (PPO_DETAILS 3, 5)."""
+        """``(n, R)`` log-probs of the response tokens, no grad, 0 on padding (docs/ppo_details.md item 3,
+        5)."""
 
         def fn(mb: TokenBatch) -> torch.Tensor:
             logp, _ = self._response_logprobs(mb)
@@ -198,8 +199,8 @@ class TrainableWorker(ModelWorker):
         return 0.0 if norm is None else float(norm)
 
     def _step_guard(self):
-        """A :class:`trainers.runtime.step_guard.StepGuard` for the next optimizer step (skips it, on every rank
-        alike, if a loss or the gradient norm is non-finite)."""
+        """A :class:`trainers.runtime.step_guard.StepGuard` for the next optimizer step (skips it, on every
+        rank alike, if a loss or the gradient norm is non-finite)."""
         return StepGuard(self.model, scale_wrt_gas=False)
 
     def _fault_at(self, step: int) -> bool:

@@ -4,7 +4,7 @@
     train(experience, plan)                      clipped value loss, one optimizer step per minibatch
     save_state(dir) / load_state(dir)
 
-The value model is the RM's class loaded from the RM directory (PPO_DETAILS 23): its scalar head
+The value model is the RM's class loaded from the RM directory (docs/ppo_details.md item 23): its scalar head
 applied at every position (``trainers.runtime.models.token_scores``), without the RM's ``reward_bias``. The
 value of response token t is read at the position that predicts it (``actors.base.response_slice``).
 Loss aggregation as for the policy (``actors/policy.py``): ``sum / (N / W)`` per micro-batch with
@@ -27,7 +27,7 @@ from trainers.runtime.models import build_value_model, token_scores
 
 
 class CriticWorker(TrainableWorker):
-    """Critic rank: per-token values and the clipped value loss (PPO_DETAILS 19)."""
+    """Critic rank: per-token values and the clipped value loss (docs/ppo_details.md item 19)."""
 
     spec: TrainSpec
     fault_role = "critic"
@@ -45,7 +45,7 @@ class CriticWorker(TrainableWorker):
         return response_slice(per_position, mb.response_len).float()  # (m, R)
 
     def values(self, shard: TokenBatch) -> torch.Tensor:
-        """``(n, R)`` values, no grad, 0 on padding (PPO_DETAILS 12)."""
+        """``(n, R)`` values, no grad, 0 on padding (docs/ppo_details.md item 12)."""
 
         def fn(mb: TokenBatch) -> torch.Tensor:
             v = self._values(mb)

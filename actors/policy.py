@@ -5,14 +5,13 @@
     sync_weights(engines)                             gathered weights -> every vLLM engine
     save_state(dir) / load_state(dir) / save_model(dir)
 
-Loss aggregation (PPO_DETAILS 24): the driver sends, for every optimizer step, the global number of
-response tokens N (and of ptx label tokens N_ptx) over all ranks and micro-batches. Each micro-batch's
-loss is ``sum / (N / W)`` (``trainers.algos.loss_normaliser``) and goes through
-``model.backward(loss, scale_wrt_gas=False)``: DeepSpeed averages gradients over the W ranks and,
-with ``scale_wrt_gas=False``, does not divide by the accumulation steps, so the optimizer sees the
-gradient of the token mean over the whole minibatch whatever the split. The ptx term is a second
-token mean over the step's pretraining tokens, added to the same micro-batch loss, so both terms land
-in the same optimizer step (PPO_DETAILS 20).
+Loss aggregation (docs/ppo_details.md item 24): the driver sends, for every optimizer step, the global number
+of response tokens N (and of ptx label tokens N_ptx) over all ranks and micro-batches. Each micro-batch's loss
+is ``sum / (N / W)`` (``trainers.algos.loss_normaliser``) and goes through ``model.backward(loss,
+scale_wrt_gas=False)``: DeepSpeed averages gradients over the W ranks and, with ``scale_wrt_gas=False``, does
+not divide by the accumulation steps, so the optimizer sees the gradient of the token mean over the whole
+minibatch whatever the split. The ptx term is a second token mean over the step's pretraining tokens, added to
+the same micro-batch loss, so both terms land in the same optimizer step (docs/ppo_details.md item 20).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     logprobs(shard)   (n, R) log-probs of the response tokens at the sampling temperature, no grad
 
 It answers the same question as the policy's ``logprobs`` with the SFT weights, so at step 0 the two
-agree exactly and the KL is 0 (PPO_DETAILS 25).
+agree exactly and the KL is 0 (docs/ppo_details.md item 25).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
     scores(shard)   (n,) RM score of prompt + response at the last real token, + reward_bias
 
-The score is read at each row's last real token found from the attention mask (PPO_DETAILS 7), i.e.
-the EOS when the response has one, else its last sampled token; ``trainers.runtime.models.reward_scores``
-adds the RM's normalising bias (PPO_DETAILS 9). Clipping (PPO_DETAILS 14) happens in the driver so
-that raw and clipped scores can both be logged.
+The score is read at each row's last real token found from the attention mask (docs/ppo_details.md item 7),
+i.e. the EOS when the response has one, else its last sampled token; ``trainers.runtime.models.reward_scores``
+adds the RM's normalising bias (docs/ppo_details.md item 9). Clipping (docs/ppo_details.md item 14) happens in
+the driver so that raw and clipped scores can both be logged.
 """
 
 from __future__ import annotations

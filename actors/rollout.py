@@ -167,7 +167,7 @@ class RolloutEngine:
 
         Each dict: ``prompt_index``, ``token_ids`` (response only; ends with EOS when
         ``finish_reason == 'stop'``), ``logprobs`` (vLLM's log-prob of each sampled token after
-        temperature, for the mismatch metric only, PPO_DETAILS 5) and ``finish_reason``
+        temperature, for the mismatch metric only, docs/ppo_details.md item 5) and ``finish_reason``
         ('stop' or 'length'). ``seed`` None uses the engine's sampler state; an int makes the
         call reproducible (:func:`request_seeds`).
         """

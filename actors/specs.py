@@ -23,7 +23,7 @@ class ModelSpec:
     micro_batch_size: int = 8
     """Rows per forward (and per backward when training)."""
     temperature: float = 1.0
-    """Sampling temperature: every log-prob divides logits by it (PPO_DETAILS 3)."""
+    """Sampling temperature: every log-prob divides logits by it (docs/ppo_details.md item 3)."""
     torch_threads: int = 1
     """torch intra-op threads in this actor."""
     seed: int = 0

@@ -73,8 +73,8 @@ def test_every_iteration_logged_with_namespaced_metrics(ppo_run):
 
 
 def test_step0_sanity_kl_zero_and_ratio_one(ppo_run):
-    """PPO_DETAILS 25: at step 0 policy == reference, so KL is 0; and the first minibatch of every
-    iteration sees exactly the weights that computed the old log-probs, so ratio 1 and approx-KL 0."""
+    """docs/ppo_details.md item 25: at step 0 policy == reference, so KL is 0; and the first minibatch of
+    every iteration sees exactly the weights that computed the old log-probs, so ratio 1 and approx-KL 0."""
     first = ppo_run.records[0]
     assert abs(first["objective/kl"]) < 1e-6
     assert first["rollout/ref_logprob_diff"] < 1e-6
@@ -86,9 +86,9 @@ def test_step0_sanity_kl_zero_and_ratio_one(ppo_run):
 
 
 def test_vllm_logprobs_match_training_engine_after_sync(ppo_run):
-    """PPO_DETAILS 26: from iteration 2 on vLLM samples with synced weights; its log-probs of the sampled
-    tokens match the policy engine's. At iteration 2 the policy differs from the SFT weights vLLM started
-    with by far more than that, so a sync that did not reach vLLM would show."""
+    """docs/ppo_details.md item 26: from iteration 2 on vLLM samples with synced weights; its log-probs of the
+    sampled tokens match the policy engine's. At iteration 2 the policy differs from the SFT weights vLLM
+    started with by far more than that, so a sync that did not reach vLLM would show."""
     for record in ppo_run.records:
         assert record["rollout/vllm_logprob_diff_max"] < 1e-3, record["step"]
     second = ppo_run.records[1]
@@ -96,7 +96,8 @@ def test_vllm_logprobs_match_training_engine_after_sync(ppo_run):
 
 
 def test_adaptive_kl_controller_follows_the_rule(ppo_run):
-    """PPO_DETAILS 13: beta_{t+1} = beta_t (1 + clip(KL_t / target - 1, +-0.2) n / horizon), n = 32."""
+    """docs/ppo_details.md item 13: beta_{t+1} = beta_t (1 + clip(KL_t / target - 1, +-0.2) n / horizon), n =
+    32."""
     records = ppo_run.records
     assert records[0]["objective/kl_coef"] == pytest.approx(0.05)
     for prev, cur in zip(records, records[1:]):

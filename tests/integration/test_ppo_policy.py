@@ -1,10 +1,10 @@
 """The policy actor on its own: 2 ZeRO-3 ranks over gloo, driven the way the PPO driver drives it.
 
-The ptx term (PPO_DETAILS 20) is tested where it can be isolated: with all advantages 0 the PPO term
-has zero gradient, so a step without ptx must leave every weight exactly as it was, and a step with
-ptx batches must move them and lower the pretraining loss. The loss aggregation (PPO_DETAILS 24) is
-tested by splitting one optimizer step two ways: 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches
-must give the same gradient norm and the same weights.
+The ptx term (docs/ppo_details.md item 20) is tested where it can be isolated: with all advantages 0 the PPO
+term has zero gradient, so a step without ptx must leave every weight exactly as it was, and a step with ptx
+batches must move them and lower the pretraining loss. The loss aggregation (docs/ppo_details.md item 24) is
+tested by splitting one optimizer step two ways: 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches must
+give the same gradient norm and the same weights.
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def test_zero_advantages_without_ptx_leave_weights_unchanged_and_ptx_alone_moves
 
 
 def test_one_step_is_the_same_over_2_ranks_or_2_micro_batches(ray_local, sft_model_dir, data):
-    """PPO_DETAILS 24: the token mean over the whole minibatch, whatever the split. Non-zero advantages
-    and old log-probs shifted so that some ratios are clipped; ptx on."""
+    """docs/ppo_details.md item 24: the token mean over the whole minibatch, whatever the split. Non-zero
+    advantages and old log-probs shifted so that some ratios are clipped; ptx on."""
     from cluster.placement import release
     from trainers.ppo.metrics import sum_over_ranks
 

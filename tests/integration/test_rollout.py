@@ -2,7 +2,7 @@
 
 One engine serves the whole module (start-up is the expensive part). It is started from model A;
 the weight-sync test then pushes model B (A with perturbed weights) through ``CpuBlobSync`` and
-checks vLLM's log-probs against a transformers forward of B (PPO_DETAILS 26).
+checks vLLM's log-probs against a transformers forward of B (docs/ppo_details.md item 26).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ TEMPERATURE = 0.7
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    """Model A (random tiny Llama, tied embeddings, head_dim 64) and model B = A + noise, both with tokenizer."""
+    """Model A (random tiny Llama, tied embeddings, head_dim 64) and model B = A + noise, both with
+    tokenizer."""
     root = tmp_path_factory.mktemp("models")
     texts = [f"the fox {i} jumps over {i * 7} lazy dogs and cats" for i in range(300)]
     tok = train_tokenizer(texts, root / "tok", vocab_size=320)
@@ -84,7 +85,7 @@ def make_prompts(vocab: int, count: int, seed: int = 0, lengths=(3, 10)) -> list
 
 def hf_response_logprobs(model, prompts, outputs, temperature: float) -> list[torch.Tensor]:
     """Log-probs of each response's tokens under a transformers model: left-padded batch,
-    ``position_ids = cumsum(mask) - 1``, logits divided by the temperature (PPO_DETAILS 1, 3)."""
+    ``position_ids = cumsum(mask) - 1``, logits divided by the temperature (docs/ppo_details.md item 1, 3)."""
     seqs = [prompts[o["prompt_index"]] + o["token_ids"] for o in outputs]
     input_ids, mask = left_pad(seqs, PAD)  # (B, W)
     with torch.no_grad():

@@ -91,11 +91,11 @@ def test_sft_changes_every_parameter_and_lowers_the_loss(base_run, sft_run):
 
 
 def test_first_step_is_the_global_token_mean(base_run, sft_run):
-    """Step 1 of the 2-worker run equals an independent single-process computation (PPO_DETAILS 24): the
-    base model loaded with plain transformers, the step's global batch taken in epoch 0's seeded order,
-    the token mean of the response tokens' cross-entropy over the whole batch and the norm of its
-    gradient (pre-clip), all written out here (:func:`_response_nll`). A bug in the stages' collation,
-    label masking, loss normalisation or sharding makes the numbers differ."""
+    """Step 1 of the 2-worker run equals an independent single-process computation (docs/ppo_details.md item
+    24): the base model loaded with plain transformers, the step's global batch taken in epoch 0's seeded
+    order, the token mean of the response tokens' cross-entropy over the whole batch and the norm of its
+    gradient (pre-clip), all written out here (:func:`_response_nll`). A bug in the stages' collation, label
+    masking, loss normalisation or sharding makes the numbers differ."""
     import random
 
     from trainers.config import tokenizer_dir

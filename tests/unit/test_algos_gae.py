@@ -78,7 +78,7 @@ def test_gae_is_detached_and_returns_use_raw_advantages():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     adv, ret = gae(rewards, values, mask)
     assert not adv.requires_grad and not ret.requires_grad
-    # PPO_DETAILS item 16: returns - values are the raw advantages, and whitening afterwards leaves
+    # docs/ppo_details.md item 16: returns - values are the raw advantages, and whitening afterwards leaves
     # the returns untouched (they are a separate tensor).
     torch.testing.assert_close(ret - values.detach() * mask, adv)
     before = ret.clone()

@@ -1,4 +1,4 @@
-"""trainers.algos must import with only torch and the standard library (STYLE.md, DESIGN.md layout)."""
+"""trainers.algos must import with only torch and the standard library (docs/design.md, "Layout")."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def test_k3_by_hand():
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
 def test_identical_policy_and_reference_give_zero_kl(kind):
-    # PPO_DETAILS item 25: at step 0 the policy is the reference, so every estimator is exactly 0.
+    # docs/ppo_details.md item 25: at step 0 the policy is the reference, so every estimator is exactly 0.
     lp = torch.randn(4, 9, generator=torch.Generator().manual_seed(1)) - 3
     assert torch.equal(kl_estimate(lp, lp.clone(), kind), torch.zeros_like(lp))
 

@@ -21,7 +21,7 @@ def test_logprobs_by_hand():
 
 
 def test_temperature_divides_logits():
-    # logits [0, 2 ln 3] at T = 2 are [0, ln 3] -> log p(label 1) = log(3/4) (PPO_DETAILS item 3).
+    # logits [0, 2 ln 3] at T = 2 are [0, ln 3] -> log p(label 1) = log(3/4) (docs/ppo_details.md item 3).
     logits = torch.tensor([[[0.0, 2 * LN3]]], dtype=torch.float64)
     out = logprobs_from_logits(logits, torch.tensor([[1]]), temperature=2.0)
     assert out.item() == pytest.approx(math.log(0.75))

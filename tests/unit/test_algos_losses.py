@@ -58,7 +58,7 @@ def test_policy_loss_by_hand_unclipped():
 
 
 def test_first_step_sanity():
-    # PPO_DETAILS item 25: logp == old -> ratio exactly 1, clipfrac 0, approx_kl 0, loss = -mean(A).
+    # docs/ppo_details.md item 25: logp == old -> ratio exactly 1, clipfrac 0, approx_kl 0, loss = -mean(A).
     g = torch.Generator().manual_seed(3)
     logp = torch.randn(5, 8, generator=g) - 2
     adv = torch.randn(5, 8, generator=g)

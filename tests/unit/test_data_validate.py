@@ -455,7 +455,7 @@ def test_records_from_several_files_keep_file_order(tmp_path):
 
 
 def test_data_modules_import_only_allowed_packages():
-    """trainers/data must not import Ray, DeepSpeed or vLLM (DESIGN.md); checked on the source of every
+    """trainers/data must not import Ray, DeepSpeed or vLLM (docs/design.md, "Layout"); checked on the source of every
     module in the directory (globbed, so a new module is covered without editing this test)."""
     # tokenizers/transformers: the world's BPE tokenizer (tokenizer.py); allowed, unlike the three above.
     allowed = set(sys.stdlib_module_names) | {

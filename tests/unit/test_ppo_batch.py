@@ -36,7 +36,7 @@ def test_rollout_batch_left_pads_prompts_right_pads_responses():
     assert len(b) == 2 and b.tokens.response_len == 3
     assert b.tokens.sequences.dtype == torch.long and b.vllm_logprobs.dtype == torch.float32
     # the position ids every model pass computes from this mask (trainers.runtime.models.forward_logits)
-    # start at 0 on each row's first real token (PPO_DETAILS 1)
+    # start at 0 on each row's first real token (docs/ppo_details.md item 1)
     assert position_ids_from_mask(b.tokens.attention_mask).tolist() == [
         [0, 1, 2, 3, 4, 4],
         [0, 0, 0, 1, 2, 3],
@@ -97,7 +97,8 @@ def test_to_moves_every_tensor_and_keeps_the_type():
 
 @pytest.mark.parametrize("dumps,loads", [(pickle.dumps, pickle.loads), (cloudpickle.dumps, pickle.loads)])
 def test_batches_pickle_with_shapes_dtypes_and_values(dumps, loads):
-    """What Ray does to every argument (cloudpickle; the integration test test_ppo_policy sends them for real)."""
+    """What Ray does to every argument (cloudpickle; the integration test test_ppo_policy sends them for
+    real)."""
     lp = torch.tensor([[0.25, 0.0], [1.0, -1.0], [0.0, 0.0]], dtype=torch.float32)
     exp = Experience(_tokens(), old_logprobs=lp, advantages=lp, values=lp, returns=lp)
     back = loads(dumps(exp))

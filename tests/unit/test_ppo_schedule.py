@@ -48,7 +48,7 @@ def test_epoch_permutations_are_fresh_and_deterministic():
     for perm, seed in zip(perms, (705_724_672, 706_724_675)):
         assert torch.equal(perm, torch.randperm(6, generator=torch.Generator().manual_seed(seed)))
     a = schedule.epoch_permutations(16, 3, seed=0, iteration=1)
-    assert not torch.equal(a[0], a[1])  # reshuffled every epoch (PPO_DETAILS 21)
+    assert not torch.equal(a[0], a[1])  # reshuffled every epoch (docs/ppo_details.md item 21)
     assert not torch.equal(a[0], schedule.epoch_permutations(16, 1, seed=0, iteration=2)[0])
     assert all(sorted(p.tolist()) == list(range(16)) for p in a)
 

@@ -104,7 +104,7 @@ def test_reward_model_with_another_tokenizer_is_rejected(inputs, tmp_path):
     )
     cfg = make_cfg(inputs)
     cfg.reward.path = str(other_rm)
-    with pytest.raises(ConfigError, match="PPO_DETAILS 7"):
+    with pytest.raises(ConfigError, match="docs/ppo_details.md item 7"):
         setup.validate_run(cfg, tmp_path / "out")
     train_tokenizer(
         [f"write a note about the {i} red foxes and the lazy dog" for i in range(200)],

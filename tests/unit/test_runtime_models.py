@@ -1,4 +1,5 @@
-"""trainers.runtime.models on CPU without Ray or DeepSpeed: building, dropout, left padding, reward scores, saving."""
+"""trainers.runtime.models on CPU without Ray or DeepSpeed: building, dropout, left padding, reward scores,
+saving."""
 
 from __future__ import annotations
 
@@ -137,7 +138,9 @@ def test_reward_model_keeps_the_sft_trunk_and_starts_a_small_head(lm_dir, tokeni
     w = rm.score.weight  # (1, d)
     d = w.shape[-1]
     assert w.shape == (1, d) and rm.score.bias is None
-    assert float(w.detach().std()) == pytest.approx(1 / (d + 1) ** 0.5, rel=0.25)  # PPO_DETAILS 10, not 0.02
+    assert float(w.detach().std()) == pytest.approx(
+        1 / (d + 1) ** 0.5, rel=0.25
+    )  # docs/ppo_details.md item 10, not 0.02
     assert getattr(rm.config, REWARD_BIAS_KEY) == 0.0
     again = build_reward_model(lm_dir, tokenizer.pad_token_id, seed=0)
     assert torch.equal(again.score.weight, w)

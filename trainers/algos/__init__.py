@@ -4,7 +4,7 @@ Imports only torch and the standard library (no Ray, DeepSpeed, vLLM or transfor
 is unit-testable in isolation. Tensors are ``(B, T)`` over response tokens unless stated otherwise;
 ``mask`` is 1 on real response tokens (up to and including EOS) and 0 on padding.
 
-Equations, sources and the PPO_DETAILS items each function implements: docs/algorithms.md.
+Equations, sources and the docs/ppo_details.md items each function implements: docs/algorithms.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Generalised advantage estimation over response tokens (PPO_DETAILS items 12, 15, 16).
+"""Generalised advantage estimation over response tokens (docs/ppo_details.md items 12, 15, 16).
 
 Schulman et al. 2016, "High-dimensional continuous control using generalized advantage estimation":
 

@@ -1,4 +1,4 @@
-"""KL coefficient controllers (PPO_DETAILS item 13).
+"""KL coefficient controllers (docs/ppo_details.md item 13).
 
 Fixed beta is the default (InstructGPT used 0.02). The adaptive controller is Ziegler et al. 2019
 (lm-human-preferences): after each rollout batch,

@@ -1,4 +1,4 @@
-"""Per-token KL estimators against the frozen reference (SFT) model (PPO_DETAILS items 11, 13, 25).
+"""Per-token KL estimators against the frozen reference (SFT) model (docs/ppo_details.md items 11, 13, 25).
 
 The log-probs are of the *sampled* tokens, so each estimator is a single-sample Monte-Carlo estimate of
 ``KL(pi || pi_ref)`` at that position (Schulman, "Approximating KL divergence", 2020). With

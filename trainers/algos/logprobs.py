@@ -1,4 +1,4 @@
-"""Token log-probabilities and entropies from logits (PPO_DETAILS items 3, 5, 27).
+"""Token log-probabilities and entropies from logits (docs/ppo_details.md items 3, 5, 27).
 
 Every log-prob in the system (policy, reference, old log-probs, training passes) goes through
 :func:`logprobs_from_logits` with the sampling temperature, so all of them describe the distribution

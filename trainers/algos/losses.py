@@ -1,8 +1,8 @@
 """PPO policy and value losses and the language-model loss, with one token-mean aggregation.
 
-Aggregation (PPO_DETAILS item 24): every loss is the mean over the real tokens of the **global** batch,
-the optimizer step's whole minibatch across gradient-accumulation micro-batches and data-parallel ranks.
-Each loss takes ``num_tokens``:
+Aggregation (docs/ppo_details.md item 24): every loss is the mean over the real tokens of the **global**
+batch, the optimizer step's whole minibatch across gradient-accumulation micro-batches and data-parallel
+ranks. Each loss takes ``num_tokens``:
 
 - ``num_tokens=None``: plain masked mean over this call's tokens (one device, no accumulation).
 - ``num_tokens=N``: ``masked_sum(per_token_loss) / N``. Summing these over micro-batches equals the

@@ -1,4 +1,4 @@
-"""Masked reductions and whitening over real tokens (PPO_DETAILS items 12, 17, 24).
+"""Masked reductions and whitening over real tokens (docs/ppo_details.md items 12, 17, 24).
 
 ``mask`` is 1 (or True) on real response tokens and 0 on padding; float, bool and integer masks are
 accepted and any non-zero entry counts as real. Entries under padding are never read, so they may hold
@@ -55,10 +55,10 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
 def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(3,)`` float64 tensor ``[sum, sum of squares, count]`` of ``x`` over real tokens.
 
-    Data parallelism (PPO_DETAILS item 17, whiten over the whole batch): each rank computes its moments,
-    the ranks ``all_reduce(SUM)`` this one tensor, and every rank then calls
-    :func:`moments_to_mean_var` and :func:`whiten_with`. Summing is exact, so the result equals whitening
-    the concatenated batch. float64 keeps ``E[x^2] - E[x]^2`` from cancelling.
+    Data parallelism (docs/ppo_details.md item 17, whiten over the whole batch): each rank computes its
+    moments, the ranks ``all_reduce(SUM)`` this one tensor, and every rank then calls
+    :func:`moments_to_mean_var` and :func:`whiten_with`. Summing is exact, so the result equals whitening the
+    concatenated batch. float64 keeps ``E[x^2] - E[x]^2`` from cancelling.
     """
     x64 = x.detach().to(torch.float64)
     m = bool_mask(mask, x)
@@ -112,7 +112,7 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """``(B,)`` long: index of the last real token in each row of a ``(B, T)`` mask, -1 if the row has none.
 
     Uses the last position where the mask is set, not ``mask.sum() - 1``, so it is right for left-padded
-    prompt+response rows too (PPO_DETAILS item 7: the RM score is read at the last real token).
+    prompt+response rows too (docs/ppo_details.md item 7: the RM score is read at the last real token).
     """
     m = mask if mask.dtype == torch.bool else mask != 0
     positions = torch.arange(m.shape[-1], device=m.device).expand_as(m)  # (B, T)

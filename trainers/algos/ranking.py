@@ -1,4 +1,4 @@
-"""Reward-model ranking loss over K responses per prompt (PPO_DETAILS item 8).
+"""Reward-model ranking loss over K responses per prompt (docs/ppo_details.md item 8).
 
 InstructGPT eq. 1 (Ouyang et al. 2022), after Stiennon et al. 2020: for a prompt x with ranked responses,
 

@@ -1,4 +1,5 @@
-"""Reward shaping: KL penalty on every token plus the RM score on the last one (PPO_DETAILS 11, 12, 14).
+"""Reward shaping: KL penalty on every token plus the RM score on the last one (docs/ppo_details.md item 11,
+12, 14).
 
 InstructGPT eq. 2 (Ouyang et al. 2022) maximises ``r(x, y) - beta * log(pi_RL(y|x) / pi_SFT(y|x))``.
 Spread over tokens (Ziegler et al. 2019, Stiennon et al. 2020): each response token gets

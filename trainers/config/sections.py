@@ -147,7 +147,8 @@ class TrainStageConfig:
 
 @dataclass
 class PretrainConfig(TrainStageConfig):
-    """Stage 0: next-token prediction on the pretraining corpus (tiny base model, or continued pretraining)."""
+    """Stage 0: next-token prediction on the pretraining corpus (tiny base model, or continued
+    pretraining)."""
 
     lr: float = opt(1e-3, "Peak learning rate.", gt=0)
 
@@ -192,7 +193,9 @@ class RolloutConfig:
     enforce_eager: bool = opt(True, "Skip CUDA graphs/compilation (faster start, slower decode).")
     max_new_tokens: int = opt(48, "Longest sampled response.", ge=1)
     temperature: float = opt(
-        1.0, "Sampling temperature; log-probs everywhere divide logits by it (PPO_DETAILS 3).", gt=0
+        1.0,
+        "Sampling temperature; log-probs everywhere divide logits by it (docs/ppo_details.md item 3).",
+        gt=0,
     )
     top_p: float = opt(
         1.0, "Nucleus sampling; must stay 1.0 for PPO so log-probs match the sampler.", gt=0, le=1

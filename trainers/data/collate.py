@@ -1,7 +1,7 @@
 """Token-level preparation: encoding with the chat format, left-padded batches for LM, RM and rollouts.
 
 Every batch is LEFT-padded: the last column holds the last real token of every row, which is where
-generation continues (rollouts) and where the reward model reads its score (PPO_DETAILS item 7).
+generation continues (rollouts) and where the reward model reads its score (docs/ppo_details.md item 7).
 Forward passes over left-padded rows must use ``position_ids_from_mask`` (item 1) so that each
 row's first real token sits at position 0 whatever its padding; every collate function returns
 those ``position_ids``.
@@ -120,7 +120,7 @@ def collate_rm(
 ) -> dict[str, torch.Tensor]:
     """Batch ranked groups ``(prompt_ids, [response_ids] * K, ranking)`` for the reward model.
 
-    All K responses of a prompt are rows of the same batch element (one forward each, PPO_DETAILS
+    All K responses of a prompt are rows of the same batch element (one forward each, docs/ppo_details.md
     item 8). Output: ``input_ids``, ``attention_mask``, ``position_ids`` (N * Kmax, T), row
     ``n * Kmax + k`` = prompt n + response k, left-padded so the last column is every row's last
     real token; ``ranks`` (N, Kmax) with -1 for absent slots, whose rows repeat the group's first

@@ -6,7 +6,7 @@ transformers (``AutoTokenizer.from_pretrained``) and vLLM load as is.
 
 Special tokens (ids fixed by their order): ``<pad>`` = 0, ``<s>`` = 1 (BOS), ``</s>`` = 2 (EOS),
 ``<|user|>`` = 3, ``<|assistant|>`` = 4. PAD is distinct from EOS so masks built from ids never
-hide a real EOS (PPO_DETAILS item 2). Like Llama's, the tokenizer adds BOS when called with
+hide a real EOS (docs/ppo_details.md item 2). Like Llama's, the tokenizer adds BOS when called with
 ``add_special_tokens=True``; :mod:`trainers.data.collate` adds BOS/EOS itself and always encodes
 with ``add_special_tokens=False``.
 

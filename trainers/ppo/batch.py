@@ -1,9 +1,9 @@
 """The data that crosses between the driver and the actors, typed: token batches, rollouts, experience.
 
-Shapes: N rows (sequences), P prompt columns, R response columns, L = P + R. Row i is prompt i
-left-padded to P, then response i (cut after its first EOS) right-padded to R (PPO_DETAILS 1, 4); response
-token t sits at column ``P + t``. Every tensor is on the CPU when it crosses Ray (dataclasses of tensors
-pickle as they are).
+Shapes: N rows (sequences), P prompt columns, R response columns, L = P + R. Row i is prompt i left-padded to
+P, then response i (cut after its first EOS) right-padded to R (docs/ppo_details.md item 1, 4); response token
+t sits at column ``P + t``. Every tensor is on the CPU when it crosses Ray (dataclasses of tensors pickle as
+they are).
 
 Pure: torch only, no Ray, DeepSpeed or vLLM, so the actors import these types without the driver.
 """
@@ -82,7 +82,7 @@ class Rollout(_Rows):
     """Prompts and responses, ``(N, P+R)``."""
     vllm_logprobs: torch.Tensor | None = None
     """``(N, R)`` float32: vLLM's log-probs of the sampled tokens, 0 on padding (a mismatch metric only,
-    PPO_DETAILS 5); None when not asked for."""
+    docs/ppo_details.md item 5); None when not asked for."""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -99,13 +99,14 @@ class Experience(_Rows):
     tokens: TokenBatch
     """Prompts and responses, ``(N, P+R)``."""
     old_logprobs: torch.Tensor
-    """``(N, R)`` log-probs of the policy's trained model at rollout time (PPO_DETAILS 5)."""
+    """``(N, R)`` log-probs of the policy's trained model at rollout time (docs/ppo_details.md item 5)."""
     advantages: torch.Tensor
-    """``(N, R)`` whitened over the batch (PPO_DETAILS 17)."""
+    """``(N, R)`` whitened over the batch (docs/ppo_details.md item 17)."""
     values: torch.Tensor
     """``(N, R)`` the critic's values at rollout time (the centre of the value clip)."""
     returns: torch.Tensor
-    """``(N, R)`` advantages (before whitening) + values: the critic's targets (PPO_DETAILS 16)."""
+    """``(N, R)`` advantages (before whitening) + values: the critic's targets (docs/ppo_details.md item
+    16)."""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -113,7 +114,8 @@ class Experience(_Rows):
 
 @dataclass
 class PtxBatch(_Rows):
-    """One pretraining micro-batch of the ptx term (PPO_DETAILS 20), left-padded, ``(b, T)`` each."""
+    """One pretraining micro-batch of the ptx term (docs/ppo_details.md item 20), left-padded, ``(b, T)``
+    each."""
 
     input_ids: torch.Tensor
     """``(b, T)`` long."""
@@ -127,7 +129,8 @@ class PtxBatch(_Rows):
 
 
 def cut_at_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
-    """Response tokens up to and including the first EOS (PPO_DETAILS 4); unchanged if there is none."""
+    """Response tokens up to and including the first EOS (docs/ppo_details.md item 4); unchanged if there is
+    none."""
     tokens = list(tokens)
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
@@ -142,11 +145,11 @@ def build_rollout_batch(
     """The :class:`Rollout` of these prompts and responses: each response cut after its first EOS, masks
     from the lengths, vLLM's log-probs (if given) aligned with the cut responses.
 
-    PAD must not be EOS (PPO_DETAILS 2): masks come from lengths here, but every model pass downstream
-    trusts them.
+    PAD must not be EOS (docs/ppo_details.md item 2): masks come from lengths here, but every model pass
+    downstream trusts them.
     """
     if pad_id == eos_id:
-        raise ValueError("PAD and EOS must be different tokens (PPO_DETAILS 2)")
+        raise ValueError("PAD and EOS must be different tokens (docs/ppo_details.md item 2)")
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     cut = [cut_at_eos(r, eos_id) for r in responses]

@@ -82,8 +82,8 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
 
 
 def sample_rollouts(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> Rollout:
-    """Phase 1: this iteration's prompts, split over the engines (own seed each, PPO_DETAILS 6), n samples
-    per prompt; returns the rollout (:func:`trainers.ppo.batch.build_rollout_batch`, vLLM log-probs
+    """Phase 1: this iteration's prompts, split over the engines (own seed each, docs/ppo_details.md item 6),
+    n samples per prompt; returns the rollout (:func:`trainers.ppo.batch.build_rollout_batch`, vLLM log-probs
     included). A lost engine is restarted and the phase retried (:func:`with_engine_recovery`)."""
     rows = take_rows(state.prompt_position, cfg.ppo.prompts_per_iteration, len(data.prompts), cfg.ppo.seed)
     prompts = [data.prompts[i] for i in rows]

@@ -1,6 +1,6 @@
 """From the experience passes (old and reference log-probs, scores, values) to what PPO trains on: per-token
-KL, shaped rewards, advantages and returns (PPO_DETAILS 11-17). New advantage estimators plug in here:
-they take :class:`ExperiencePasses` and the response mask and give :class:`Advantages`.
+KL, shaped rewards, advantages and returns (docs/ppo_details.md item 11-17). New advantage estimators plug in
+here: they take :class:`ExperiencePasses` and the response mask and give :class:`Advantages`.
 
 Pure: ``trainers.algos`` on whole-batch tensors, no Ray, DeepSpeed or vLLM.
 """
@@ -20,11 +20,12 @@ class ExperiencePasses:
     """The four no-grad passes over one rollout, whole batch (the shards' padding rows dropped)."""
 
     old_logprobs: torch.Tensor
-    """``(N, R)`` the policy's trained model (DeepSpeed), 0 on padding (PPO_DETAILS 5)."""
+    """``(N, R)`` the policy's trained model (DeepSpeed), 0 on padding (docs/ppo_details.md item 5)."""
     ref_logprobs: torch.Tensor
     """``(N, R)`` the frozen SFT model, 0 on padding."""
     scores: torch.Tensor
-    """``(N,)`` raw RM scores at the last real token, ``reward_bias`` added (PPO_DETAILS 7, 9)."""
+    """``(N,)`` raw RM scores at the last real token, ``reward_bias`` added (docs/ppo_details.md item 7,
+    9)."""
     values: torch.Tensor
     """``(N, R)`` the critic's values, 0 on padding."""
 
@@ -34,17 +35,18 @@ class Advantages:
     """The experience maths of one batch: all ``(N, R)`` and 0 on padding, except ``scores (N,)``."""
 
     kl: torch.Tensor
-    """Per-token KL estimate between policy and reference (PPO_DETAILS 11)."""
+    """Per-token KL estimate between policy and reference (docs/ppo_details.md item 11)."""
     scores: torch.Tensor
-    """``(N,)`` the scores used in the reward (clipped if ``reward.score_clip``; PPO_DETAILS 14)."""
+    """``(N,)`` the scores used in the reward (clipped if ``reward.score_clip``; docs/ppo_details.md item
+    14)."""
     rewards: torch.Tensor
     """``-beta kl`` on every response token, plus the score on the last real one."""
     values: torch.Tensor
-    """The critic's values, zeroed on padding (PPO_DETAILS 12)."""
+    """The critic's values, zeroed on padding (docs/ppo_details.md item 12)."""
     returns: torch.Tensor
-    """GAE advantages before whitening + values (PPO_DETAILS 16)."""
+    """GAE advantages before whitening + values (docs/ppo_details.md item 16)."""
     advantages: torch.Tensor
-    """GAE advantages whitened over every real token of the batch (PPO_DETAILS 15, 17)."""
+    """GAE advantages whitened over every real token of the batch (docs/ppo_details.md item 15, 17)."""
 
 
 def compute_advantages(
@@ -56,7 +58,7 @@ def compute_advantages(
     lam: float = 0.95,
     score_clip: float = 0.0,
 ) -> Advantages:
-    """Whole-batch experience maths (PPO_DETAILS 11-17), ``response_mask (N, R)``:
+    """Whole-batch experience maths (docs/ppo_details.md item 11-17), ``response_mask (N, R)``:
 
     ``kl`` (per token, 0 on padding) -> ``rewards`` = -beta kl + (optionally clipped) score on the last
     real token -> GAE ``advantages``/``returns`` (returns from the raw advantages) -> advantages whitened

@@ -1,5 +1,5 @@
-"""What an iteration logs (PPO_DETAILS 27): rollout, objective, policy and critic metrics, the ranks' stat
-sums reduced per optimizer step, the progress line and the run's summary.
+"""What an iteration logs (docs/ppo_details.md item 27): rollout, objective, policy and critic metrics, the
+ranks' stat sums reduced per optimizer step, the progress line and the run's summary.
 
 Pure: no Ray, DeepSpeed or vLLM.
 """
@@ -25,10 +25,10 @@ def rollout_metrics(
     ref_logprobs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``rollout/*``: mean response length, share of responses that ended with EOS, and -- when vLLM's
-    log-probs are present -- their mismatch with the trained policy's (PPO_DETAILS 5, 26): mean and max
-    absolute difference over real response tokens. ``rollout/ref_logprob_diff`` is the same mean for
-    policy vs reference: once the policy has moved, a weight sync that did not reach vLLM shows up as a
-    vLLM mismatch of that size."""
+    log-probs are present -- their mismatch with the trained policy's (docs/ppo_details.md item 5, 26): mean
+    and max absolute difference over real response tokens. ``rollout/ref_logprob_diff`` is the same mean for
+    policy vs reference: once the policy has moved, a weight sync that did not reach vLLM shows up as a vLLM
+    mismatch of that size."""
     mask = rollout.tokens.response_mask
     lengths = mask.sum(-1)  # (N,)
     last = algos.last_token_index(mask).clamp(min=0)  # (N,)
@@ -51,9 +51,9 @@ def rollout_metrics(
 def objective_metrics(
     adv: Advantages, raw_scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
 ) -> dict[str, float]:
-    """``objective/*`` (PPO_DETAILS 14, 27): KL as the mean per-sequence sum (the quantity the adaptive
-    controller tracks), the coefficient, raw and used RM scores, the KL part of the reward and the total
-    shaped reward per sequence."""
+    """``objective/*`` (docs/ppo_details.md item 14, 27): KL as the mean per-sequence sum (the quantity the
+    adaptive controller tracks), the coefficient, raw and used RM scores, the KL part of the reward and the
+    total shaped reward per sequence."""
     non_score = algos.masked_sum(-kl_coef * adv.kl, mask, dim=-1)  # (N,)
     return {
         "objective/kl": float(algos.mean_sequence_kl(adv.kl, mask)),
@@ -100,7 +100,7 @@ def policy_metrics(
     token count of each step); ``policy/grad_norm`` is the mean pre-clip norm over applied steps;
     ``policy/skipped_steps`` counts the steps skipped for a non-finite loss or gradient (left out of every
     mean: their sums are NaN); plus ``sanity/first_*`` for the first minibatch of the first epoch, where
-    the ratio must be exactly 1 (PPO_DETAILS 25)."""
+    the ratio must be exactly 1 (docs/ppo_details.md item 25)."""
     kept = [i for i, s in enumerate(steps) if not s.get("skipped")]
     keys = {k for s in steps for k in s}
     total = {k: sum(steps[i].get(k, 0.0) for i in kept) for k in keys}

@@ -25,8 +25,8 @@ _SEED_MOD = 2**31 - 1
 
 def derived_seed(seed: int, *parts: int) -> int:
     """A deterministic seed for (seed, parts...) -- e.g. (seed, iteration, engine) for sampling
-    (PPO_DETAILS 6: each engine its own seed). Every random choice of a run is derived from the config
-    seed and the iteration this way, so a resumed run needs no saved generator state."""
+    (docs/ppo_details.md item 6: each engine its own seed). Every random choice of a run is derived from the
+    config seed and the iteration this way, so a resumed run needs no saved generator state."""
     value = seed % _SEED_MOD
     for part in parts:
         value = (value * 1_000_003 + part + 1) % _SEED_MOD
@@ -56,7 +56,7 @@ def take_rows(position: int, count: int, num_rows: int, seed: int) -> list[int]:
 
 
 def epoch_permutations(num_rows: int, epochs: int, seed: int, iteration: int) -> list[torch.Tensor]:
-    """One fresh ``(num_rows,)`` permutation per PPO epoch of ``iteration`` (PPO_DETAILS 21)."""
+    """One fresh ``(num_rows,)`` permutation per PPO epoch of ``iteration`` (docs/ppo_details.md item 21)."""
     out = []
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(derived_seed(seed, iteration, epoch, 7))
@@ -96,7 +96,7 @@ def rank_micro_batches(
 
 def step_token_counts(response_mask: torch.Tensor, steps: Sequence[torch.Tensor]) -> list[int]:
     """Real response tokens of each optimizer step over all ranks: the denominator of the token-mean
-    losses (PPO_DETAILS 24), so every rank divides its sums by the same global count."""
+    losses (docs/ppo_details.md item 24), so every rank divides its sums by the same global count."""
     return [int(response_mask.index_select(0, rows).sum()) for rows in steps]
 
 
@@ -108,7 +108,8 @@ def lm_label_count(labels: torch.Tensor) -> int:
 
 @dataclass
 class PtxStep:
-    """The pretraining text of one optimizer step, laid out for the policy ranks (PPO_DETAILS 20)."""
+    """The pretraining text of one optimizer step, laid out for the policy ranks (docs/ppo_details.md item
+    20)."""
 
     slots: list[list[PtxBatch | None]]
     """``slots[rank][micro]``: the pretraining micro-batch that rank adds to that micro-batch's loss, None
@@ -149,7 +150,8 @@ class StepPlan:
     micro_batches: list[torch.Tensor]
     """Row indices into the :class:`trainers.ppo.batch.Experience` of each of this rank's micro-batches."""
     tokens: int
-    """Real response tokens of the step over all ranks (the token mean's denominator, PPO_DETAILS 24)."""
+    """Real response tokens of the step over all ranks (the token mean's denominator, docs/ppo_details.md item
+    24)."""
     ptx: list[PtxBatch | None] | None = None
     """This rank's pretraining micro-batches, one slot per micro-batch (policy with ptx on); else None."""
     ptx_tokens: int = 0
@@ -173,7 +175,7 @@ class TrainPlan:
     first_step: int
     """Run-wide number (1-based) of the iteration's first optimizer step."""
     minibatches: list[torch.Tensor]
-    """Row indices of every optimizer step, PPO epochs in order (PPO_DETAILS 21)."""
+    """Row indices of every optimizer step, PPO epochs in order (docs/ppo_details.md item 21)."""
     step_tokens: list[int]
     """Real response tokens of each step over all ranks."""
     policy: list[RankPlan]

@@ -64,7 +64,7 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
     if rm_tokenizer is not None and rm_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
             f"reward.path='{rm_dir}' has another tokenizer than the policy ({tokenizer_dir(cfg)}); the reward "
-            "model must read the policy's token ids (PPO_DETAILS 7)"
+            "model must read the policy's token ids (docs/ppo_details.md item 7)"
         )
     prompts = encode_train_prompts(cfg, tokenizer)
     ptx: list[list[int]] = []

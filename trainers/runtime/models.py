@@ -6,7 +6,7 @@ model code shipped with a checkpoint runs only with ``model.trust_remote_code: t
 
 Decisions recorded here:
 
-- **Left padding everywhere** (PPO_DETAILS 1): :func:`forward_logits` and :func:`token_scores`
+- **Left padding everywhere** (docs/ppo_details.md item 1): :func:`forward_logits` and :func:`token_scores`
   always pass ``position_ids = cumsum(attention_mask) - 1`` so a row's first real token is at
   position 0 whatever its padding.
 - **Dropout** (``model.dropout``, training only): Llama and Qwen2 in transformers have dropout on
@@ -14,18 +14,18 @@ Decisions recorded here:
   architectures ``model.dropout`` is attention dropout. Architectures with residual/hidden dropout
   fields (``resid_pdrop``, ``hidden_dropout``, ``dropout``...) get it there too (:data:`DROPOUT_KEYS`).
   Saved models always have every dropout field reset to 0 (:func:`no_dropout_updates`): dropout is a
-  setting of the stage that trained them, and RL wants it off (PPO_DETAILS 22).
-- **Reward model** (PPO_DETAILS 7, 9, 10): ``AutoModelForSequenceClassification`` with
+  setting of the stage that trained them, and RL wants it off (docs/ppo_details.md item 22).
+- **Reward model** (docs/ppo_details.md item 7, 9, 10): ``AutoModelForSequenceClassification`` with
   ``num_labels=1`` built from the SFT directory; the trunk's weights are the SFT model's and the
   unembedding is dropped (the class has none), the scalar head ``score`` starts
   ``normal(0, 1/sqrt(d + 1))``. The score is read at the **last real token** found from the
   attention mask (not from PAD ids), from the per-token head outputs (:func:`token_scores`).
 - **Reward bias**: transformers' sequence-classification heads have no bias
   (``GenericForSequenceClassification.score`` is ``nn.Linear(..., bias=False)``), so the InstructGPT
-  normalisation bias (demonstrations' mean score = 0, PPO_DETAILS 9) is stored in the saved
+  normalisation bias (demonstrations' mean score = 0, docs/ppo_details.md item 9) is stored in the saved
   model's ``config.json`` as ``reward_bias`` (a float, default 0.0) and added by
   :func:`reward_scores`. Plain transformers users add ``model.config.reward_bias`` to the logits.
-- **Value model** (PPO_DETAILS 23): the same class loaded from the RM directory; per-token values
+- **Value model** (docs/ppo_details.md item 23): the same class loaded from the RM directory; per-token values
   are :func:`token_scores`, without ``reward_bias`` (that is the RM's normalisation of its final
   score; the critic's head learns whatever offset the returns need).
 """
@@ -152,7 +152,8 @@ def build_causal_lm(
 
 
 def init_score_head(model, seed: int = 0) -> None:
-    """Re-initialise the scalar head: ``normal(0, 1/sqrt(d + 1))`` (PPO_DETAILS 10), deterministic.
+    """Re-initialise the scalar head: ``normal(0, 1/sqrt(d + 1))`` (docs/ppo_details.md item 10),
+    deterministic.
 
     Works on ZeRO-3-partitioned models (the weight is gathered, set on rank 0 and re-partitioned).
     """
@@ -176,7 +177,7 @@ def build_reward_model(
 ):
     """The reward model from an SFT directory: SFT trunk + a fresh scalar head, ``reward_bias`` 0.
 
-    See the module docstring (PPO_DETAILS 10). The SFT unembedding is not loaded (the
+    See the module docstring (docs/ppo_details.md item 10). The SFT unembedding is not loaded (the
     sequence-classification class has none); transformers logs ``score.weight`` as newly initialised,
     and :func:`init_score_head` then sets it.
     """
@@ -200,7 +201,7 @@ def build_value_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ):
-    """The critic, initialised from the reward model (PPO_DETAILS 23), dropout off (item 22)."""
+    """The critic, initialised from the reward model (docs/ppo_details.md item 23), dropout off (item 22)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(str(rm_dir), trust_remote_code=trust_remote_code)

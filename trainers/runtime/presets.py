@@ -12,11 +12,11 @@ preset             architecture  hidden  layers  heads  kv     ffn     max pos  
 ``qwen2.5-1.5b``   Qwen2         1536    28      12     2      8960    32768     GPU benchmark shape
 =================  ============  ======  ======  =====  =====  ======  ========  ======================
 
-The CPU presets keep ``head_dim = 64`` because vLLM's CPU attention rejects small heads (16 failed,
-64 works; ENV_NOTES). Every preset ties the input and output embeddings (as Qwen2.5's small models
-do); for the tiny model that is a quarter of its parameters saved. The vocabulary, PAD, BOS and EOS
-come from the tokenizer passed to :func:`build_config`; the Qwen shapes default to Qwen's 151,936
-entries when only a shape is wanted. CPU presets are float32; GPU presets bfloat16.
+The CPU presets keep ``head_dim = 64`` because vLLM's CPU attention rejects small heads (16 failed, 64 works;
+docs/design.md, "The synthetic world"). Every preset ties the input and output embeddings (as Qwen2.5's small
+models do); for the tiny model that is a quarter of its parameters saved. The vocabulary, PAD, BOS and EOS
+come from the tokenizer passed to :func:`build_config`; the Qwen shapes default to Qwen's 151,936 entries when
+only a shape is wanted. CPU presets are float32; GPU presets bfloat16.
 """
 
 from __future__ import annotations

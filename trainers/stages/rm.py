@@ -3,19 +3,19 @@
     rlhf rm --config trainers/configs/tiny.yaml data.dir=/tmp/world model.path=runs/sft/model --out runs/rm
 
 The model is the SFT trunk with a scalar head (:func:`trainers.runtime.models.build_reward_model`,
-PPO_DETAILS 10). One batch element is one prompt with **all** its K responses, forwarded once as K
-rows (PPO_DETAILS 8: K forwards, not C(K,2)*2); the score is read at each row's last real token
-(item 7) and :func:`trainers.algos.ranking_loss` forms every pair (better, worse) of the prompt --
-ties form none. The loss is a mean over prompts (each weighs the same whatever its K) across the
-global batch. Held-out pairwise accuracy on ``comparisons/valid``.
+docs/ppo_details.md item 10). One batch element is one prompt with **all** its K responses, forwarded once as
+K rows (docs/ppo_details.md item 8: K forwards, not C(K,2)*2); the score is read at each row's last real token
+(item 7) and :func:`trainers.algos.ranking_loss` forms every pair (better, worse) of the prompt -- ties form
+none. The loss is a mean over prompts (each weighs the same whatever its K) across the global batch. Held-out
+pairwise accuracy on ``comparisons/valid``.
 
-After training, when ``rm.normalize`` is on (PPO_DETAILS 9, InstructGPT 3.5), the mean raw score of
-the training demonstrations (a seeded sample of at most :data:`NORMALIZE_MAX_DEMOS`) is measured
-and ``reward_bias = -mean`` is stored in the saved ``config.json`` (see :mod:`trainers.runtime.models`:
-transformers' head has no bias). Summary: ``rm/train_loss``, ``rm/valid_loss``,
-``rm/valid_accuracy``, ``rm/demo_mean_score_before`` (raw), ``rm/reward_bias``,
-``rm/demo_mean_score_after`` (same demonstrations, bias added: 0 by construction),
-``rm/valid_demo_mean_score`` (``demonstrations/valid`` with the bias: how well it generalises).
+After training, when ``rm.normalize`` is on (docs/ppo_details.md item 9, InstructGPT 3.5), the mean raw score
+of the training demonstrations (a seeded sample of at most :data:`NORMALIZE_MAX_DEMOS`) is measured and
+``reward_bias = -mean`` is stored in the saved ``config.json`` (see :mod:`trainers.runtime.models`:
+transformers' head has no bias). Summary: ``rm/train_loss``, ``rm/valid_loss``, ``rm/valid_accuracy``,
+``rm/demo_mean_score_before`` (raw), ``rm/reward_bias``, ``rm/demo_mean_score_after`` (same demonstrations,
+bias added: 0 by construction), ``rm/valid_demo_mean_score`` (``demonstrations/valid`` with the bias: how well
+it generalises).
 """
 
 from __future__ import annotations

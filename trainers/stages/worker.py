@@ -5,14 +5,14 @@ the stage's *task* (model, collation, loss, evaluation; :class:`~trainers.stages
 order of :mod:`trainers.stages.batching`, checkpoints every ``checkpoint_every`` steps and at each epoch
 end through ``ray.train.report(checkpoint=...)`` (:mod:`trainers.stages.checkpoints`).
 
-Loss aggregation (PPO_DETAILS 24). Rank ``r`` of ``W`` takes the contiguous ``G/W`` of a step's global
-batch of ``G`` examples, split into ``A = G/(m W)`` micro-batches of ``m``. The loss is a mean over the
-units of the whole global batch (LM: target tokens; RM: prompts with at least one pair): the global unit
-count ``N`` is all-reduced before the step, and each micro-batch's loss is ``sum / (N / (W A))``
-(:func:`trainers.algos.loss_normaliser`), which cancels DeepSpeed's division by ``A`` and its averaging
-over ``W`` ranks. So 1 and 2 workers give the same losses and gradients up to float summation order
-(tests/integration/test_stages.py checks it, and checks the first step's loss and gradient norm against
-a single-process computation with plain transformers).
+Loss aggregation (docs/ppo_details.md item 24). Rank ``r`` of ``W`` takes the contiguous ``G/W`` of a step's
+global batch of ``G`` examples, split into ``A = G/(m W)`` micro-batches of ``m``. The loss is a mean over the
+units of the whole global batch (LM: target tokens; RM: prompts with at least one pair): the global unit count
+``N`` is all-reduced before the step, and each micro-batch's loss is ``sum / (N / (W A))``
+(:func:`trainers.algos.loss_normaliser`), which cancels DeepSpeed's division by ``A`` and its averaging over
+``W`` ranks. So 1 and 2 workers give the same losses and gradients up to float summation order
+(tests/integration/test_stages.py checks it, and checks the first step's loss and gradient norm against a
+single-process computation with plain transformers).
 
 Resume restores the DeepSpeed state (weights, AdamW state, LR schedule), the step counter and each
 rank's torch RNG state, so a resumed run continues exactly where the uninterrupted run would be. The LR
@@ -211,12 +211,11 @@ def train_step(
 ) -> dict:
     """One optimizer step over this rank's share of the global batch; metrics of the whole step.
 
-    The global unit count is all-reduced first so every micro-batch loss is ``sum / (N / (W A))``
-    (module docstring); the logged loss is the exact global mean. The step goes through a
-    :class:`~trainers.runtime.step_guard.StepGuard`: if any rank's loss or the gradient norm is non-finite it is
-    skipped on every rank (``skipped`` 1 in the metrics; weights, AdamW state and LR schedule
-    untouched). ``poison`` (fault injection, ``cluster.faults``) adds NaN to this rank's first
-    micro-batch loss.
+    The global unit count is all-reduced first so every micro-batch loss is ``sum / (N / (W A))`` (module
+    docstring); the logged loss is the exact global mean. The step goes through a
+    :class:`~trainers.runtime.step_guard.StepGuard`: if any rank's loss or the gradient norm is non-finite it
+    is skipped on every rank (``skipped`` 1 in the metrics; weights, AdamW state and LR schedule untouched).
+    ``poison`` (fault injection, ``cluster.faults``) adds NaN to this rank's first micro-batch loss.
     """
     t0 = time.time()
     model.train()
@@ -274,7 +273,7 @@ def _finish(
     if not state.last_valid:
         state.last_valid = evaluate(model, task, data.valid, plan.stage_cfg.micro_batch_size, rank, world)
     updates, extra = task.finish(model, data, (rank, world))
-    # Saved models get dropout off (RL wants it off, PPO_DETAILS 22) and the KV cache back on.
+    # Saved models get dropout off (RL wants it off, docs/ppo_details.md item 22) and the KV cache back on.
     updates = no_dropout_updates(unwrap(model).config) | {"use_cache": True} | updates
     save_hf(model, tokenizer, plan.out_dir / "model", config_updates=updates)
     prefix = plan.stage
