@@ -15,8 +15,15 @@ TINY_CONFIG = REPO / "trainers" / "configs" / "tiny.yaml"
 """The CPU preset every test run starts from."""
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
+def subprocess_env(*, own_ray: bool = False, no_faults: bool = False, **extra: str) -> dict[str, str]:
     """This process's environment for a ``python -m trainers.cli ...`` subprocess: the repository first on
-    ``PYTHONPATH`` (the subprocess then imports this checkout, not another install), plus ``extra``."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, **extra}
+    ``PYTHONPATH`` (the subprocess then imports this checkout, not another install), plus ``extra``.
+
+    ``own_ray``: without ``RAY_ADDRESS``, so the command starts its own local Ray instead of joining one;
+    ``no_faults``: without the ``RLHF_FAULT_*`` variables of a test that set them.
+    """
+    env = {k: v for k, v in os.environ.items() if not (no_faults and k.startswith("RLHF_FAULT_"))}
+    if own_ray:
+        env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return env | extra

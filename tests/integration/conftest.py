@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "trainers" / "configs" / "tiny.yaml"
+from tests.conftest import TINY_CONFIG
+
 SYNTH_SCALE = 0.3
 """World size for the tests: ~1,000 pretraining documents, ~900 demonstrations, ~360 comparisons."""
 TEST_OVERRIDES: dict[str, list[str]] = {

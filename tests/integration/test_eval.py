@@ -13,7 +13,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
 
+from tests.conftest import REPO
 from trainers import cli
 from trainers.data import gold
 from trainers.data.collate import encode_prompt, encode_response
@@ -30,7 +30,6 @@ from trainers.evaluation import generation, heldout, judges, lm_loss
 from trainers.runtime.presets import build_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-REPO = Path(__file__).resolve().parents[2]
 REWARD_BIAS = 3.25
 
 

@@ -26,12 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import REPO, TINY_CONFIG, subprocess_env
 from tests.integration.conftest import PPO_TEST_OVERRIDES, run_stage_for_test
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "trainers" / "configs" / "tiny.yaml"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,7 +169,7 @@ def skipped_run(ray_local, ppo_inputs, tmp_path_factory):
     from trainers.runs.metrics import read_metrics
 
     out = tmp_path_factory.mktemp("nonfinite") / "ppo"
-    cfg = load_config(TINY, [*ppo_inputs, *PPO_OVERRIDES, "ppo.iterations=2"])
+    cfg = load_config(TINY_CONFIG, [*ppo_inputs, *PPO_OVERRIDES, "ppo.iterations=2"])
     os.environ[FAULT_ENV] = "policy:2,3;critic:8"
     try:
         summary = run_ppo(cfg, out)
@@ -210,10 +208,9 @@ def test_ppo_streak_across_a_resume_stops_with_one_line_and_the_checkpoint_intac
     out = skipped_run[0]
     checkpoint = out / "checkpoints" / "iter_000002"
     before = _hashes(out / "checkpoints")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"PYTHONPATH": str(REPO), FAULT_ENV: "critic:9,10"}
+    env = subprocess_env(own_ray=True, **{FAULT_ENV: "critic:9,10"})
     args = [
-        sys.executable, "-m", "trainers.cli", "ppo", "--config", str(TINY), "--out", str(out),
+        sys.executable, "-m", "trainers.cli", "ppo", "--config", str(TINY_CONFIG), "--out", str(out),
         *ppo_inputs, *PPO_OVERRIDES, "ppo.iterations=4",
     ]  # fmt: skip
     proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import REPO, TINY_CONFIG, subprocess_env
 from tests.integration.conftest import (
     PPO_REFERENCE_ITERATIONS,
     PPO_REFERENCE_OVERRIDES,
@@ -28,8 +28,6 @@ from tests.integration.conftest import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "trainers" / "configs" / "tiny.yaml"
 ITERATIONS = PPO_REFERENCE_ITERATIONS
 REQUIRED_METRICS = [
     "objective/kl",
@@ -215,9 +213,9 @@ def test_resume_from_checkpoint_redoes_the_next_iteration_exactly(ppo_run, tmp_p
 
 def test_unsatisfiable_resources_exit_2_naming_the_role(world_dir, sft_model_dir, rm_model_dir, tmp_path):
     out = tmp_path / "never"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = subprocess_env()
     args = [
-        sys.executable, "-m", "trainers.cli", "ppo", "--config", str(TINY), "--out", str(out),
+        sys.executable, "-m", "trainers.cli", "ppo", "--config", str(TINY_CONFIG), "--out", str(out),
         f"data.dir={world_dir}", f"model.path={sft_model_dir}", f"reward.path={rm_model_dir}",
         "cluster.num_cpus=8", "ppo.reward_workers=64",
     ]  # fmt: skip

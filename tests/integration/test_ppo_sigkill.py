@@ -27,7 +27,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.conftest import REPO, TINY_CONFIG, ppo_inputs, reference_variant
+from tests.conftest import REPO, TINY_CONFIG, subprocess_env
+from tests.integration.conftest import ppo_inputs, reference_variant
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -44,18 +45,16 @@ def ppo_command(out: Path, inputs: list[str], *flags: str) -> list[str]:
     ]  # fmt: skip
 
 
-def subprocess_env() -> dict[str, str]:
-    """This environment without a Ray address (the driver must start its own Ray) or fault injection."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_FAULT_")}
-    env.pop("RAY_ADDRESS", None)
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
 def run_to_end(cmd: list[str], log: Path) -> str:
     """Run ``cmd`` to completion in its own process group; returns its output; fails on a non-zero exit."""
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=subprocess_env(own_ray=True, no_faults=True),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
         try:
             code = proc.wait(RUN_TIMEOUT_S)
         finally:
@@ -96,7 +95,12 @@ def sigkill_after(cmd: list[str], out: Path, log: Path) -> tuple[list[str], list
     SIGKILL its process group. Returns (the run's processes at the kill, those still alive 30 s later)."""
     with open(log, "w") as sink:
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=REPO,
+            env=subprocess_env(own_ray=True, no_faults=True),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             deadline = time.time() + RUN_TIMEOUT_S

@@ -36,11 +36,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.conftest import TINY_CONFIG, stage_overrides
+from tests.conftest import REPO, TINY_CONFIG, subprocess_env
+from tests.integration.conftest import stage_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 16
 """Long enough that workers outliving the killed driver by a few steps cannot finish the run."""
 FATE_SHARE_TIMEOUT_S = 60
@@ -57,8 +57,7 @@ def stage_command(stage: str, out: Path, world_dir: Path, model_dir: Path, fresh
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     """The command in its own session (= process group), output to ``log``, on its own local Ray."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(REPO)
+    env = subprocess_env(own_ray=True)
     with log.open("w") as fh:
         return subprocess.Popen(
             cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True

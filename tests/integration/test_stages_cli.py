@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.integration.conftest import REPO, TINY_CONFIG
+from tests.conftest import REPO, TINY_CONFIG
 
 pytestmark = pytest.mark.integration
 

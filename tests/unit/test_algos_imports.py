@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO
 
 # An import hook that refuses the heavy frameworks; importing trainers.algos under it must succeed,
 # and a direct import of one of them must fail (proving the hook is active).

@@ -17,7 +17,6 @@ in a small thread pool (each subprocess pays ~1-3 s of imports), before any test
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,8 +27,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "trainers" / "configs" / "tiny.yaml"
+from tests.conftest import TINY_CONFIG, subprocess_env
+
 WORKERS = 4
 """Subprocesses at once: most of a case is Python start-up and imports, which overlap well."""
 LONG_TEXT = " ".join(f"word{i}" for i in range(600))
@@ -321,7 +320,7 @@ def build_inputs(root: Path) -> dict[str, Path]:
     tok = world / "tokenizer"
     files = root / "files"
     files.mkdir()
-    p = {"tiny": TINY, "world": world, "nowhere": root / "nowhere"}
+    p = {"tiny": TINY_CONFIG, "world": world, "nowhere": root / "nowhere"}
     p["model"] = _fake_model(root / "model", tok)
     p["model_bin"] = _fake_model(root / "model_bin", tok, weights="pytorch_model.bin")
     p["model_no_weights"] = _fake_model(root / "model_no_weights", tok, weights=None)
@@ -412,8 +411,7 @@ def run_case(case: Case, inputs: dict[str, Path], case_dir: Path) -> Outcome:
     names = {k: str(v) for k, v in inputs.items()} | {"out": str(case_dir / "out")}
     argv = [a.format(**names) for a in case.argv]
     before = snapshot(out) if out is not None and out.exists() else None
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(REPO)
+    env = subprocess_env(own_ray=True)
     proc = subprocess.run(
         [sys.executable, "-m", "trainers.cli", *argv],
         capture_output=True,

@@ -8,13 +8,11 @@ import importlib.util
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from trainers.demo import DEFAULT_CONFIG
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_bench():

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "trainers" / "configs" / "tiny.yaml"
+from tests.conftest import REPO, TINY_CONFIG, subprocess_env
 
 
 def rlhf(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = subprocess_env()
     return subprocess.run(
         [sys.executable, "-m", "trainers.cli", *args],
         capture_output=True,
@@ -32,7 +30,7 @@ def test_help_lists_working_commands():
 
 
 def test_config_show_override():
-    out = rlhf("config", "show", "--config", str(TINY), "ppo.kl_coef=0.1")
+    out = rlhf("config", "show", "--config", str(TINY_CONFIG), "ppo.kl_coef=0.1")
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["ppo"]["kl_coef"] == 0.1
     ppo_block = out.stdout.split("\nppo:\n", 1)[1].split("\n\n")[0]
@@ -40,7 +38,7 @@ def test_config_show_override():
 
 
 def test_config_show_typo_exits_2_one_line():
-    out = rlhf("config", "show", "--config", str(TINY), "ppo.kl_cof=0.1")
+    out = rlhf("config", "show", "--config", str(TINY_CONFIG), "ppo.kl_cof=0.1")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr

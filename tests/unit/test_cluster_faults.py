@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from cluster.faults import (
     parse_fault_steps,
     parse_kill_spec,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 
 
 def test_parse_kill_spec_reads_entries_and_rejects_malformed_ones():
@@ -77,7 +76,7 @@ def crash_point(point: str, env: dict) -> int:
 
 def test_kill_point_crashes_once_per_marker_and_only_at_its_point(tmp_path):
     marker = tmp_path / "marker"
-    env = dict(os.environ, PYTHONPATH=str(REPO), **{KILL_ENGINE_ENV: f"generate:7@{marker}"})
+    env = subprocess_env(**{KILL_ENGINE_ENV: f"generate:7@{marker}"})
     assert crash_point("generate:8", env) == 0 and not marker.exists()  # another point: nothing
     assert crash_point("generate:7", env) == 1 and marker.exists()  # crashes, leaves the marker
     assert crash_point("generate:7", env) == 0  # the restarted process goes on

@@ -10,14 +10,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from trainers.cli import main
 from trainers.data import write_jsonl
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_validate_ok_prints_one_line_and_warnings_on_stderr(tmp_path, capsys):

@@ -8,19 +8,17 @@ and the password part of a ``scheme://user:password@host`` address (``cluster.ra
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from tests.conftest import TINY_CONFIG, subprocess_env
 from trainers.config import config_from_dict, dump_yaml, load_config, to_dict
 from trainers.redact import REDACTED, is_secret_key, known_secrets, redact, redact_text
 from trainers.runs.outdir import prepare_output
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "trainers" / "configs" / "tiny.yaml"
 MARKERS = {
     "RAY_AUTH_TOKEN": "marker-ray-token-5f1c9e",
     "WANDB_API_KEY": "marker-wandb-key-77ab20",
@@ -84,7 +82,7 @@ def test_config_snapshot_holds_no_secret(tmp_path, monkeypatch):
     for name, value in MARKERS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
-    cfg = load_config(TINY, [f"cluster.ray_address={ADDRESS}", f"data.dir={tmp_path / 'world'}"])
+    cfg = load_config(TINY_CONFIG, [f"cluster.ray_address={ADDRESS}", f"data.dir={tmp_path / 'world'}"])
     out = tmp_path / "out"
     prepare_output(out, dump_yaml(cfg), fresh=False)
     assert_no_marker(out, "")
@@ -111,13 +109,13 @@ def test_commands_print_and_write_no_secret(tmp_path):
     """Real `rlhf` commands that write output directories or print the config, with secrets around."""
     token_file = tmp_path / "auth_token"
     token_file.write_text(FILE_TOKEN)
-    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_TOKEN_PATH=str(token_file), **MARKERS)
+    env = subprocess_env(RAY_AUTH_TOKEN_PATH=str(token_file), **MARKERS)
     out = tmp_path / "out"
     commands = [
         ["data", "synth", "--scale", "0.05", "--out", str(out / "world")],
         ["data", "prepare", "--kind", "prompts", str(out / "world" / "prompts" / "train.parquet")]
         + ["--out", str(out / "prompts")],
-        ["config", "show", "--config", str(TINY), f"cluster.ray_address={ADDRESS}"],
+        ["config", "show", "--config", str(TINY_CONFIG), f"cluster.ray_address={ADDRESS}"],
         ["config", "show", "--doc", f"cluster.ray_address={ADDRESS}"],
     ]
     printed = ""
