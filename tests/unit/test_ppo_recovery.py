@@ -22,17 +22,17 @@ def test_lost_actor_id_of_direct_and_unrelated_errors():
     assert lost_actor_id(ValueError("no actor")) is None
 
 
-def test_stop_message_names_newest_complete_checkpoint(tmp_path):
+def test_lost_actor_message_names_newest_complete_checkpoint(tmp_path):
     lost = recovery.ActorLost("policy", 1, "died (its process is gone)")
     root = tmp_path / "checkpoints"
-    message = recovery.stop_message(lost, root, 0)
+    message = recovery.lost_actor_message(lost, root, 0)
     assert message == (
         "policy rank 1 died (its process is gone) after iteration 0; every actor was stopped; "
         "no checkpoint was saved yet, so a rerun starts from the beginning"
     )
     for name in ("iter_000001", "iter_000002", "iter_000003.tmp"):  # .tmp: a save cut short
         (root / name).mkdir(parents=True)
-    message = recovery.stop_message(lost, root, 2)
+    message = recovery.lost_actor_message(lost, root, 2)
     assert f"resume from {root / 'iter_000002'}" in message and "after iteration 2;" in message
     assert "\n" not in message
 

@@ -127,7 +127,7 @@ def assign_users(
     return split_of
 
 
-def check_options(prefix_chars: int, max_per_user: int, valid_frac: float, test_frac: float) -> None:
+def check_prepare_options(prefix_chars: int, max_per_user: int, valid_frac: float, test_frac: float) -> None:
     """Raise :class:`UserError` for option values that make no sense."""
     if prefix_chars < 0:
         raise UserError(f"--prefix-chars must be >= 0 (0 = no dedup), got {prefix_chars}")
@@ -142,7 +142,7 @@ def check_options(prefix_chars: int, max_per_user: int, valid_frac: float, test_
         )
 
 
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
+def check_prepare_output(out_dir: str | os.PathLike, overwrite: bool) -> None:
     """Refuse an output that is a file, or a directory already holding split files (unless ``overwrite``)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -182,8 +182,8 @@ def prepare(
     :class:`UserError` (bad options, existing or unwritable output).
     """
     check_kind(kind)
-    check_options(prefix_chars, max_per_user, valid_frac, test_frac)
-    check_output_dir(out_dir, overwrite)
+    check_prepare_options(prefix_chars, max_per_user, valid_frac, test_frac)
+    check_prepare_output(out_dir, overwrite)
     records = read_records(kind, paths)
 
     field = key_field(kind)

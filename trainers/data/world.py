@@ -117,7 +117,7 @@ def scaled(n: int, scale: float, minimum: int = 4) -> int:
     return max(minimum, round(n * scale))
 
 
-def assign_users(seed: int, scale: float) -> dict[str, list[str]]:
+def world_users(seed: int, scale: float) -> dict[str, list[str]]:
     """Disjoint user ids per split (``user-0007``...), shuffled so ids say nothing about the split."""
     counts = {split: scaled(n, scale, minimum=2) for split, n in USERS_PER_SPLIT.items()}
     ids = [f"user-{i:04d}" for i in range(sum(counts.values()))]
@@ -241,7 +241,7 @@ def synthesize(
     every row count (0.1 makes a set for tests in about a second).
     """
     out = Path(out_dir)
-    users = assign_users(seed, scale)
+    users = world_users(seed, scale)
     chain = BigramChain([pretrain_document(random.Random(f"{seed}:chain:{i}")) for i in range(200)])
     data: dict[str, dict[str, list[dict]]] = {}
     log: dict = {}

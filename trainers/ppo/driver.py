@@ -62,7 +62,7 @@ from trainers.ppo.recovery import (
     announce_poisoned_steps,
     check_nonfinite,
     lost_actor,
-    stop_message,
+    lost_actor_message,
     with_engine_recovery,
 )
 from trainers.ppo.roles import Roles, check_resources, push_policy_weights, start_roles
@@ -287,7 +287,7 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
         lost = lost_actor(roles, err)
         if lost is None:
             raise
-        raise RunStopped(stop_message(lost, out / "checkpoints", state.iteration)) from err
+        raise RunStopped(lost_actor_message(lost, out / "checkpoints", state.iteration)) from err
     finally:
         if writer is not None:
             writer.close()

@@ -3,7 +3,7 @@
 - A lost vLLM engine: Ray restarts it; the driver waits, pushes the current policy weights and reruns the
   whole phase with the same seeds (:func:`with_engine_recovery`), within ``ppo.max_engine_restarts``.
 - A lost training rank (a rank of a torch.distributed world cannot be replaced): :func:`lost_actor` names
-  it, the run stops with one line (:func:`stop_message`).
+  it, the run stops with one line (:func:`lost_actor_message`).
 - Non-finite optimizer steps: the streak per role is carried through the iterations and the run stops at
   ``ppo.max_nonfinite_steps`` in a row (:func:`check_nonfinite`).
 """
@@ -96,7 +96,7 @@ def lost_actor(roles: Roles, err: BaseException) -> ActorLost | None:
     return ActorLost(role, rank, "died (its process is gone)")
 
 
-def stop_message(lost: ActorLost, checkpoints: Path, completed: int) -> str:
+def lost_actor_message(lost: ActorLost, checkpoints: Path, completed: int) -> str:
     """The one line a stopped run prints: what was lost, after how many iterations, where a rerun of the
     same command resumes from."""
     resume = resume_hint(newest_checkpoint(checkpoints))
