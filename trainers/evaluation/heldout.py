@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from trainers.algos import logprobs_from_logits, shift_for_lm
 from trainers.data import gold, read_records
-from trainers.data.collate import encode_prompt, left_pad, position_ids_from_mask
+from trainers.data.collate import encode_prompt
 from trainers.data.templates import TASKS, clusters
 from trainers.errors import DataError, UserError
 from trainers.evaluation.generation import (
@@ -26,6 +25,7 @@ from trainers.evaluation.generation import (
     generate_ids_hf,
     load_causal_lm,
 )
+from trainers.evaluation.lm_loss import next_token_logprobs
 
 HELDOUT_METHODS = ("rank", "generate")
 
@@ -120,19 +120,10 @@ def option_logprobs(
         for i, (prompt, opts) in enumerate(zip(prompts, options, strict=True))
         for option in opts
     ]
-    device = next(model.parameters()).device
     totals: list[float] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        input_ids, attention_mask = left_pad([p + o for _, p, o in chunk], tok.pad_token_id)  # (B, T)
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-        ).logits  # (B, T, V)
-        logits, labels = shift_for_lm(logits, input_ids)  # (B, T-1, V), (B, T-1)
-        logp = logprobs_from_logits(logits, labels)  # (B, T-1)
+        logp, _ = next_token_logprobs(model, [p + o for _, p, o in chunk], tok.pad_token_id)  # (B, T-1)
         for row, (_, _, option) in enumerate(chunk):
             totals.append(float(logp[row, logp.shape[1] - len(option) :].sum()))  # the option is at the end
     out: list[list[float]] = [[] for _ in prompts]

@@ -18,23 +18,32 @@ DEFAULT_PRETRAIN_MAX_LEN = 256
 
 
 @torch.no_grad()
+def next_token_logprobs(
+    model, seqs: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-prob of token t+1 given its prefix (B, T-1), attention mask (B, T))`` of ``seqs``, left-padded
+    into one batch on the model's device, positions from the mask (the forward every evaluation uses)."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(seqs, pad_id)  # (B, T)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+    ).logits  # (B, T, V)
+    logits, labels = shift_for_lm(logits, input_ids)  # (B, T-1, V), (B, T-1)
+    return logprobs_from_logits(logits, labels), attention_mask
+
+
+@torch.no_grad()
 def lm_loss_on(model, pieces: Sequence[Sequence[int]], pad_id: int, batch_size: int) -> float:
     """Token-mean next-token loss over all pieces (each piece's first token is context only)."""
-    device = next(model.parameters()).device
     nll_sum, count = 0.0, 0
     for start in range(0, len(pieces), batch_size):
-        input_ids, attention_mask = left_pad(pieces[start : start + batch_size], pad_id)  # (B, T)
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-        ).logits  # (B, T, V)
-        logits, labels = shift_for_lm(logits, input_ids)  # (B, T-1, V), (B, T-1)
+        logp, attention_mask = next_token_logprobs(model, pieces[start : start + batch_size], pad_id)
         target = (
             attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-        )  # (B, T-1): real token, real context
-        logp = logprobs_from_logits(logits, labels)  # (B, T-1)
+        )  # (B, T-1): real token and context
         # where, not a product: a padding row's log-prob may be nan, and nan * 0 is nan.
         nll_sum += float(-torch.where(target, logp, torch.zeros_like(logp)).sum())
         count += int(target.sum())
