@@ -70,11 +70,6 @@ class DistributedWorker:
         self.rank, self.world_size = rank, world_size
 
 
-def default_backend(gpu: bool) -> str:
-    """torch.distributed backend: NCCL between GPUs, gloo on CPU."""
-    return "nccl" if gpu else "gloo"
-
-
 class ActorGroup:
     """The ranks of one role: Ray actors pinned to their bundles, optionally one torch.distributed world."""
 

@@ -10,11 +10,12 @@ import pytest
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-from cluster.actor_group import ActorGroup, DistributedWorker, default_backend
+from cluster.actor_group import ActorGroup, DistributedWorker
 from cluster.placement import place_roles, release
 from cluster.resources import detect_resources
 from trainers.data.sharding import contiguous_bounds
 from trainers.errors import UserError
+from trainers.runtime.dist import backend_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 # Ray workers cannot import this test module by name: ship its classes by value.
@@ -71,7 +72,7 @@ def test_two_ranks_form_a_gloo_world_with_role_names(ray_local):
         rank_kwargs=lambda r: {"offset": r},
         env={"RLHF_TEST_ENV": "yes"},
         torch_threads=1,
-        backend=default_backend(gpu=False),
+        backend=backend_for("cpu"),
     )
     try:
         sums = ray.get(group.map(lambda actor, rank: actor.all_reduce_rank.remote()))

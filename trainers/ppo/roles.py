@@ -15,7 +15,7 @@ from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
 from actors.reward import RewardWorker
 from actors.rollout import RolloutEngine
-from cluster.actor_group import ActorGroup, default_backend
+from cluster.actor_group import ActorGroup
 from cluster.connect import connect
 from cluster.faults import fault_env
 from cluster.placement import RolePlacement, place_roles, release
@@ -23,6 +23,7 @@ from cluster.resources import check_feasible, detect_resources, use_gpu
 from trainers.config import Config
 from trainers.ppo.schedule import derived_seed
 from trainers.ppo.setup import ppo_bundles, role_specs, rollout_kwargs
+from trainers.runtime.dist import backend_for
 
 
 @dataclass
@@ -125,7 +126,7 @@ def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
                 env=faults,
             )
         for role in classes:
-            started[role].init_world(default_backend(gpu))
+            started[role].init_world(backend_for(device))
         ray.get([ref for role in classes for ref in started[role].map(lambda a, _r: a.build.remote())])
         ray.get([a.health.remote() for a in started["rollout"].actors])
     except BaseException:
