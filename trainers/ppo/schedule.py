@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainers.data.collate import collate_lm
+from trainers.data.collate import IGNORE_INDEX, collate_lm
 from trainers.data.sharding import split_sizes
 from trainers.ppo.batch import PtxBatch
+from trainers.runtime.zero import grad_accum_steps
 
 if TYPE_CHECKING:  # annotations only: the actors import this module, and must not import the config
     from trainers.config import PPOConfig
@@ -101,9 +102,9 @@ def step_token_counts(response_mask: torch.Tensor, steps: Sequence[torch.Tensor]
 
 
 def lm_label_count(labels: torch.Tensor) -> int:
-    """Predicted tokens of an LM batch (``labels (b, T)`` aligned with the input ids, -100 = ignored): the
-    loss shifts by one, so column 0 is never a target."""
-    return int((labels[:, 1:] != -100).sum())
+    """Predicted tokens of an LM batch (``labels (b, T)`` aligned with the input ids, ``IGNORE_INDEX`` =
+    ignored): the loss shifts by one, so column 0 is never a target."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 @dataclass
@@ -233,7 +234,7 @@ def plan_training(
     ptx_rows = 0
     if p.ptx_coef > 0:
         per_step = p.policy_workers * p.ptx_batch_size
-        micro_steps = p.mini_batch_size // (p.micro_batch_size * p.policy_workers)
+        micro_steps = grad_accum_steps(p.mini_batch_size, p.micro_batch_size, p.policy_workers)
         ptx = []
         for _ in steps:
             rows = take_rows(ptx_position + ptx_rows, per_step, len(ptx_data), derived_seed(p.seed, 1))

@@ -20,6 +20,7 @@ from trainers.errors import ConfigError, DataError
 from trainers.runs.outdir import check_output_dir
 from trainers.runtime.device import resolve_dtype, vllm_dtype
 from trainers.runtime.models import check_model_dir
+from trainers.runtime.zero import grad_accum_steps
 
 
 @dataclass
@@ -98,7 +99,7 @@ def role_specs(cfg: Config, device: str) -> dict:
         "policy": TrainSpec(
             model_path=sft,
             lr=p.policy_lr,
-            grad_accum=p.mini_batch_size // (p.micro_batch_size * p.policy_workers),
+            grad_accum=grad_accum_steps(p.mini_batch_size, p.micro_batch_size, p.policy_workers),
             clip_eps=p.clip_eps,
             ptx_coef=p.ptx_coef,
             tokenizer_path=str(tokenizer_dir_of(cfg)),
@@ -108,7 +109,7 @@ def role_specs(cfg: Config, device: str) -> dict:
         "critic": TrainSpec(
             model_path=rm,
             lr=p.critic_lr,
-            grad_accum=p.mini_batch_size // (p.micro_batch_size * p.critic_workers),
+            grad_accum=grad_accum_steps(p.mini_batch_size, p.micro_batch_size, p.critic_workers),
             clip_eps=p.value_clip_eps,
             **train,
             **common,
