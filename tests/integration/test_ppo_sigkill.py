@@ -45,16 +45,16 @@ def ppo_command(out: Path, inputs: list[str], *flags: str) -> list[str]:
     ]  # fmt: skip
 
 
+def start(cmd: list[str], sink, **popen) -> subprocess.Popen:
+    """``cmd`` from the repository, output to ``sink``, on its own local Ray and without fault variables."""
+    env = subprocess_env(own_ray=True, no_faults=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, **popen)
+
+
 def run_to_end(cmd: list[str], log: Path) -> str:
     """Run ``cmd`` to completion in its own process group; returns its output; fails on a non-zero exit."""
     with open(log, "w") as sink:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=subprocess_env(own_ray=True, no_faults=True),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+        proc = start(cmd, sink)
         try:
             code = proc.wait(RUN_TIMEOUT_S)
         finally:
@@ -94,14 +94,7 @@ def sigkill_after(cmd: list[str], out: Path, log: Path) -> tuple[list[str], list
     """Start ``cmd`` in a new session; once the iteration-2 checkpoint exists and iteration 3 is logged,
     SIGKILL its process group. Returns (the run's processes at the kill, those still alive 30 s later)."""
     with open(log, "w") as sink:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=subprocess_env(own_ray=True, no_faults=True),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = start(cmd, sink, start_new_session=True)
         try:
             deadline = time.time() + RUN_TIMEOUT_S
             while not ((out / "checkpoints" / "iter_000002").is_dir() and 3 in metric_steps(out)):
