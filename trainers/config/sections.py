@@ -78,7 +78,11 @@ class ModelConfig:
         "tiny", "Architecture preset used when pretraining from scratch (see trainers/runtime/presets.py)."
     )
     tokenizer: str | None = opt(None, "Tokenizer directory (default: model.path, else data.dir/tokenizer).")
-    max_len: int = opt(256, "Longest prompt + response in tokens; longer examples are a data error.", ge=8)
+    chat_template: str | None = opt(
+        None,
+        "Jinja chat-template file to use instead of the tokenizer's own (e.g. for a base model that has none); saved with the trained model.",
+    )
+    max_len: int = opt(256, "Longest prompt + response in tokens; see data.overlong for longer examples.", ge=8)
     dropout: float = opt(
         0.0,
         "Residual/attention dropout while training (InstructGPT SFT used 0.2; always 0 during RL).",
@@ -96,12 +100,27 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
 
 
+_KIND_PATH_DOC = (
+    "Path of the {kind} data instead of data.dir/{kind}/<split>: a .jsonl/.parquet file or a datasets "
+    "save_to_disk directory, with {{split}} standing for train/valid/test."
+)
+
+
 @dataclass
 class DataConfig:
-    """Input data, laid out as `rlhf data synth` writes it: DIR/<kind>/<split>.parquet."""
+    """Input data: DIR/<kind>/<split>.parquet or .jsonl (as `rlhf data synth` writes it), or a path per kind."""
 
     dir: str | None = opt(
         None, "Data directory with demonstrations/, comparisons/, prompts/, pretrain/ sub-directories."
+    )
+    demonstrations: str | None = opt(None, _KIND_PATH_DOC.format(kind="demonstrations"))
+    comparisons: str | None = opt(None, _KIND_PATH_DOC.format(kind="comparisons"))
+    prompts: str | None = opt(None, _KIND_PATH_DOC.format(kind="prompts"))
+    pretrain: str | None = opt(None, _KIND_PATH_DOC.format(kind="pretrain"))
+    overlong: str = opt(
+        "drop",
+        "Examples longer than model.max_len: 'drop' them (counted per kind), 'truncate' the prompt from the left, or 'error'.",
+        choices=("drop", "truncate", "error"),
     )
     synth_scale: float = opt(1.0, "Size multiplier of the synthetic world (demo and tests).", gt=0)
     seed: int = opt(0, "Seed of the synthetic world and of data shuffling.", ge=0)
@@ -157,6 +176,12 @@ class PretrainConfig(TrainStageConfig):
 class SFTConfig(TrainStageConfig):
     """Stage 1: supervised fine-tuning on demonstrations, loss on response tokens only."""
 
+    assistant_turns: str = opt(
+        "final",
+        "Which assistant turns of a multi-turn conversation are targets: the 'final' one, or 'all'.",
+        choices=("final", "all"),
+    )
+
     epochs: int = opt(
         3, "Passes over the demonstrations (InstructGPT: 16 with early stopping on RM score).", ge=1
     )
@@ -209,6 +234,11 @@ class RewardConfig:
 
     path: str | None = opt(None, "Reward model directory (output of `rlhf rm`, its model/ folder).")
     score_clip: float = opt(0.0, "Clip RM scores to +-this before shaping (0: off).", ge=0)
+    missing_eos_penalty: float = opt(
+        0.0,
+        "Subtract this from the score of a response that reached rollout.max_new_tokens without a stop token (0: off).",
+        ge=0,
+    )
 
 
 @dataclass
