@@ -104,6 +104,13 @@ def test_real_config_leaves_the_users_paths_unset(path):
     assert "rlhf pipeline --config trainers/configs/" + path.name in path.read_text()
 
 
+def test_the_configs_the_readme_names_exist():
+    names = {p.name for p in REAL}
+    assert {"qwen2.5-0.5b-1gpu.yaml", "llama3-8b-8gpu.yaml"} <= names
+    readme = (REPO / "README.md").read_text()
+    assert [n for n in names if f"trainers/configs/{n}" not in readme] == []
+
+
 @pytest.mark.parametrize(
     ("name", "overrides", "expected"),
     [
