@@ -25,7 +25,7 @@ def test_validate_ok_prints_one_line_and_warnings_on_stderr(tmp_path, capsys):
     assert main(["data", "validate", "--kind", "prompts", str(a), str(b)]) == 0
     out, err = capsys.readouterr()
     assert out == "OK: 3 records in 2 files\n"
-    assert err == f"{a}:1: field 'colour': unknown field (ignored)\n"
+    assert err == f"{a}:1: field 'colour': extra field (kept)\n"
 
 
 def test_validate_bad_exits_2_with_exactly_the_problem_lines(tmp_path, capsys):

@@ -33,13 +33,19 @@ def _cmp(**fields) -> str:
 # "DIR" -> a directory. A line ending in "..." is compared as a prefix.
 BAD_FILES = [
     ("missing_file", "prompts", "nope.jsonl", None, "{p}: file not found"),
-    ("directory", "prompts", "d.jsonl", "DIR", "{p}: is a directory, expected a data file"),
+    (
+        "directory",
+        "prompts",
+        "d.jsonl",
+        "DIR",
+        "{p}: is a directory, expected a data file (.parquet, .jsonl) or a datasets save_to_disk directory",
+    ),
     (
         "bad_extension",
         "prompts",
         "a.csv",
         "prompt\nhello\n",
-        "{p}: unsupported file extension '.csv'; expected .parquet, .jsonl or .json",
+        "{p}: unsupported file extension '.csv'; expected .parquet, .jsonl, .json or .arrow",
     ),
     ("not_json", "prompts", "a.jsonl", '{"prompt": "a"}\n{"prompt": \n', "{p}:2: not valid JSON (..."),
     (
@@ -234,7 +240,7 @@ BAD_FILES = [
         "prompts",
         "a.parquet",
         pa.table({"prompt": [1, 2]}),
-        "{p}: field 'prompt': column type int64, expected string",
+        "{p}: field 'prompt': column type int64, expected string or list<struct<role: string, content: string>>",
     ),
     (
         "parquet_ranking_double",
@@ -368,22 +374,23 @@ def test_good_files_accepted_and_round_trip(tmp_path, kind, suffix):
 
 def test_unknown_field_is_warned_once_per_file_and_dropped(tmp_path):
     path = tmp_path / "a.jsonl"
-    write_jsonl(path, [{"prompt": "a", "source": "web"}, {"prompt": "b", "source": "x", "lang": "en"}])
-    report = validate_files("prompts", [path])
+    rows = [{"text": "a", "source": "web"}, {"text": "b", "source": "x", "lang": "en"}]
+    write_jsonl(path, rows)
+    report = validate_files("pretrain", [path])
     assert report.ok
     assert report.warnings == [
         f"{path}:1: field 'source': unknown field (ignored)",
         f"{path}:2: field 'lang': unknown field (ignored)",
     ]
-    assert read_records("prompts", [path]) == [{"prompt": "a"}, {"prompt": "b"}]
+    assert read_records("pretrain", [path]) == [{"text": "a"}, {"text": "b"}]
 
 
 def test_unknown_parquet_column_is_warned_for_the_file(tmp_path):
     path = tmp_path / "a.parquet"
-    pq.write_table(pa.table({"prompt": ["a"], "score": [0.5]}), path)
-    report = validate_files("prompts", [path])
+    pq.write_table(pa.table({"text": ["a"], "score": [0.5]}), path)
+    report = validate_files("pretrain", [path])
     assert report.ok and report.warnings == [f"{path}: field 'score': unknown field (ignored)"]
-    assert read_records("prompts", [path]) == [{"prompt": "a"}]
+    assert read_records("pretrain", [path]) == [{"text": "a"}]
 
 
 def test_null_optional_fields_count_as_absent(tmp_path):

@@ -1,4 +1,4 @@
-"""Reading and writing data files: JSON Lines and Parquet, with pyarrow.
+"""Reading and writing data files: JSON Lines, Parquet and ``datasets`` directories, with pyarrow.
 
 These functions only read and write; they do not judge records (that is
 :mod:`trainers.data.validate`). A problem with a whole file (missing, unreadable, not Parquet,
@@ -10,6 +10,12 @@ Formats, chosen by extension:
 - ``.jsonl`` and ``.json``: JSON Lines, one JSON object per line. Blank lines are skipped; a record's
   number is its 1-based line number, so problem lines point at the line to fix. Lines are parsed one
   by one with :mod:`json` (rather than ``pyarrow.json``) so a bad line can be named exactly.
+- ``.arrow``: an Arrow IPC stream (what Hugging Face ``datasets`` writes; the IPC file format is read
+  too), one record per row.
+- a directory written by ``datasets``' ``save_to_disk`` (:func:`dataset_files`): a *Dataset* directory
+  (``state.json`` listing its ``data-*.arrow`` shards under ``_data_files``, ``dataset_info.json``)
+  or a *DatasetDict* directory (``dataset_dict.json`` listing ``splits``, one Dataset directory per
+  split). It is read with pyarrow alone; a record's number is its 1-based row within its shard.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainers.data.schema import output_schema
+from trainers.data.schema import column_values, output_schema
+from trainers.data.sources import DATASET_DICT_JSON, STATE_JSON, dataset_dict_splits, find_split
 from trainers.errors import ConfigError
 
-SUFFIXES: dict[str, str] = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
+SUFFIXES: dict[str, str] = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".arrow": "arrow"}
 PARQUET_BATCH_ROWS = 4096
 
 
@@ -40,22 +47,85 @@ def _one_line(err: BaseException) -> str:
 
 
 def data_path(data_dir: str | os.PathLike | None, kind: str, split: str) -> Path:
-    """``DATA_DIR/<kind>/<split>.parquet``, the layout `rlhf data synth` writes; a ConfigError naming
-    ``data.dir`` when no directory is given."""
+    """The data of ``kind`` for ``split`` in ``DATA_DIR``: ``<kind>/<split>.parquet`` (the layout `rlhf
+    data synth` writes), ``.jsonl`` or a ``save_to_disk`` directory, whichever exists (see
+    :func:`trainers.data.sources.find_split`); the ``.parquet`` path when none does, so that reading it
+    says "file not found". A ConfigError naming ``data.dir`` when no directory is given; a DataError
+    when two of them exist. :func:`trainers.data.sources.kind_paths` also honours ``data.<kind>``."""
     if not data_dir:
         raise ConfigError(
             "data.dir is not set: give the data directory (e.g. the output of `rlhf data synth`)"
         )
-    return Path(data_dir) / kind / f"{split}.parquet"
+    found = find_split(data_dir, kind, split)
+    return found if found is not None else Path(data_dir) / kind / f"{split}.parquet"
 
 
 def file_format(path: str | os.PathLike) -> str:
-    """``"parquet"`` or ``"jsonl"`` from the extension; :class:`FileProblem` for anything else."""
+    """``"parquet"``, ``"jsonl"`` or ``"arrow"`` from the extension; :class:`FileProblem` otherwise."""
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
         shown = f"'{suffix}'" if suffix else "(none)"
-        raise FileProblem(f"unsupported file extension {shown}; expected .parquet, .jsonl or .json")
+        raise FileProblem(f"unsupported file extension {shown}; expected .parquet, .jsonl, .json or .arrow")
     return SUFFIXES[suffix]
+
+
+def _read_json(path: Path) -> object:
+    """A small JSON file of a ``datasets`` directory; :class:`FileProblem` naming it if unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FileProblem(f"{path.name} is not readable JSON ({_one_line(err)})") from None
+
+
+def _dataset_shards(path: Path, where: str) -> list[Path]:
+    """The ``.arrow`` shards of one Dataset directory, in ``state.json`` order (sorted ``data-*.arrow``
+    when there is no ``state.json``); ``where`` prefixes messages about a DatasetDict's split."""
+    state_path = path / STATE_JSON
+    if state_path.is_file():
+        state = _read_json(state_path)
+        entries = state.get("_data_files") if isinstance(state, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "filename" in e for e in entries):
+            raise FileProblem(f"{where}{STATE_JSON} has no '_data_files' list of {{filename}} entries")
+        shards = [path / str(entry["filename"]) for entry in entries]
+        for shard in shards:
+            if not shard.is_file():
+                raise FileProblem(f"{where}{STATE_JSON} lists {shard.name}, which does not exist")
+    else:
+        shards = sorted(path.glob("data-*.arrow"))
+    if not shards:
+        raise FileProblem(f"{where}a datasets save_to_disk directory without data files (no data-*.arrow)")
+    return shards
+
+
+def dataset_files(path: str | os.PathLike) -> list[Path]:
+    """The data files of a ``save_to_disk`` directory: a Dataset's shards, or every split's shards of a
+    DatasetDict (in ``dataset_dict.json`` order). :class:`FileProblem` for a directory that is neither
+    or holds no data files."""
+    p = Path(path)
+    if (p / DATASET_DICT_JSON).is_file():
+        splits = dataset_dict_splits(p)
+        if splits is None:
+            raise FileProblem(f"{DATASET_DICT_JSON} has no 'splits' list")
+        files = []
+        for split in splits:
+            if not (p / split).is_dir():
+                raise FileProblem(f"split '{split}' of {DATASET_DICT_JSON} has no directory {split}/")
+            files += _dataset_shards(p / split, f"split '{split}': ")
+        if not files:
+            raise FileProblem("a datasets save_to_disk directory without data files (no splits)")
+        return files
+    markers = (STATE_JSON, "dataset_info.json")
+    if any((p / name).is_file() for name in markers) or any(p.glob("data-*.arrow")):
+        return _dataset_shards(p, "")
+    raise FileProblem(
+        "is a directory, expected a data file (.parquet, .jsonl) or a datasets save_to_disk directory"
+    )
+
+
+def source_files(path: str | os.PathLike) -> list[Path]:
+    """The data files one input path stands for: itself, or a ``save_to_disk`` directory's shards."""
+    p = Path(path)
+    return dataset_files(p) if p.is_dir() else [p]
 
 
 def check_readable(path: str | os.PathLike) -> None:
@@ -118,6 +188,47 @@ def iter_parquet(path: str | os.PathLike, columns: list[str]) -> Iterator[tuple[
         raise FileProblem(f"not a readable Parquet file ({_one_line(err)})") from None
 
 
+def _open_arrow(source: pa.NativeFile) -> pa.ipc.RecordBatchStreamReader | pa.ipc.RecordBatchFileReader:
+    """An IPC stream reader (``datasets``' format), else an IPC file reader, over an opened file."""
+    try:
+        return pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_file(source)
+
+
+def arrow_schema(path: str | os.PathLike) -> pa.Schema:
+    """The schema of an Arrow IPC file; :class:`FileProblem` if it is not readable Arrow."""
+    check_readable(path)
+    try:
+        with pa.memory_map(str(path)) as source:
+            return _open_arrow(source).schema
+    except (pa.ArrowException, OSError) as err:
+        raise FileProblem(f"not a readable Arrow file ({_one_line(err)})") from None
+
+
+def _arrow_batches(reader) -> Iterator[pa.RecordBatch]:
+    """Record batches of a stream or file reader."""
+    if isinstance(reader, pa.ipc.RecordBatchFileReader):
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+    else:
+        yield from reader
+
+
+def iter_arrow(path: str | os.PathLike, columns: list[str]) -> Iterator[tuple[int, dict]]:
+    """Yield ``(row_no, record)`` (1-based) for each row of an Arrow IPC file, only ``columns``."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            row_no = 0
+            for batch in _arrow_batches(_open_arrow(source)):
+                for record in batch.select(columns).to_pylist():
+                    row_no += 1
+                    yield row_no, record
+    except (pa.ArrowException, OSError) as err:
+        raise FileProblem(f"not a readable Arrow file ({_one_line(err)})") from None
+
+
 def records_to_table(kind: str, records: list[dict], schema: pa.Schema | None = None) -> pa.Table:
     """Validated records of ``kind`` as an Arrow table.
 
@@ -128,11 +239,7 @@ def records_to_table(kind: str, records: list[dict], schema: pa.Schema | None = 
         schema = output_schema(kind, records)
     columns = {}
     for field in schema:
-        values = [record.get(field.name) for record in records]
-        if field.name == "user_id" and pa.types.is_string(field.type):
-            # Mixed integer and string ids share one string column.
-            values = [None if v is None else str(v) for v in values]
-        columns[field.name] = values
+        columns[field.name] = column_values(field.name, field.type, [r.get(field.name) for r in records])
     return pa.Table.from_pydict(columns, schema=schema)
 
 

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trainers.data.io import records_to_table, write_tables_atomic
-from trainers.data.schema import key_field, output_schema
+from trainers.data.schema import key_text, output_schema
 from trainers.data.validate import check_kind, read_records
 from trainers.errors import UserError
 
@@ -186,8 +186,7 @@ def prepare(
     check_prepare_output(out_dir, overwrite)
     records = read_records(kind, paths)
 
-    field = key_field(kind)
-    deduped = [records[i] for i in dedup_by_prefix([r[field] for r in records], prefix_chars)]
+    deduped = [records[i] for i in dedup_by_prefix([key_text(kind, r) for r in records], prefix_chars)]
     users = user_keys(deduped)
     kept_idx = cap_per_user(users, max_per_user)
     kept, kept_users = [deduped[i] for i in kept_idx], [users[i] for i in kept_idx]

@@ -1,50 +1,154 @@
-"""Record schemas of the four data kinds and the per-record checks.
+"""Record schemas of the four data kinds, their file formats, and the per-record checks.
 
-A *record* is one JSON object (JSONL) or one row (Parquet) turned into a Python dict. Each kind has
-required fields; every kind also accepts the optional fields below. Checks return plain messages
-(``"empty or whitespace-only string"``); :mod:`trainers.data.validate` adds the ``PATH:RECORD:
-field 'NAME':`` part.
+A *record* is one JSON object (JSONL) or one row (Parquet, Arrow) turned into a Python dict. Each kind
+can be written in one or two *formats*, detected per file from the fields present (see
+:func:`detect_format`); every kind also accepts the optional fields below. Checks return plain
+messages (``"empty or whitespace-only string"``); :mod:`trainers.data.validate` adds the
+``PATH:RECORD: field 'NAME':`` part.
 
-| kind | required | meaning |
-|---|---|---|
-| ``demonstrations`` | ``prompt: str``, ``response: str`` | a labeler-written answer (SFT) |
-| ``comparisons`` | ``prompt: str``, ``responses: list[str]`` (K >= 2), ``ranking: list[int]`` (length K) | a ranking of K responses (RM); 0 = best, equal = tie, at least two distinct ranks |
-| ``prompts`` | ``prompt: str`` | a prompt for PPO rollouts / evaluation |
-| ``pretrain`` | ``text: str`` | pretraining text (stage 0 and the ptx term) |
+| kind | format | fields | meaning |
+|---|---|---|---|
+| ``demonstrations`` | prompt/response | ``prompt: str``, ``response: str`` | a labeler-written answer (SFT) |
+| | messages | ``messages``: a conversation ending with an assistant turn | multi-turn SFT |
+| ``comparisons`` | responses/ranking | ``prompt``, ``responses: list[str]`` (K >= 2), ``ranking: list[int]`` (length K) | a ranking of K responses (RM); 0 = best, equal = tie, at least two distinct ranks |
+| | chosen/rejected | ``prompt``, ``chosen``, ``rejected`` | a preferred and a dispreferred response (TRL's preference format) |
+| ``prompts`` | prompt | ``prompt`` | a prompt for PPO rollouts / evaluation |
+| | messages | ``messages``: a conversation ending with a user turn | a multi-turn prompt |
+| ``pretrain`` | text | ``text: str`` | pretraining text (stage 0 and the ptx term) |
+
+A *message* is exactly ``{"role": str, "content": str}`` with role ``system`` (first turn only),
+``user`` or ``assistant`` and non-empty content (a key holding null is ignored: Arrow structs write
+nulls for keys other rows have). ``prompt`` is a string in demonstrations; in comparisons and prompts
+it may also be a list of messages ending with a user turn. ``chosen`` / ``rejected`` are strings, or
+(as TRL writes them) lists holding the assistant turn, or whole conversations whose leading turns
+equal the prompt's.
 
 Optional on every kind: ``user_id`` (string or integer; the unit of the per-user cap and of the
 train/valid/test split), ``task`` (string), and, written by the synthetic world on classification
 and closed-QA rows, ``options`` (list of non-empty strings) and ``answer`` (string). A null optional
 field counts as absent (Parquet writes nulls where some rows lack a column); a null required field is
-a problem.
+a problem. Any other field is warned about and dropped, except on prompts, where *extra* fields are
+kept as they are (a reward function may need them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import pyarrow as pa
 
+from trainers.errors import DataError
+
 KINDS: tuple[str, ...] = ("demonstrations", "comparisons", "prompts", "pretrain")
 
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "demonstrations": ("prompt", "response"),
-    "comparisons": ("prompt", "responses", "ranking"),
-    "prompts": ("prompt",),
-    "pretrain": ("text",),
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+"""Message roles; ``system`` only as the first turn."""
+
+
+@dataclass(frozen=True)
+class Format:
+    """One way of writing a kind's records. A file holds one format, told by its fields."""
+
+    name: str
+    """Shown in problem lines: ``prompt/response``, ``messages``, ``chosen/rejected``..."""
+    required: tuple[str, ...]
+    """Fields every record of this format has (output column order)."""
+    signature: tuple[str, ...]
+    """Fields that only this format of the kind has: any of them present selects it."""
+
+
+FORMATS: dict[str, tuple[Format, ...]] = {
+    "demonstrations": (
+        Format("prompt/response", ("prompt", "response"), ("prompt", "response")),
+        Format("messages", ("messages",), ("messages",)),
+    ),
+    "comparisons": (
+        Format("responses/ranking", ("prompt", "responses", "ranking"), ("responses", "ranking")),
+        Format("chosen/rejected", ("prompt", "chosen", "rejected"), ("chosen", "rejected")),
+    ),
+    "prompts": (Format("prompt", ("prompt",), ("prompt",)), Format("messages", ("messages",), ("messages",))),
+    "pretrain": (Format("text", ("text",), ("text",)),),
 }
+"""The formats of each kind; the first is the default (a record with no signature field is checked
+against it) and is the only format before conversations were supported."""
+
+REQUIRED: dict[str, tuple[str, ...]] = {kind: formats[0].required for kind, formats in FORMATS.items()}
+"""Required fields of each kind's default format."""
 
 OPTIONAL: tuple[str, ...] = ("user_id", "task", "options", "answer")
 
+KEEPS_EXTRA: frozenset[str] = frozenset({"prompts"})
+"""Kinds whose records keep fields the schema does not define (passed along to reward functions)."""
 
-def known_fields(kind: str) -> tuple[str, ...]:
-    """All fields a record of ``kind`` may carry: required first, then optional (output column order)."""
-    return REQUIRED[kind] + OPTIONAL
+
+def default_format(kind: str) -> Format:
+    """The format a record without any signature field is checked against."""
+    return FORMATS[kind][0]
+
+
+def format_named(kind: str, name: str) -> Format:
+    """The format of ``kind`` called ``name`` (KeyError for an unknown name: a programming error)."""
+    for fmt in FORMATS[kind]:
+        if fmt.name == name:
+            return fmt
+    raise KeyError(f"{kind} has no format {name!r}")
+
+
+def known_fields(kind: str, fmt: Format | None = None) -> tuple[str, ...]:
+    """Fields a record of ``kind`` in ``fmt`` (default: the kind's default format) may carry: required
+    first, then optional (output column order)."""
+    return (fmt or default_format(kind)).required + OPTIONAL
+
+
+def all_fields(kind: str) -> tuple[str, ...]:
+    """Every field any format of ``kind`` defines, plus the optional ones (no duplicates)."""
+    names = [name for fmt in FORMATS[kind] for name in fmt.required] + list(OPTIONAL)
+    return tuple(dict.fromkeys(names))
+
+
+def detect_format(kind: str, names: Collection[str]) -> tuple[Format, bool, tuple[str, str] | None]:
+    """The format that the field ``names`` (of a record: its non-null keys; of a Parquet file: its
+    columns) select: ``(format, selected, problem)``.
+
+    ``selected`` is False when no signature field is present (the default format is returned, so a
+    record missing everything gets the default's "missing" lines). ``problem`` is a ``(field,
+    message)`` pair when the names hold signature fields of two formats (one record is in one format).
+    """
+    hits = [fmt for fmt in FORMATS[kind] if any(name in names for name in fmt.signature)]
+    if not hits:
+        return default_format(kind), False, None
+    if len(hits) > 1:
+        first, second = hits[0], hits[1]
+        mine = next(n for n in second.signature if n in names)
+        theirs = next(n for n in first.signature if n in names)
+        message = f"given together with '{theirs}'; a record is in one format: {first.name} or {second.name}"
+        return first, True, (mine, message)
+    return hits[0], True, None
 
 
 def key_field(kind: str) -> str:
-    """The text field that identifies a record for deduplication: ``text`` for pretrain, else ``prompt``."""
+    """The text field that identifies a record for deduplication: ``text`` for pretrain, else ``prompt``
+    (default formats; :func:`key_text` covers every format)."""
     return "text" if kind == "pretrain" else "prompt"
+
+
+def key_text(kind: str, record: dict) -> str:
+    """The text that identifies a valid record for deduplication (InstructGPT dedups by prompt).
+
+    ``text`` for pretrain; a string ``prompt`` as it is; a conversation's prompt turns (all turns of a
+    prompts conversation, all but the final assistant turn of a demonstration) without system turns
+    (a system prompt shared by every row must not make them all duplicates), joined by newlines.
+    """
+    if kind == "pretrain":
+        return record["text"]
+    if "messages" in record:
+        turns = record["messages"][:-1] if kind == "demonstrations" else record["messages"]
+    elif isinstance(record["prompt"], str):
+        return record["prompt"]
+    else:
+        turns = record["prompt"]
+    return "\n".join(m["content"] for m in turns if m["role"] != "system")
 
 
 def json_type_name(value: object) -> str:
@@ -145,6 +249,110 @@ def check_user_id(value: object) -> str | None:
     return f"expected a string or integer, got {json_type_name(value)}"
 
 
+# ----------------------------------------------------------------------------------------------------
+# Messages (conversations)
+
+
+def _check_message(message: object, i: int) -> str | None:
+    """One message of a list (``i`` is its 1-based position): ``{role, content}`` strings, a known role,
+    non-empty content; other keys only when null."""
+    if not isinstance(message, dict):
+        return f"message {i} is {json_type_name(message)}, expected an object with 'role' and 'content'"
+    for key in ("role", "content"):
+        if message.get(key) is None:
+            return f"message {i} has no '{key}'"
+        if not isinstance(message[key], str):
+            return f"message {i}: '{key}' is {json_type_name(message[key])}, expected a string"
+    extra = [key for key, value in message.items() if key not in ("role", "content") and value is not None]
+    if extra:
+        return f"message {i} has unknown key '{extra[0]}'; a message is {{role, content}}"
+    if message["role"] not in ROLES:
+        return f"message {i} has unknown role {message['role']!r}; roles are {', '.join(ROLES)}"
+    if not message["content"].strip():
+        return f"message {i} ({message['role']}) has empty or whitespace-only content"
+    return None
+
+
+def _a(role: str) -> str:
+    """``a user``, ``an assistant``: the role with its article."""
+    return f"{'an' if role == 'assistant' else 'a'} {role}"
+
+
+def check_messages(value: object, last: str, need_user: bool = True) -> str | None:
+    """A conversation: a non-empty list of valid messages, ``system`` only first, ending with a ``last``
+    turn (``assistant`` for a demonstration or a reply, ``user`` for a prompt); with ``need_user``, a
+    user turn must come before a final assistant turn (else the prompt would be empty)."""
+    if not isinstance(value, list):
+        return f"expected a list of messages, got {json_type_name(value)}"
+    if not value:
+        return "empty list; expected at least one message"
+    for i, message in enumerate(value, start=1):
+        if (msg := _check_message(message, i)) is not None:
+            return msg
+        if message["role"] == "system" and i > 1:
+            return f"message {i} has role 'system'; a system turn may only come first"
+    if value[-1]["role"] != last:
+        return f"ends with {_a(value[-1]['role'])} turn; it must end with {_a(last)} turn"
+    if last == "assistant" and need_user and not any(m["role"] == "user" for m in value[:-1]):
+        return "no user turn before the final assistant turn"
+    return None
+
+
+def normalise_messages(messages: list) -> list[dict]:
+    """Valid messages as exactly ``{"role", "content"}`` dicts, in that key order (null keys dropped)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def prompt_messages(prompt: str | list) -> list[dict]:
+    """A valid ``prompt`` as a conversation: a string becomes one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else normalise_messages(prompt)
+
+
+def check_conversation_prompt(value: object) -> str | None:
+    """A prompt of a comparison or a prompts record: a non-empty string or messages ending with a user
+    turn. A value that is neither keeps the plain string wording (``expected a string, got integer``)."""
+    return check_messages(value, last="user") if isinstance(value, list) else check_text(value)
+
+
+def check_reply(value: object) -> str | None:
+    """``chosen`` / ``rejected``: a non-empty string, or messages ending with the assistant turn (the
+    turns before it, if any, are compared with the prompt by :func:`check_pair`)."""
+    if isinstance(value, list):
+        return check_messages(value, last="assistant", need_user=False)
+    return check_text(value)
+
+
+def reply_text(reply: str | list, prompt: str | list) -> tuple[str | None, str | None]:
+    """The assistant text of a valid ``chosen`` / ``rejected``: ``(text, None)``, or ``(None, problem)``
+    when a whole conversation's leading turns are not the prompt's."""
+    if isinstance(reply, str):
+        return reply, None
+    head = normalise_messages(reply[:-1])
+    if head and head != prompt_messages(prompt):
+        return None, (
+            f"its first {len(head)} turns do not match 'prompt'; give the assistant turn alone "
+            "or the whole conversation starting with the prompt's turns"
+        )
+    return reply[-1]["content"], None
+
+
+def check_pair(record: dict) -> list[tuple[str, str]]:
+    """Problems of a chosen/rejected record whose fields are individually valid: prompt prefixes that
+    do not match, and a ``rejected`` equal to ``chosen`` (no preference to learn from)."""
+    problems, texts = [], {}
+    for name in ("chosen", "rejected"):
+        texts[name], problem = reply_text(record[name], record["prompt"])
+        if problem is not None:
+            problems.append((name, problem))
+    if not problems and texts["chosen"].strip() == texts["rejected"].strip():
+        problems.append(("rejected", "same text as 'chosen'; a comparison needs two different responses"))
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records
+
+
 CHECKS: dict[str, Callable[[object], str | None]] = {
     "prompt": check_text,
     "response": check_text,
@@ -155,47 +363,98 @@ CHECKS: dict[str, Callable[[object], str | None]] = {
     "user_id": check_user_id,
     "options": check_options,
     "answer": check_any_string,
+    "chosen": check_reply,
+    "rejected": check_reply,
+}
+"""The check of each field, where it does not depend on the kind (see :func:`field_check`)."""
+
+_KIND_CHECKS: dict[tuple[str, str], Callable[[object], str | None]] = {
+    ("demonstrations", "messages"): lambda v: check_messages(v, last="assistant"),
+    ("prompts", "messages"): lambda v: check_messages(v, last="user"),
+    ("comparisons", "prompt"): check_conversation_prompt,
+    ("prompts", "prompt"): check_conversation_prompt,
 }
 
 
-def check_record(kind: str, record: dict, skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+def field_check(kind: str, name: str) -> Callable[[object], str | None]:
+    """The check of field ``name`` in a record of ``kind``."""
+    return _KIND_CHECKS.get((kind, name)) or CHECKS[name]
+
+
+def record_format(kind: str, record: dict) -> tuple[Format, bool, tuple[str, str] | None]:
+    """:func:`detect_format` on a record's non-null fields."""
+    return detect_format(kind, [name for name, value in record.items() if value is not None])
+
+
+def check_record(
+    kind: str, record: dict, skip: frozenset[str] = frozenset(), fmt: Format | None = None
+) -> list[tuple[str, str]]:
     """Problems of one record as ``(field, message)`` pairs, in field order; empty when valid.
 
-    ``skip`` names fields already reported for the whole file (a Parquet column of the wrong type),
-    so they are not reported again on every row. Unknown fields are not problems (see
-    :func:`unknown_fields`).
+    ``fmt`` is the format to check against (default: the one the record's fields select; a record
+    with fields of two formats gets that one problem). ``skip`` names fields already reported for the
+    whole file (a Parquet column of the wrong type), so they are not reported again on every row.
+    Unknown fields are not problems (see :func:`unknown_fields`).
     """
+    if fmt is None:
+        fmt, _, problem = record_format(kind, record)
+        if problem is not None:
+            return [problem]
     problems: list[tuple[str, str]] = []
-    for name in REQUIRED[kind]:
+    for name in fmt.required:
         if name in skip:
             continue
         if name not in record:
             problems.append((name, "missing"))
         elif record[name] is None:
             problems.append((name, "null value"))
-        elif (msg := CHECKS[name](record[name])) is not None:
+        elif (msg := field_check(kind, name)(record[name])) is not None:
             problems.append((name, msg))
     for name in OPTIONAL:
         value = record.get(name)
         if name not in skip and value is not None and (msg := CHECKS[name](value)) is not None:
             problems.append((name, msg))
-    pair = {"responses", "ranking"}
-    # Only meaningful once both lists are individually valid.
-    both_valid = kind == "comparisons" and not skip & pair and not pair & {name for name, _ in problems}
-    if both_valid and (msg := check_ranking_against(record["responses"], record["ranking"])) is not None:
-        problems.append(("ranking", msg))
+    # Cross-field checks, only once the fields involved are individually valid.
+    involved = set(fmt.required) - {"prompt"} if fmt.name == "responses/ranking" else set(fmt.required)
+    if kind == "comparisons" and not skip & involved and not involved & {name for name, _ in problems}:
+        if fmt.name == "chosen/rejected":
+            problems.extend(check_pair(record))
+        elif (msg := check_ranking_against(record["responses"], record["ranking"])) is not None:
+            problems.append(("ranking", msg))
     return problems
 
 
-def unknown_fields(kind: str, record: dict) -> list[str]:
-    """Fields of ``record`` that ``kind`` does not define (warned about and ignored)."""
-    known = set(known_fields(kind))
-    return [name for name in record if name not in known]
+def unknown_fields(kind: str, record: dict, fmt: Format | None = None) -> list[str]:
+    """Fields of ``record`` that ``kind`` in ``fmt`` does not define: warned about and ignored, or, for
+    a kind in :data:`KEEPS_EXTRA`, warned about once and kept (see :func:`clean_record`)."""
+    known, other = set(known_fields(kind, fmt)), set(all_fields(kind))
+    # A null field of the kind's other format is an Arrow artefact (a column other rows fill), not data.
+    return [
+        name for name, value in record.items() if name not in known and not (value is None and name in other)
+    ]
 
 
-def clean_record(kind: str, record: dict) -> dict:
-    """A validated record reduced to its known fields, in schema order, absent optional fields dropped."""
-    return {name: record[name] for name in known_fields(kind) if record.get(name) is not None}
+def clean_record(kind: str, record: dict, fmt: Format | None = None) -> dict:
+    """A validated record reduced to its known fields, in schema order, absent optional fields dropped.
+
+    Messages become exactly ``{role, content}``. Prompts keep their extra fields, after the known
+    ones, as they are (null included: Parquet cannot tell a null from an absent value).
+    """
+    out = {}
+    for name in known_fields(kind, fmt):
+        value = record.get(name)
+        if value is None:
+            continue
+        out[name] = (
+            normalise_messages(value) if name in _MESSAGE_FIELDS and isinstance(value, list) else value
+        )
+    if kind in KEEPS_EXTRA:
+        out.update((name, record[name]) for name in unknown_fields(kind, record, fmt))
+    return out
+
+
+_MESSAGE_FIELDS = frozenset({"messages", "prompt", "chosen", "rejected"})
+"""Fields that may hold a list of messages."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,15 +475,38 @@ def _is_list_of(t: pa.DataType, pred: Callable[[pa.DataType], bool]) -> bool:
     return is_list and (pred(t.value_type) or pa.types.is_null(t.value_type))
 
 
+def _is_messages_type(t: pa.DataType) -> bool:
+    """A list of structs with text ``role`` and ``content`` fields (other struct fields allowed: their
+    values must be null, which the row check sees)."""
+    if not _is_list_of(t, pa.types.is_struct):
+        return False
+    item = t.value_type
+    if pa.types.is_null(item):
+        return True
+    names = {item.field(i).name: item.field(i).type for i in range(item.num_fields)}
+    return all(
+        key in names and (_is_text_type(names[key]) or pa.types.is_null(names[key]))
+        for key in ("role", "content")
+    )
+
+
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+"""The Arrow type of a message list as ``prepare`` writes it (and as ``datasets`` does)."""
+
 _COLUMN_TYPES: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
     "text": ("string", _is_text_type),
     "text_list": ("list<string>", lambda t: _is_list_of(t, _is_text_type)),
     "int_list": ("list<int64>", lambda t: _is_list_of(t, pa.types.is_integer)),
     "user_id": ("string or integer", lambda t: _is_text_type(t) or pa.types.is_integer(t)),
+    "messages": ("list<struct<role: string, content: string>>", _is_messages_type),
+    "text_or_messages": (
+        "string or list<struct<role: string, content: string>>",
+        lambda t: _is_text_type(t) or _is_messages_type(t),
+    ),
 }
 
 _FIELD_COLUMN: dict[str, str] = {
-    "prompt": "text",
+    "prompt": "text_or_messages",  # text only in demonstrations (see check_column_type)
     "response": "text",
     "text": "text",
     "task": "text",
@@ -233,17 +515,22 @@ _FIELD_COLUMN: dict[str, str] = {
     "options": "text_list",
     "ranking": "int_list",
     "user_id": "user_id",
+    "messages": "messages",
+    "chosen": "text_or_messages",
+    "rejected": "text_or_messages",
 }
 
 
-def check_column_type(name: str, arrow_type: pa.DataType) -> str | None:
-    """Whether a Parquet column of a known field has a usable Arrow type; a message if not.
+def check_column_type(name: str, arrow_type: pa.DataType, kind: str | None = None) -> str | None:
+    """Whether a Parquet column of a known field (of ``kind``: a demonstration's ``prompt`` is text
+    only) has a usable Arrow type; a message if not.
 
     An all-null column (type ``null``) passes here; its nulls are reported row by row.
     """
     if pa.types.is_null(arrow_type):
         return None
-    expected, ok = _COLUMN_TYPES[_FIELD_COLUMN[name]]
+    column = "text" if (kind, name) == ("demonstrations", "prompt") else _FIELD_COLUMN[name]
+    expected, ok = _COLUMN_TYPES[column]
     return None if ok(arrow_type) else f"column type {_type_name(arrow_type)}, expected {expected}"
 
 
@@ -254,22 +541,72 @@ def _type_name(t: pa.DataType) -> str:
     return str(t)
 
 
+def _single_format(kind: str, records: list[dict]) -> Format:
+    """The one format of valid ``records`` (the default when there are none); DataError if they mix
+    formats (records read from files of different formats cannot share one output file)."""
+    names: dict[str, Format] = {}
+    for record in records:
+        fmt = record_format(kind, record)[0]
+        names.setdefault(fmt.name, fmt)
+    if len(names) > 1:
+        raise DataError(
+            f"the {kind} records mix the {' and '.join(names)} formats; one output file holds one "
+            "format: prepare the files of each format separately"
+        )
+    return next(iter(names.values()), default_format(kind))
+
+
+def _extra_type(name: str, values: list) -> pa.DataType:
+    """The Arrow type inferred for an extra prompts field; DataError if one column cannot hold them."""
+    try:
+        return pa.array(values).type
+    except (pa.ArrowException, TypeError, ValueError) as err:
+        raise DataError(
+            f"field '{name}': its values cannot be one Parquet column ({str(err).splitlines()[0]})"
+        ) from None
+
+
 def output_schema(kind: str, records: list[dict]) -> pa.Schema:
-    """The Arrow schema written by ``prepare``: required fields, then optional fields any record has.
+    """The Arrow schema written by ``prepare``: the records' format's required fields, then optional
+    fields any record has, then (prompts) extra fields with inferred types.
 
     ``user_id`` is int64 when every id is an integer, otherwise string (integers are written as
-    their decimal text so one column holds both).
+    their decimal text so one column holds both). ``prompt``, ``chosen`` and ``rejected`` are
+    message lists when any record has one there, else strings (see :func:`column_values`).
     """
     types = {"text": pa.string(), "text_list": pa.list_(pa.string()), "int_list": pa.list_(pa.int64())}
+    types["messages"] = MESSAGES_TYPE
+    fmt = _single_format(kind, records)
     present = {name for record in records for name in record}
     fields = []
-    for name in known_fields(kind):
-        if name not in REQUIRED[kind] and name not in present:
+    for name in known_fields(kind, fmt):
+        if name not in fmt.required and name not in present:
             continue
+        column = _FIELD_COLUMN[name]
         if name == "user_id":
             ids = [r["user_id"] for r in records if "user_id" in r]
             arrow_type = pa.int64() if all(_is_int(i) for i in ids) else pa.string()
+        elif column == "text_or_messages":
+            lists = any(isinstance(r.get(name), list) for r in records)
+            arrow_type = MESSAGES_TYPE if lists else pa.string()
         else:
-            arrow_type = types[_FIELD_COLUMN[name]]
-        fields.append(pa.field(name, arrow_type, nullable=name not in REQUIRED[kind]))
+            arrow_type = types[column]
+        fields.append(pa.field(name, arrow_type, nullable=name not in fmt.required))
+    if kind in KEEPS_EXTRA:
+        known = set(known_fields(kind, fmt))
+        extras = dict.fromkeys(name for record in records for name in record if name not in known)
+        for name in extras:
+            fields.append(pa.field(name, _extra_type(name, [r.get(name) for r in records])))
     return pa.schema(fields)
+
+
+def column_values(name: str, arrow_type: pa.DataType, values: list) -> list:
+    """Values of one output column made to fit its type: a string ``prompt`` in a message-list column
+    becomes one user turn, a string ``chosen``/``rejected`` one assistant turn; mixed integer and
+    string ``user_id`` values become strings."""
+    if name == "user_id" and pa.types.is_string(arrow_type):
+        return [None if v is None else str(v) for v in values]
+    if name in ("prompt", "chosen", "rejected") and arrow_type == MESSAGES_TYPE:
+        role = "user" if name == "prompt" else "assistant"
+        return [[{"role": role, "content": v}] if isinstance(v, str) else v for v in values]
+    return values

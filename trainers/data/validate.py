@@ -6,12 +6,19 @@ Every problem is one self-contained line, in one of three forms:
   number in Parquet, the line number in JSON Lines);
 - ``PATH:RECORD: what is wrong`` -- a record as a whole (a line that is not JSON, not an object);
 - ``PATH: what is wrong`` -- a whole file (missing, unreadable, unsupported extension, not Parquet,
-  a Parquet column of the wrong type or missing: ``PATH: field 'NAME': ...``).
+  a Parquet column of the wrong type or missing: ``PATH: field 'NAME': ...``; a ``save_to_disk``
+  directory without data files).
+
+A path may be a ``datasets`` ``save_to_disk`` directory: its ``.arrow`` shards are checked as files of
+their own (PATH is the shard, RECORD its row). Each file's format (:data:`~trainers.data.schema.
+FORMATS`) is the one its first record selects (Parquet and Arrow: its columns); a later record of
+another format is a problem (``field 'messages': a messages record in a file of prompt/response
+records ...``).
 
 At most ``max_problems`` (20) lines are kept, followed by ``... and N more problems``. Unknown
 fields are warnings, not problems (``PATH:RECORD: field 'NAME': unknown field (ignored)``, once per
-file and field; for Parquet ``PATH: field 'NAME': ...`` since a column spans every row).
-A dataset without a single record is a problem too.
+file and field; for Parquet ``PATH: field 'NAME': ...`` since a column spans every row); on prompts
+they are kept (``extra field (kept)``). A dataset without a single record is a problem too.
 """
 
 from __future__ import annotations
@@ -25,20 +32,26 @@ import pyarrow as pa
 
 from trainers.data.io import (
     FileProblem,
+    arrow_schema,
     file_format,
+    iter_arrow,
     iter_jsonl,
     iter_parquet,
     parquet_schema,
     records_to_table,
+    source_files,
 )
 from trainers.data.schema import (
+    KEEPS_EXTRA,
     KINDS,
-    REQUIRED,
+    Format,
+    all_fields,
     check_column_type,
     check_record,
     clean_record,
+    detect_format,
     json_type_name,
-    known_fields,
+    record_format,
     unknown_fields,
 )
 from trainers.errors import DataError
@@ -102,13 +115,44 @@ def check_kind(kind: str) -> None:
 
 
 class _FileChecker:
-    """Checks the records of one file into a report; collects clean records into ``sink`` if given."""
+    """Checks the records of one file into a report; collects ``(format, clean record)`` pairs into
+    ``sink`` if given."""
 
-    def __init__(self, kind: str, path: str, report: ValidationReport, sink: list[dict] | None):
+    def __init__(self, kind: str, path: str, report: ValidationReport, sink: list | None):
         self.kind, self.path, self.report, self.sink = kind, path, report, sink
         self.skip: frozenset[str] = frozenset()  # fields already reported for the whole file
         self.warned: set[str] = set()  # unknown fields already warned about in this file
         self.n_records = 0
+        self.fmt: Format | None = None  # the file's format, once a record (or the columns) chose it
+        self.fmt_from = ""  # where it was chosen: "record 3", "its columns"
+
+    def _unknown(self, where: str, name: str) -> None:
+        """Warn once per file about a field the schema does not define."""
+        if name in self.warned:
+            return
+        self.warned.add(name)
+        what = "extra field (kept)" if self.kind in KEEPS_EXTRA else "unknown field (ignored)"
+        self.report.add_warning(f"{where}: field '{name}': {what}")
+
+    def _format_of(self, rec_no: int, record: dict) -> Format | None:
+        """The format to check ``record`` against; None (with the problem reported) when it holds two
+        formats or is of another format than the file's earlier records."""
+        fmt, selected, problem = record_format(self.kind, record)
+        if problem is not None:
+            self.report.add_problem(f"{self.path}:{rec_no}: field '{problem[0]}': {problem[1]}")
+            return None
+        if not selected:
+            return self.fmt or fmt
+        if self.fmt is None:
+            self.fmt, self.fmt_from = fmt, f"record {rec_no}"
+        elif fmt != self.fmt:
+            name = next(n for n in fmt.signature if record.get(n) is not None)
+            self.report.add_problem(
+                f"{self.path}:{rec_no}: field '{name}': a {fmt.name} record in a file of {self.fmt.name} "
+                f"records ({self.fmt_from}); one file holds one format"
+            )
+            return None
+        return fmt
 
     def record(self, rec_no: int, record: object) -> None:
         """Check one parsed record (any JSON value) and keep it if valid."""
@@ -118,16 +162,16 @@ class _FileChecker:
                 f"{self.path}:{rec_no}: expected a JSON object, got {json_type_name(record)}"
             )
             return
-        problems = check_record(self.kind, record, self.skip)
-        for name, message in problems:
+        fmt = self._format_of(rec_no, record)
+        if fmt is None:
+            return
+        for name, message in check_record(self.kind, record, self.skip, fmt):
             self.report.add_problem(f"{self.path}:{rec_no}: field '{name}': {message}")
-        for name in unknown_fields(self.kind, record):
-            if name not in self.warned:
-                self.warned.add(name)
-                self.report.add_warning(f"{self.path}:{rec_no}: field '{name}': unknown field (ignored)")
+        for name in unknown_fields(self.kind, record, fmt):
+            self._unknown(f"{self.path}:{rec_no}", name)
         # Once anything is wrong the records will not be returned: stop holding them in memory.
         if self.sink is not None and self.report.ok:
-            self.sink.append(clean_record(self.kind, record))
+            self.sink.append((fmt, clean_record(self.kind, record, fmt)))
 
     def jsonl(self) -> None:
         """Check every line of a JSON Lines file."""
@@ -138,32 +182,39 @@ class _FileChecker:
             else:
                 self.record(line_no, value)
 
-    def parquet(self) -> None:
-        """Check the column types of a Parquet file once, then every row."""
-        schema = parquet_schema(self.path)
-        known = known_fields(self.kind)
+    def table(self, schema: pa.Schema, rows) -> None:
+        """Check the column types of a Parquet or Arrow file once, then every row (``rows(columns)``
+        yields ``(row_no, record)``). The columns choose the format unless they hold two formats'
+        fields (then each row's non-null fields do)."""
+        known = all_fields(self.kind)
         skip = set()
         for column in schema:
             if column.name not in known:
-                self.warned.add(column.name)
-                self.report.add_warning(f"{self.path}: field '{column.name}': unknown field (ignored)")
-            elif (message := check_column_type(column.name, column.type)) is not None:
+                self._unknown(self.path, column.name)
+            elif (message := check_column_type(column.name, column.type, self.kind)) is not None:
                 self.report.add_problem(f"{self.path}: field '{column.name}': {message}")
                 skip.add(column.name)
-        for name in REQUIRED[self.kind]:
-            if name not in schema.names:
-                self.report.add_problem(f"{self.path}: field '{name}': missing column")
-                skip.add(name)
+        fmt, selected, problem = detect_format(self.kind, schema.names)
+        if problem is None:
+            if selected:
+                self.fmt, self.fmt_from = fmt, "its columns"
+            for name in fmt.required:
+                if name not in schema.names:
+                    self.report.add_problem(f"{self.path}: field '{name}': missing column")
+                    skip.add(name)
         self.skip = frozenset(skip)
-        columns = [name for name in schema.names if name in known and name not in skip]
-        for row_no, record in iter_parquet(self.path, columns):
+        keep = set(known) | (set(schema.names) if self.kind in KEEPS_EXTRA else set())
+        for row_no, record in rows([name for name in schema.names if name in keep and name not in skip]):
             self.record(row_no, record)
 
     def run(self) -> None:
         """Check the file; a whole-file problem becomes one ``PATH: ...`` line."""
         try:
-            if file_format(self.path) == "parquet":
-                self.parquet()
+            kind_of_file = file_format(self.path)
+            if kind_of_file == "parquet":
+                self.table(parquet_schema(self.path), lambda columns: iter_parquet(self.path, columns))
+            elif kind_of_file == "arrow":
+                self.table(arrow_schema(self.path), lambda columns: iter_arrow(self.path, columns))
             else:
                 self.jsonl()
         except FileProblem as problem:
@@ -174,19 +225,27 @@ class _FileChecker:
 
 
 def _check_files(
-    kind: str, paths: Sequence[str | os.PathLike], max_problems: int, sink: list[dict] | None
+    kind: str, paths: Sequence[str | os.PathLike], max_problems: int, sink: list | None
 ) -> ValidationReport:
-    """Validate every file in order into one report; fill ``sink`` with clean records if given."""
+    """Validate every file in order into one report (a ``save_to_disk`` directory: each of its data
+    files); fill ``sink`` with ``(format, clean record)`` pairs if given."""
     check_kind(kind)
     report = ValidationReport(max_problems=max_problems)
     if not paths:
         report.add_problem("no input files given")
         return report
     for path in paths:
-        checker = _FileChecker(kind, str(path), report, sink)
-        checker.run()
-        report.n_files += 1
-        report.n_records += checker.n_records
+        try:
+            files = source_files(path)
+        except FileProblem as problem:
+            report.add_problem(f"{path}: {problem}")
+            report.n_files += 1
+            continue
+        for file in files:
+            checker = _FileChecker(kind, str(file), report, sink)
+            checker.run()
+            report.n_files += 1
+            report.n_records += checker.n_records
     if report.ok and report.n_records == 0:
         shown = ", ".join(str(p) for p in paths)
         report.add_problem(f"{shown}: no records" if len(paths) == 1 else f"no records in any of: {shown}")
@@ -207,13 +266,22 @@ def validate_files(
 def read_records(
     kind: str, paths: Sequence[str | os.PathLike], *, max_problems: int = MAX_PROBLEMS
 ) -> list[dict]:
-    """Read and validate data files of ``kind``; the records in file order, known fields only.
+    """Read and validate data files of ``kind``; the records in file order, each in its file's format
+    (see :mod:`trainers.data.schema`), known fields only (prompts: extra fields too). Stages that take
+    every format read :func:`trainers.data.conversations.read_conversations` instead.
 
     Raises :class:`DataError` whose ``lines`` are the problem lines (first ``max_problems``, then
     ``... and N more problems``) if anything is wrong. Warnings go to the log, only when the files are
     valid: with problems, the problem lines alone are the message (a failing run prints nothing else).
     """
-    records: list[dict] = []
+    return [record for _, record in read_formatted(kind, paths, max_problems=max_problems)]
+
+
+def read_formatted(
+    kind: str, paths: Sequence[str | os.PathLike], *, max_problems: int = MAX_PROBLEMS
+) -> list[tuple[Format, dict]]:
+    """:func:`read_records` with each record's format (its file's): ``[(format, record), ...]``."""
+    records: list[tuple[Format, dict]] = []
     report = _check_files(kind, paths, max_problems, sink=records)
     if not report.ok:
         lines = report.problem_lines()
