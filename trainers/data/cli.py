@@ -1,6 +1,6 @@
 """``rlhf data``: validate, prepare (InstructGPT hygiene) and synthesise data sets.
 
-    rlhf data validate --kind comparisons data/cmp.jsonl more.parquet
+    rlhf data validate --kind comparisons data/cmp.jsonl more.parquet hf_saved_dir/
     rlhf data prepare --kind prompts raw/*.jsonl --out data/prompts --seed 0
     rlhf data synth --out data/synth --seed 0 --scale 1.0
 
@@ -91,12 +91,13 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate",
         help="check data files against a kind's schema",
-        description="Check data files (.parquet, .jsonl, .json = JSON Lines). Exit 0 and 'OK: N records "
-        "in M files' when valid; otherwise exit 2 and one 'PATH:RECORD: field NAME: problem' line per "
-        "problem (first 20) on stderr.",
+        description="Check data files (.parquet, .jsonl, .json = JSON Lines, .arrow) or datasets save_to_disk "
+        "directories (every split of a DatasetDict); each file's format (e.g. messages or prompt/response) "
+        "is told by its fields. Exit 0 and 'OK: N records in M files' when valid; otherwise exit 2 and one "
+        "'PATH:RECORD: field NAME: problem' line per problem (first 20) on stderr.",
     )
     p.add_argument("--kind", required=True, choices=KINDS, help="data kind (schema) of the files")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="data files")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="data files or save_to_disk directories")
     p.set_defaults(func=cmd_validate)
 
 
@@ -109,7 +110,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "DIR/valid.parquet, DIR/test.parquet so that no user is in two splits.",
     )
     p.add_argument("--kind", required=True, choices=KINDS, help="data kind (schema) of the inputs")
-    p.add_argument("paths", nargs="+", metavar="IN", help="input data files")
+    p.add_argument("paths", nargs="+", metavar="IN", help="input data files or save_to_disk directories")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument(
         "--prefix-chars",
