@@ -80,6 +80,30 @@ CASES: list[Case] = [
     _case("not-parquet", "data", "data validate --kind prompts {fake_parquet}", "not a readable Parquet"),
     _case("unknown-kind", "data", "data validate --kind labels {empty}", "invalid choice: 'labels'"),
     _case(
+        "messages-unknown-role",
+        "data",
+        "data validate --kind demonstrations {unknown_role}",
+        ":1: field 'messages': message 2 has unknown role 'tool'",
+    ),
+    _case(
+        "messages-no-final-assistant",
+        "data",
+        "data validate --kind demonstrations {no_assistant}",
+        ":1: field 'messages': ends with a user turn; it must end with an assistant turn",
+    ),
+    _case(
+        "chosen-equals-rejected",
+        "data",
+        "data validate --kind comparisons {same_pair}",
+        ":2: field 'rejected': same text as 'chosen'",
+    ),
+    _case(
+        "datasets-dir-without-data",
+        "data",
+        "data validate --kind prompts {hf_empty}",
+        "hf_empty: a datasets save_to_disk directory without data files",
+    ),
+    _case(
         "prepare-bad-input",
         "data",
         "data prepare --kind prompts {bad_json} --out {out}",
@@ -335,6 +359,24 @@ def build_inputs(root: Path) -> dict[str, Path]:
     p["dup_ranks"] = _jsonl(
         files / "dup.jsonl", [{"prompt": "p", "responses": ["a", "b"], "ranking": [1, 1]}]
     )
+    p["unknown_role"] = _jsonl(
+        files / "roles.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]}],
+    )
+    p["no_assistant"] = _jsonl(
+        files / "no_assistant.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]
+    )
+    p["same_pair"] = _jsonl(
+        files / "pairs.jsonl",
+        [
+            {"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "q", "chosen": "same", "rejected": "same"},
+        ],
+    )
+    p["hf_empty"] = files / "hf_empty"  # what save_to_disk leaves when its shards are gone
+    p["hf_empty"].mkdir()
+    (p["hf_empty"] / "dataset_info.json").write_text("{}")
+    (p["hf_empty"] / "state.json").write_text(json.dumps({"_data_files": [], "_split": None}))
     p["json_array"] = files / "array.json"
     p["json_array"].write_text('[{"prompt": "p"}]\n')
     p["csv"] = files / "prompts.csv"
