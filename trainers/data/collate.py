@@ -1,4 +1,6 @@
-"""Token-level preparation: encoding with the chat format, left-padded batches for LM, RM and rollouts.
+"""Token-level preparation: pretraining text windows, left-padded batches for LM, RM and rollouts.
+
+Conversations become ids in the model's chat format in :mod:`trainers.data.chat`; this module batches ids.
 
 Every batch is LEFT-padded: the last column holds the last real token of every row, which is where
 generation continues (rollouts) and where the reward model reads its score (docs/ppo_details.md item 7).
@@ -7,10 +9,10 @@ row's first real token sits at position 0 whatever its padding; every collate fu
 those ``position_ids``.
 
 Labels (``collate_lm``) are aligned with ``input_ids``; the model shifts them (logits at ``t``
-predict ``labels[t + 1]``). A label is ``IGNORE_INDEX`` (-100) on padding, on the ``n_prompt``
-prompt tokens, and always on the first real token: under left padding the position before it is
-padding, so nothing real predicts it (for pretraining text, pass ``n_prompt=0``: BOS is masked,
-every later token is a target).
+predict ``labels[t + 1]``). A label is ``IGNORE_INDEX`` (-100) on padding, outside the example's
+targets (after its ``n_prompt`` prompt tokens, or inside its ``(start, end)`` reply spans), and always
+on the first real token: under left padding the position before it is padding, so nothing real
+predicts it (for pretraining text, pass ``n_prompt=0``: BOS is masked, every later token is a target).
 
 Sequences longer than ``max_len`` raise :class:`trainers.errors.DataError` (an over-long prompt is
 a data problem the user must fix; silently truncating would train on broken examples).
@@ -22,26 +24,26 @@ from collections.abc import Sequence
 
 import torch
 
-from trainers.data.tokenizer import format_prompt
 from trainers.errors import DataError
 
 IGNORE_INDEX = -100
 """Label value that the cross-entropy loss skips."""
 
 
-def encode_prompt(tok, prompt: str) -> list[int]:
-    """BOS + the chat-formatted prompt (ends right where the response starts)."""
+def encode_prompt(tok, prompt: str) -> list[int]:  # TODO(issue14): callers move to ChatFormat
+    from trainers.data.tokenizer import format_prompt
+
     return [tok.bos_token_id, *tok.encode(format_prompt(prompt), add_special_tokens=False)]
 
 
-def encode_response(tok, response: str) -> list[int]:
-    """The response's tokens + EOS (the policy learns to stop)."""
+def encode_response(tok, response: str) -> list[int]:  # TODO(issue14): callers move to ChatFormat
     return [*tok.encode(response, add_special_tokens=False), tok.eos_token_id]
 
 
 def encode_text(tok, text: str) -> list[int]:
-    """BOS + text + EOS, for pretraining documents."""
-    return [tok.bos_token_id, *tok.encode(text, add_special_tokens=False), tok.eos_token_id]
+    """``BOS + text + EOS`` for pretraining documents (no BOS when the tokenizer has none, as Qwen's)."""
+    bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+    return [*bos, *tok.encode(text, add_special_tokens=False), tok.eos_token_id]
 
 
 def text_windows(tok, texts: Sequence[str], max_len: int) -> list[list[int]]:
@@ -90,21 +92,32 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return input_ids, attention_mask
 
 
+def target_spans(n_ids: int, targets: int | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Half-open target ranges of an example: ``n_prompt`` (an int: everything after the prompt) or the
+    ``(start, end)`` spans themselves; the first token is never a target."""
+    spans = [(targets, n_ids)] if isinstance(targets, int) else list(targets)
+    return [(max(start, 1), end) for start, end in spans if end > max(start, 1)]
+
+
 def collate_lm(
-    examples: Sequence[tuple[Sequence[int], int]], pad_id: int, max_len: int | None = None
+    examples: Sequence[tuple[Sequence[int], int | Sequence[tuple[int, int]]]],
+    pad_id: int,
+    max_len: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Batch ``(ids, n_prompt)`` pairs for causal-LM training (SFT: prompt + response; ptx: text).
+    """Batch ``(ids, n_prompt or spans)`` examples for causal-LM training (SFT: conversation; ptx: text).
 
     Returns ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels``, all (B, T); labels
-    are ``IGNORE_INDEX`` on padding, on the first ``n_prompt`` tokens and on the first real token.
+    are ``IGNORE_INDEX`` on padding, outside the targets (:func:`target_spans`) and on the first real
+    token.
     """
     check_lengths([len(ids) for ids, _ in examples], max_len)
     input_ids, attention_mask = left_pad([ids for ids, _ in examples], pad_id)  # (B, T)
     labels = torch.full_like(input_ids, IGNORE_INDEX)  # (B, T)
     width = input_ids.shape[1]
-    for row, (ids, n_prompt) in enumerate(examples):
-        first_target = width - len(ids) + max(n_prompt, 1)
-        labels[row, first_target:] = input_ids[row, first_target:]
+    for row, (ids, targets) in enumerate(examples):
+        offset = width - len(ids)
+        for start, end in target_spans(len(ids), targets):
+            labels[row, offset + start : offset + end] = input_ids[row, offset + start : offset + end]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

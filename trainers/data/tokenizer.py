@@ -115,8 +115,13 @@ def train_tokenizer(
     return fast
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer saved by :func:`train_tokenizer` (or any HF fast tokenizer directory)."""
+def load_tokenizer(path: str | Path, chat_template: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """Load a fast tokenizer directory (:func:`train_tokenizer`'s or a real model's) and settle its PAD.
+
+    ``chat_template``: a Jinja file that replaces the tokenizer's own template (``model.chat_template``);
+    it is saved with every model trained from here. A tokenizer without PAD gets one from
+    :func:`choose_pad_token` (the same choice on the driver and in every worker, so all agree).
+    """
     from transformers import PreTrainedTokenizerFast
 
     if not (Path(path) / "tokenizer.json").is_file():
@@ -124,6 +129,41 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             f"{path}: no tokenizer.json (expected a tokenizer directory written by save_pretrained)"
         )
     tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        raise DataError(f"{path}: the tokenizer needs a PAD token distinct from EOS")
+    if chat_template is not None:
+        template = Path(chat_template)
+        if not template.is_file():
+            raise ConfigError(f"model.chat_template='{template}': file not found")
+        tok.chat_template = template.read_text(encoding="utf-8")
+    if tok.eos_token_id is None:
+        raise DataError(f"{path}: the tokenizer has no EOS token (eos_token in tokenizer_config.json)")
+    if tok.pad_token_id is None:
+        tok.pad_token = choose_pad_token(tok)
     return tok
+
+
+def choose_pad_token(tok) -> str:
+    """A PAD for a tokenizer that has none: an added special token the chat template and the stop set do
+    not use (one named like ``pad``, else a ``reserved`` one, as Llama-3 ships), else EOS itself.
+
+    PAD may equal EOS because no mask is built by comparing ids with PAD (docs/ppo_details.md item 2); an
+    unused token is still preferred, so a plain ``AutoModelForSequenceClassification`` (which finds the last
+    token as the last non-PAD one) reads a saved reward model's score at the right place.
+    """
+    used = {tok.bos_token, tok.eos_token}
+    if tok.chat_template:
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        try:
+            rendered = tok.apply_chat_template(probe, tokenize=False)
+        except Exception:  # the template's problems are reported by ChatFormat, with context
+            rendered = ""
+        used |= {t for t in tok.added_tokens_encoder if t in rendered}
+    free = sorted(
+        (added.content for added in tok.added_tokens_decoder.values() if added.special),
+        key=tok.convert_tokens_to_ids,
+    )
+    free = [t for t in free if t not in used]
+    for word in ("pad", "reserved"):
+        named = [t for t in free if word in t.lower()]
+        if named:
+            return named[0]
+    return tok.eos_token
