@@ -63,11 +63,24 @@ def _response_nll(model, examples, backward_scale: float | None = None) -> tuple
     return total, count
 
 
-def test_sft_changes_every_parameter_and_lowers_the_loss(base_run, sft_run):
+def _chat_format(cfg):
+    """The run's tokenizer and chat format, as the stage's driver builds them."""
     from trainers.config import tokenizer_dir
     from trainers.data.tokenizer import load_tokenizer
+    from trainers.stages.sft import chat_format
+
+    tokenizer = load_tokenizer(tokenizer_dir(cfg), cfg.model.chat_template)
+    return tokenizer, chat_format(cfg, tokenizer)
+
+
+def _demonstrations(cfg, split: str) -> list:
+    """``demonstrations/<split>`` as the SFT stage tokenizes it: ``(ids, n_prompt)`` pairs."""
     from trainers.stages.sft import read_demonstrations
 
+    return read_demonstrations(cfg, _chat_format(cfg)[1], split)[0]
+
+
+def test_sft_changes_every_parameter_and_lowers_the_loss(base_run, sft_run):
     before = load_file(base_run.model_dir / "model.safetensors")
     after = load_file(sft_run.model_dir / "model.safetensors")
     assert before.keys() == after.keys()
@@ -84,7 +97,7 @@ def test_sft_changes_every_parameter_and_lowers_the_loss(base_run, sft_run):
     assert {key: value for key, value in info.items() if value} == {}
     assert model.config.use_cache is True and model.config.attention_dropout == 0.0
     cfg = sft_run.cfg
-    valid = read_demonstrations(cfg, load_tokenizer(tokenizer_dir(cfg)), "valid")
+    valid = _demonstrations(cfg, "valid")
     with torch.no_grad():
         nll, count = _response_nll(model.eval(), valid)
     assert nll / count == pytest.approx(sft_run.summary["sft/valid_loss"], rel=WORKER_TOLERANCE)
@@ -98,13 +111,8 @@ def test_first_step_is_the_global_token_mean(base_run, sft_run):
     masking, loss normalisation or sharding makes the numbers differ."""
     import random
 
-    from trainers.config import tokenizer_dir
-    from trainers.data.tokenizer import load_tokenizer
-    from trainers.stages.sft import read_demonstrations
-
     cfg = sft_run.cfg
-    tokenizer = load_tokenizer(tokenizer_dir(cfg))
-    train = read_demonstrations(cfg, tokenizer, "train")  # (prompt + response ids, prompt length)
+    train = _demonstrations(cfg, "train")  # (prompt + response ids, prompt length)
     order = list(range(len(train)))
     random.Random(f"{cfg.sft.seed}:epoch:0").shuffle(order)  # epoch 0; step 1 takes its first G examples
     batch = [train[i] for i in order[: cfg.sft.global_batch_size]]
@@ -170,8 +178,6 @@ def test_reward_model_ranks_held_out_comparisons_and_is_normalised(rm_run, sft_r
     """Accuracy >= 0.75 on comparisons/valid, recomputed here with plain transformers from the saved
     model; the demonstrations' mean score is 0 after normalisation (reward_bias in config.json)."""
     from trainers.algos import ranking_loss
-    from trainers.config import tokenizer_dir
-    from trainers.data.tokenizer import load_tokenizer
     from trainers.stages.rm import (
         NORMALIZE_MAX_DEMOS,
         RMTask,
@@ -185,9 +191,9 @@ def test_reward_model_ranks_held_out_comparisons_and_is_normalised(rm_run, sft_r
     assert summary["rm/valid_accuracy"] >= 0.75
     model = AutoModelForSequenceClassification.from_pretrained(rm_run.model_dir, use_safetensors=True).eval()
     assert model.config.reward_bias == pytest.approx(summary["rm/reward_bias"])
-    tokenizer = load_tokenizer(tokenizer_dir(cfg))
+    tokenizer, fmt = _chat_format(cfg)
     task = RMTask(cfg.model, cfg.rm, tokenizer)
-    valid = read_comparisons(cfg, tokenizer, "valid")
+    valid = read_comparisons(cfg, fmt, "valid")[0]
     correct = pairs = 0.0
     with torch.no_grad():
         for i in range(0, len(valid), 8):
@@ -196,7 +202,7 @@ def test_reward_model_ranks_held_out_comparisons_and_is_normalised(rm_run, sft_r
             batch_pairs = float(pair_counts(batch["ranks"]).sum())
             correct, pairs = correct + float(accuracy) * batch_pairs, pairs + batch_pairs
     assert correct / pairs == pytest.approx(summary["rm/valid_accuracy"], abs=1e-3)
-    demos = normalization_demos(cfg, tokenizer, "train", NORMALIZE_MAX_DEMOS)
+    demos = normalization_demos(cfg, fmt, "train", NORMALIZE_MAX_DEMOS)
     assert abs(_mean_score(model, demos, tokenizer.pad_token_id)) < 0.05
     assert abs(summary["rm/demo_mean_score_after"]) < 0.05
     sft = load_file(sft_run.model_dir / "model.safetensors")

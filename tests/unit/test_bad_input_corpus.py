@@ -127,7 +127,7 @@ CASES: list[Case] = [
     _case(
         "sft-too-long",
         "data",
-        "sft --config {tiny} data.dir={long_demo} model.path={model} --out {out}",
+        "sft --config {tiny} data.dir={long_demo} data.overlong=error model.path={model} --out {out}",
         "more than model.max_len=256",
         out="new",
     ),

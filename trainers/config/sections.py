@@ -82,7 +82,9 @@ class ModelConfig:
         None,
         "Jinja chat-template file to use instead of the tokenizer's own (e.g. for a base model that has none); saved with the trained model.",
     )
-    max_len: int = opt(256, "Longest prompt + response in tokens; see data.overlong for longer examples.", ge=8)
+    max_len: int = opt(
+        256, "Longest prompt + response in tokens; see data.overlong for longer examples.", ge=8
+    )
     dropout: float = opt(
         0.0,
         "Residual/attention dropout while training (InstructGPT SFT used 0.2; always 0 during RL).",

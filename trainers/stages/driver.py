@@ -60,7 +60,7 @@ def validate_stage(spec: StageSpec, cfg: Config, out_dir: str | Path) -> tuple[P
     st = stage_config(cfg, spec.name)
     out = check_output_dir(out_dir)
     spec.check_model(cfg)
-    tokenizer = load_tokenizer(tokenizer_dir(cfg))
+    tokenizer = load_tokenizer(tokenizer_dir(cfg), cfg.model.chat_template)
     data = spec.prepare(cfg, tokenizer)
     steps = plan_steps(len(data.train), st.global_batch_size, st.epochs, st.max_steps)
     if steps[0] == 0:
@@ -100,6 +100,8 @@ def run_stage(spec: StageSpec, cfg: Config, out_dir: str | Path, fresh: bool = F
     metrics = dict(result.metrics or {})
     summary = {k: v for k, v in metrics.items() if k.startswith(f"{spec.name}/")}
     summary[f"{spec.name}/wall_time_s"] = round(time.time() - start, 2)
+    if data.overlong:
+        summary["data/overlong"] = data.overlong
     summary["model_dir"] = str(out / "model")
     atomic_write_json(out / "summary.json", summary)
     print(

@@ -30,7 +30,7 @@ class StagePlan:
     stage_cfg: TrainStageConfig
     """The stage's config section (``cfg.pretrain`` / ``cfg.sft`` / ``cfg.rm``)."""
     model: ModelConfig
-    """The ``model`` config section, ``path`` made absolute."""
+    """The ``model`` config section, ``path`` and ``chat_template`` made absolute."""
     logging: LoggingConfig
     """The ``logging`` config section (rank 0's metrics sinks and progress lines)."""
     run_config: dict
@@ -82,6 +82,8 @@ def make_plan(
     model = dataclasses.replace(cfg.model)
     if model.path:
         model.path = str(Path(model.path).resolve())  # workers may run in another directory
+    if model.chat_template:
+        model.chat_template = str(Path(model.chat_template).resolve())
     return StagePlan(
         stage=spec.name,
         task=spec.task,

@@ -16,9 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainers.config import Config
-from trainers.data import read_records
+from trainers.data import kind_paths, read_conversations
 from trainers.data.collate import text_windows
-from trainers.data.io import data_path
 from trainers.runtime.models import check_model_dir
 from trainers.runtime.presets import get_preset
 from trainers.stages.driver import run_stage
@@ -29,7 +28,7 @@ from trainers.stages.task import PreparedData, StageSpec
 def pretrain_examples(cfg: Config, tokenizer, split: str) -> list[tuple[list[int], int]]:
     """Validated ``pretrain/<split>`` as ``(ids, 0)`` examples: windows of at most ``model.max_len`` tokens
     (:func:`trainers.data.collate.text_windows`)."""
-    records = read_records("pretrain", [data_path(cfg.data.dir, "pretrain", split)])
+    records = read_conversations("pretrain", kind_paths(cfg.data, "pretrain", split))
     return [(ids, 0) for ids in text_windows(tokenizer, [r["text"] for r in records], cfg.model.max_len)]
 
 

@@ -27,11 +27,11 @@ import torch
 
 from trainers.algos import ranking_loss
 from trainers.config import Config
-from trainers.data import read_records
-from trainers.data.collate import collate_rm, encode_prompt, encode_response, left_pad
-from trainers.data.io import data_path
+from trainers.data import kind_paths, read_conversations
+from trainers.data.chat import ChatFormat
+from trainers.data.collate import collate_rm, left_pad
+from trainers.data.examples import Overlong, comparison_examples, report_overlong, where_of
 from trainers.data.sharding import eval_batches
-from trainers.data.validate import length_problems, raise_if_problems
 from trainers.runtime.dist import all_reduce_sum
 from trainers.runtime.models import (
     REWARD_BIAS_KEY,
@@ -41,7 +41,7 @@ from trainers.runtime.models import (
     reward_scores,
 )
 from trainers.stages.driver import run_stage
-from trainers.stages.sft import read_demonstrations
+from trainers.stages.sft import chat_format, read_demonstrations
 from trainers.stages.task import PreparedData, StageSpec, Task
 
 NORMALIZE_MAX_DEMOS = 2048
@@ -146,30 +146,19 @@ def mean_score(model, sequences: list[list[int]], pad_id: int, batch_size: int, 
     return total / max(count, 1.0)
 
 
-def encode_comparisons(tokenizer, records: list[dict]) -> list[tuple[list[int], list[list[int]], list[int]]]:
-    """``(prompt ids, [response ids] * K, ranking)`` per comparison."""
-    return [
-        (
-            encode_prompt(tokenizer, r["prompt"]),
-            [encode_response(tokenizer, response) for response in r["responses"]],
-            list(r["ranking"]),
-        )
-        for r in records
-    ]
+def read_comparisons(cfg: Config, fmt: ChatFormat, split: str) -> tuple[list, Overlong]:
+    """Validated ``comparisons/<split>`` as ``(prompt ids, [response ids] * K, ranking)`` in the model's
+    chat format (each response ends with its end-of-turn token, as a sampled one ends with a stop id),
+    with ``data.overlong`` applied."""
+    paths = kind_paths(cfg.data, "comparisons", split)
+    records = read_conversations("comparisons", paths)
+    where = where_of(paths, "comparisons", split)
+    return comparison_examples(fmt, records, where, cfg.model.max_len, cfg.data.overlong)
 
 
-def read_comparisons(cfg: Config, tokenizer, split: str) -> list:
-    """Validated, tokenized ``comparisons/<split>``; DataError naming rows with an over-long response."""
-    path = data_path(cfg.data.dir, "comparisons", split)
-    groups = encode_comparisons(tokenizer, read_records("comparisons", [path]))
-    longest = [len(prompt) + max(len(r) for r in responses) for prompt, responses, _ in groups]
-    raise_if_problems(length_problems(longest, path, cfg.model.max_len, "prompt + longest response"))
-    return groups
-
-
-def normalization_demos(cfg: Config, tokenizer, split: str, limit: int | None) -> list[list[int]]:
+def normalization_demos(cfg: Config, fmt: ChatFormat, split: str, limit: int | None) -> list[list[int]]:
     """Token ids of demonstrations to score for the bias (a seeded sample of at most ``limit``)."""
-    demos = [ids for ids, _ in read_demonstrations(cfg, tokenizer, split)]
+    demos = [ids for ids, _ in read_demonstrations(cfg, fmt, split)[0]]
     if limit is not None and len(demos) > limit:
         demos = random.Random(f"{cfg.rm.seed}:normalize").sample(demos, limit)
     return demos
@@ -177,12 +166,14 @@ def normalization_demos(cfg: Config, tokenizer, split: str, limit: int | None) -
 
 def prepare(cfg: Config, tokenizer) -> PreparedData:
     """Comparisons (train, valid) and, for normalisation, demonstrations (validated, tokenized)."""
+    fmt = chat_format(cfg, tokenizer)
+    (train, train_counts), (valid, valid_counts) = (read_comparisons(cfg, fmt, s) for s in ("train", "valid"))
     data = PreparedData(
-        train=read_comparisons(cfg, tokenizer, "train"), valid=read_comparisons(cfg, tokenizer, "valid")
+        train=train, valid=valid, overlong=report_overlong([train_counts, valid_counts], cfg.model.max_len)
     )
     if cfg.rm.normalize:
-        data.extra["demos"] = normalization_demos(cfg, tokenizer, "train", NORMALIZE_MAX_DEMOS)
-        data.extra["valid_demos"] = normalization_demos(cfg, tokenizer, "valid", None)
+        data.extra["demos"] = normalization_demos(cfg, fmt, "train", NORMALIZE_MAX_DEMOS)
+        data.extra["valid_demos"] = normalization_demos(cfg, fmt, "valid", None)
     return data
 
 

@@ -2,9 +2,10 @@
 
     rlhf sft --config trainers/configs/tiny.yaml data.dir=/tmp/world model.path=runs/base/model --out runs/sft
 
-Each example is ``BOS + chat-formatted prompt + response + EOS``, left-padded; the loss is the
-token mean of the cross-entropy over **response tokens only** (prompt and padding labels are
-ignored; the EOS is a target, so the model learns to stop), aggregated over the global batch
+Each example is a conversation in the model's own chat template (:mod:`trainers.data.chat`), left-padded;
+the loss is the token mean of the cross-entropy over **reply tokens only** -- the final assistant turn,
+or every one with ``sft.assistant_turns=all`` (prompt and padding labels are ignored; the end-of-turn
+token is a target, so the model learns to stop), aggregated over the global batch
 (:mod:`trainers.stages.worker`). Cosine LR with warm-up, dropout ``model.dropout`` (InstructGPT used
 0.2 on their models), several epochs, validation loss on ``demonstrations/valid`` at each epoch end.
 Summary: ``sft/train_loss`` (mean of the last 10 steps), ``sft/valid_loss``.
@@ -19,18 +20,18 @@ from pathlib import Path
 import torch
 
 from trainers.algos import lm_loss, shift_for_lm
-from trainers.config import Config
-from trainers.data import read_records
-from trainers.data.collate import IGNORE_INDEX, collate_lm, encode_prompt, encode_response
-from trainers.data.io import data_path
-from trainers.data.validate import length_problems, raise_if_problems
+from trainers.config import Config, tokenizer_dir
+from trainers.data import kind_paths, read_conversations
+from trainers.data.chat import ChatFormat, open_chat_format
+from trainers.data.collate import IGNORE_INDEX, collate_lm
+from trainers.data.examples import Overlong, demonstration_examples, report_overlong, where_of
 from trainers.runtime.models import build_causal_lm, check_model_dir, forward_logits
 from trainers.stages.driver import run_stage
 from trainers.stages.task import PreparedData, StageSpec, Task
 
 
 class LMTask(Task):
-    """Causal-LM training: examples are ``(ids, n_prompt)``; units are target tokens."""
+    """Causal-LM training: examples are ``(ids, n_prompt or target spans)``; units are target tokens."""
 
     units_name = "target_tokens"
 
@@ -75,29 +76,35 @@ class LMTask(Task):
         return {"valid_loss": sums["nll"] / max(sums["tokens"], 1.0)}
 
 
-def encode_demonstrations(tokenizer, records: list[dict]) -> list[tuple[list[int], int]]:
-    """``(prompt ids + response ids, number of prompt ids)`` per demonstration."""
-    out = []
-    for record in records:
-        prompt = encode_prompt(tokenizer, record["prompt"])
-        out.append((prompt + encode_response(tokenizer, record["response"]), len(prompt)))
-    return out
+def chat_format(cfg: Config, tokenizer) -> ChatFormat:
+    """The tokenizer's chat format (its template, stop ids); a DataError naming the tokenizer if unusable."""
+    return open_chat_format(tokenizer, tokenizer_dir(cfg), cfg.model.path)
 
 
-def read_demonstrations(cfg: Config, tokenizer, split: str) -> list[tuple[list[int], int]]:
-    """Validated, tokenized ``demonstrations/<split>``; DataError naming over-long rows."""
-    path = data_path(cfg.data.dir, "demonstrations", split)
-    examples = encode_demonstrations(tokenizer, read_records("demonstrations", [path]))
-    lengths = [len(ids) for ids, _ in examples]
-    raise_if_problems(length_problems(lengths, path, cfg.model.max_len, "prompt + response"))
-    return examples
+def read_demonstrations(
+    cfg: Config, fmt: ChatFormat, split: str
+) -> tuple[list[tuple[list[int], list[tuple[int, int]]]], Overlong]:
+    """Validated ``demonstrations/<split>`` as ``(ids, target spans)`` in the model's chat format, with
+    ``data.overlong`` applied; DataError lines name the rows the template cannot render."""
+    paths = kind_paths(cfg.data, "demonstrations", split)
+    records = read_conversations("demonstrations", paths)
+    return demonstration_examples(
+        fmt,
+        records,
+        where_of(paths, "demonstrations", split),
+        cfg.model.max_len,
+        cfg.data.overlong,
+        all_turns=cfg.sft.assistant_turns == "all",
+    )
 
 
 def prepare(cfg: Config, tokenizer) -> PreparedData:
     """Training and validation demonstrations (validated and tokenized on the driver)."""
+    fmt = chat_format(cfg, tokenizer)
+    train, train_counts = read_demonstrations(cfg, fmt, "train")
+    valid, valid_counts = read_demonstrations(cfg, fmt, "valid")
     return PreparedData(
-        train=read_demonstrations(cfg, tokenizer, "train"),
-        valid=read_demonstrations(cfg, tokenizer, "valid"),
+        train=train, valid=valid, overlong=report_overlong([train_counts, valid_counts], cfg.model.max_len)
     )
 
 

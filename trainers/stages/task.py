@@ -22,11 +22,13 @@ class PreparedData:
     """A stage's tokenized data, built on the driver during validation and shipped to the workers."""
 
     train: list
-    """Training examples (their form is the task's: ``(ids, n_prompt)`` or ranked groups)."""
+    """Training examples (their form is the task's: ``(ids, n_prompt or target spans)`` or ranked groups)."""
     valid: list
     """Validation examples, same form."""
     extra: dict[str, list] = field(default_factory=dict)
     """Other sets a task needs (the RM's demonstrations for normalisation)."""
+    overlong: dict[str, dict] = field(default_factory=dict)
+    """What ``data.overlong`` dropped or cut, per file (``summary.json``'s ``data/overlong``)."""
 
 
 @dataclass

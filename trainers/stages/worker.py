@@ -85,7 +85,7 @@ def train_loop(plan: StagePlan) -> dict | None:
     init_distributed(plan.device)
     st = plan.stage_cfg
     data: PreparedData = ray.get(plan.data_ref)
-    tokenizer = load_tokenizer(plan.tokenizer_dir)
+    tokenizer = load_tokenizer(plan.tokenizer_dir, plan.model.chat_template)
     task = plan.task(plan.model, st, tokenizer)
     accum = grad_accum_steps(st.global_batch_size, st.micro_batch_size, world)
     config = ds_config(st.zero_stage, plan.dtype, st.micro_batch_size, accum, world, st.grad_clip)
