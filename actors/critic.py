@@ -5,7 +5,8 @@
     save_state(dir) / load_state(dir)
 
 The value model is the RM's class loaded from the RM directory (docs/ppo_details.md item 23): its scalar head
-applied at every position (``trainers.runtime.models.token_scores``), without the RM's ``reward_bias``. The
+applied at every position plus the RM's ``reward_bias`` (``trainers.runtime.models.token_values``), so before
+the first update the value at a sequence's last real token is the RM's normalised score (item 30). The
 value of response token t is read at the position that predicts it (``actors.base.response_slice``).
 Loss aggregation as for the policy (``actors/policy.py``): ``sum / (N / W)`` per micro-batch with
 the step's global token count N, ``model.backward(loss, scale_wrt_gas=False)``.
@@ -23,7 +24,7 @@ from trainers.algos import loss_normaliser, value_loss
 from trainers.ppo.batch import Experience, TokenBatch
 from trainers.ppo.schedule import RankPlan
 from trainers.runtime.device import torch_dtype
-from trainers.runtime.models import build_value_model, token_scores
+from trainers.runtime.models import build_value_model, token_values
 
 
 class CriticWorker(TrainableWorker):
@@ -41,7 +42,7 @@ class CriticWorker(TrainableWorker):
 
     def _values(self, mb: TokenBatch) -> torch.Tensor:
         """``(m, R)`` values of the response tokens (padding entries are garbage; callers mask)."""
-        per_position = token_scores(self.model, mb.sequences, mb.attention_mask)  # (m, L)
+        per_position = token_values(self.model, mb.sequences, mb.attention_mask)  # (m, L)
         return response_slice(per_position, mb.response_len).float()  # (m, R)
 
     def values(self, shard: TokenBatch) -> torch.Tensor:

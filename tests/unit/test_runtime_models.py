@@ -23,6 +23,7 @@ from trainers.runtime.models import (
     reward_scores,
     set_dropout,
     token_scores,
+    token_values,
 )
 
 
@@ -192,3 +193,24 @@ def test_saved_reward_model_round_trips_with_its_bias(tmp_path, lm_dir, tokenize
         torch.testing.assert_close(
             scores, reward_scores(rm.eval(), ids, mask)
         )  # save_hf updated the live config too
+
+
+def test_critic_starts_with_the_rm_bias_its_last_token_value_is_the_score(tmp_path, lm_dir, tokenizer):
+    """docs/ppo_details.md item 30: before any update the critic's value at each row's last real token equals
+    the RM's score (``reward_bias`` included), and every value carries the bias."""
+    rm = build_reward_model(lm_dir, tokenizer.pad_token_id, seed=3)
+    save_hf(rm, tokenizer, tmp_path / "rm", config_updates={REWARD_BIAS_KEY: 1.25})
+    critic = build_value_model(tmp_path / "rm").eval()  # the critic actor's loader
+    reward = build_value_model(tmp_path / "rm").eval()  # the reward actor's loader
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad, pad, 11, 12, 13, pad], [21, 22, 23, 24, 25, 26], [pad, 31, 32, 33, 34, pad]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        values = token_values(critic, ids, mask)  # (3, 6)
+        scores = reward_scores(reward, ids, mask)  # (3,)
+        raw = token_scores(critic, ids, mask)  # (3, 6)
+    last = torch.tensor([4, 5, 4])
+    torch.testing.assert_close(values[torch.arange(3), last], scores, rtol=0, atol=1e-6)
+    torch.testing.assert_close(values, raw + 1.25)
+    # the head alone would be off by the bias (what the critic started from before item 30)
+    torch.testing.assert_close(scores - raw[torch.arange(3), last], torch.full((3,), 1.25))

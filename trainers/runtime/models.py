@@ -25,9 +25,14 @@ Decisions recorded here:
   normalisation bias (demonstrations' mean score = 0, docs/ppo_details.md item 9) is stored in the saved
   model's ``config.json`` as ``reward_bias`` (a float, default 0.0) and added by
   :func:`reward_scores`. Plain transformers users add ``model.config.reward_bias`` to the logits.
-- **Value model** (docs/ppo_details.md item 23): the same class loaded from the RM directory; per-token values
-  are :func:`token_scores`, without ``reward_bias`` (that is the RM's normalisation of its final
-  score; the critic's head learns whatever offset the returns need).
+- **Value model** (docs/ppo_details.md item 23, 30): the same class loaded from the RM directory; per-token
+  values are :func:`token_values`, the head's output **plus** ``reward_bias``, so before any update the
+  critic's value at a sequence's last real token is exactly the RM's (normalised) score, and its values
+  start on the scale of the returns. The bias stays a constant read from the RM directory's
+  ``config.json`` rather than a new trainable parameter: the class's head has none (adding one to a
+  ZeRO-3-partitioned model means converting it by hand, and the critic would no longer be the RM's
+  class), the trainable function is the RM's as before, and a resumed critic (rebuilt from the same RM
+  directory, then its DeepSpeed checkpoint loaded) gets the same constant.
 """
 
 from __future__ import annotations
@@ -201,7 +206,9 @@ def build_value_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ):
-    """The critic, initialised from the reward model (docs/ppo_details.md item 23), dropout off (item 22)."""
+    """The critic (and the frozen RM of the reward actor): the reward model's class and weights from
+    ``rm_dir`` (docs/ppo_details.md item 23), dropout off (item 22); its ``config.reward_bias`` comes
+    along, which :func:`token_values` adds (item 30)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(str(rm_dir), trust_remote_code=trust_remote_code)
@@ -242,7 +249,8 @@ def _score_head(model) -> torch.nn.Module:
 
 
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` scalar-head output at every position (values for the critic), bias not added.
+    """``(B, T)`` scalar-head output at every position, ``reward_bias`` not added (:func:`token_values`
+    adds it).
 
     transformers' forward pools at the last non-PAD id; we need every position (critic) and a
     pooling driven by the attention mask (RM), so a forward hook captures the head's ``(B, T, 1)``
@@ -268,11 +276,18 @@ def reward_bias(model) -> float:
     return float(getattr(module.config, REWARD_BIAS_KEY, 0.0) or 0.0)
 
 
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` the head's output + ``reward_bias`` at every position: the critic's values
+    (docs/ppo_details.md item 30), and at the last real token the RM's score (:func:`reward_scores`)."""
+    return token_scores(model, input_ids, attention_mask) + reward_bias(model)  # (B, T)
+
+
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` reward: the head's output at each row's last real token (by mask) + ``reward_bias``."""
-    per_token = token_scores(model, input_ids, attention_mask)  # (B, T)
+    """``(B,)`` reward: :func:`token_values` (head output + ``reward_bias``) at each row's last real token
+    (by mask)."""
+    per_token = token_values(model, input_ids, attention_mask)  # (B, T)
     last = last_token_index(attention_mask)  # (B,)
     if bool((last < 0).any()):
         raise ValueError("reward_scores: a row has no real token")
     rows = torch.arange(per_token.shape[0], device=per_token.device)
-    return per_token[rows, last] + reward_bias(model)  # (B,)
+    return per_token[rows, last]  # (B,)
