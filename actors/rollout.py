@@ -23,28 +23,28 @@ first bucket of the k-th weight update this engine process received.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from actors.vllm_ext import WeightReceiver
 from cluster.faults import injector
+from trainers.runtime.models import eos_ids_of
 
 SAMPLING_KEYS = ("n", "max_new_tokens", "temperature", "top_p", "top_k")
 WORKER_EXTENSION = f"{WeightReceiver.__module__}.{WeightReceiver.__qualname__}"
 
 
 def read_eos_ids(model_path: str) -> list[int]:
-    """EOS token ids of a Hugging Face model directory (generation_config.json, else config.json)."""
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_path) / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                return [eos] if isinstance(eos, int) else list(eos)
-    raise ValueError(f"no eos_token_id in {model_path}/generation_config.json or config.json")
+    """EOS token ids of a Hugging Face model directory (``generation_config.json`` and ``config.json``
+    together, :func:`trainers.runtime.models.eos_ids_of`): the stop set of an engine given none.
+
+    The PPO driver and evaluation always pass their own set (``eos_token_ids``), which contains these.
+    """
+    ids = eos_ids_of(model_path)
+    if not ids:
+        raise ValueError(f"no eos_token_id in {model_path}/generation_config.json or config.json")
+    return list(ids)
 
 
 def request_seeds(seed: int, num_prompts: int, n: int) -> list[int]:
@@ -113,6 +113,8 @@ class RolloutEngine:
         """Start the engine from ``model_path`` (a Hugging Face directory; its tokenizer is not needed).
 
         ``seed`` seeds the engine's own sampler (requests without a seed); give every engine its own.
+        ``eos_token_ids``: the stop ids every request stops at (the PPO driver's stop set,
+        docs/ppo_details.md item 28); None reads them from the model directory (:func:`read_eos_ids`).
         """
         start = time.perf_counter()
         self.device = device
@@ -165,8 +167,8 @@ class RolloutEngine:
     ) -> list[dict]:
         """Sample ``sampling['n']`` responses per prompt; one dict per sample, prompt-major order.
 
-        Each dict: ``prompt_index``, ``token_ids`` (response only; ends with EOS when
-        ``finish_reason == 'stop'``), ``logprobs`` (vLLM's log-prob of each sampled token after
+        Each dict: ``prompt_index``, ``token_ids`` (response only; ends with one of ``eos_token_ids``
+        when ``finish_reason == 'stop'``), ``logprobs`` (vLLM's log-prob of each sampled token after
         temperature, for the mismatch metric only, docs/ppo_details.md item 5) and ``finish_reason``
         ('stop' or 'length'). ``seed`` None uses the engine's sampler state; an int makes the
         call reproducible (:func:`request_seeds`).

@@ -56,7 +56,7 @@ def data(world_dir):
     tok = load_tokenizer(world_dir / "tokenizer")
     prompts = [encode_prompt(tok, f"Name {i} animals that live in rivers.") for i in range(4)]
     responses = [encode_response(tok, "Otters, herons and trout." * (i + 1)) for i in range(4)]
-    batch = build_rollout_batch(prompts, responses, tok.pad_token_id, tok.eos_token_id)
+    batch = build_rollout_batch(prompts, responses, tok.pad_token_id, (tok.eos_token_id,))
     ptx_rows = [encode_text(tok, f"The old mill stood by the river for {i} years.") for i in range(2 * WORLD)]
     return {"batch": batch, "ptx_rows": ptx_rows, "pad": tok.pad_token_id}
 

@@ -27,6 +27,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 EOS, BOS, PAD = 2, 1, 0
 FIRST_WORD_ID = 5  # ids 0..4 are special tokens
+STOP_IDS = (EOS, 11)
+"""The engine's stop set: EOS and a word id, standing in for a model with several stop ids (item 28)."""
 TEMPERATURE = 0.7
 
 
@@ -53,7 +55,8 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(ray_local, model_dirs):
-    """One RolloutEngine actor (CPU bundle, named ``test-rollout-0``), started from model A."""
+    """One RolloutEngine actor (CPU bundle, named ``test-rollout-0``), started from model A, stopping on
+    ``STOP_IDS`` as the PPO driver's engines stop on the run's stop set."""
     placements = place_roles({"rollout": [{"CPU": 1.0}]}, colocated=False, timeout_s=60)
     group = ActorGroup(
         RolloutEngine,
@@ -65,6 +68,7 @@ def engine(ray_local, model_dirs):
             "dtype": "float32",
             "kv_cache_memory_bytes": 128 * 2**20,
             "max_model_len": 256,
+            "eos_token_ids": list(STOP_IDS),
         },
         rank_kwargs=lambda rank: {"seed": 1000 + rank},
     )
@@ -105,19 +109,26 @@ def sampling(max_new_tokens=64, n=1, temperature=1.0):
     return {"n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0, "top_k": -1}
 
 
-def test_generate_ends_at_eos_or_max_tokens(engine, model_dirs):
+def test_generate_ends_at_a_stop_id_or_max_tokens(engine, model_dirs):
+    """vLLM stops at the first of any stop id, where the driver's cut ends the response
+    (docs/ppo_details.md item 28)."""
+    from trainers.ppo.batch import cut_at_stop
+
     prompts = make_prompts(model_dirs["vocab"], 8)
     out = ray.get(engine.generate.remote(prompts, sampling(max_new_tokens=64, n=4), 7))
     assert [o["prompt_index"] for o in out] == [i for i in range(8) for _ in range(4)]
+    assert ray.get(engine.health.remote())["eos_token_ids"] == list(STOP_IDS)
     for o in out:
         ids = o["token_ids"]
         assert len(o["logprobs"]) == len(ids) and all(lp <= 0 for lp in o["logprobs"])
+        assert cut_at_stop(ids, STOP_IDS) == ids  # nothing sampled after a stop id
         if o["finish_reason"] == "stop":
-            assert ids[-1] == EOS and EOS not in ids[:-1] and len(ids) <= 64
+            assert ids[-1] in STOP_IDS and len(ids) <= 64
         else:
-            assert o["finish_reason"] == "length" and len(ids) == 64 and EOS not in ids
+            assert o["finish_reason"] == "length" and len(ids) == 64 and not set(STOP_IDS) & set(ids)
     reasons = {o["finish_reason"] for o in out}
-    assert reasons == {"stop", "length"}, reasons  # near-uniform tiny model: P(EOS) ~ 1/320 per token
+    assert reasons == {"stop", "length"}, reasons  # near-uniform tiny model: P(stop) ~ 2/320 per token
+    assert {o["token_ids"][-1] for o in out if o["finish_reason"] == "stop"} == set(STOP_IDS)  # both stop
     # the n samples of one prompt are different draws
     assert len({tuple(o["token_ids"]) for o in out[:4]}) > 1
 

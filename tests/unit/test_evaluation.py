@@ -318,3 +318,28 @@ def test_cli_bad_judge_before_loading(capsys, tmp_path):
     assert rc == 2 and len(err) == 1 and "unknown judge 'human'" in err[0]
     rc, err = _run_cli(capsys, [*base, "--judge", f"rm:{tmp_path / 'no_rm'}"])
     assert rc == 2 and len(err) == 1 and "--judge reward model" in err[0]
+
+
+# --- stop ids (docs/ppo_details.md item 28) -----------------------------------------------------------
+
+
+class IdsTokenizer:
+    """Toy tokenizer: EOS 2, PAD 0; decodes ids as space-separated numbers."""
+
+    eos_token_id, pad_token_id, bos_token_id = 2, 0, 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def test_decode_cuts_before_the_first_stop_id_of_the_set():
+    tok = IdsTokenizer()
+    rows = [[5, 9, 6, 2], [5, 6, 2, 9], [5, 6]]
+    assert generation.decode_responses(tok, rows, stop_ids=(2, 9)) == ["5", "5 6", "5 6"]
+    assert generation.decode_responses(tok, rows) == ["5 9 6", "5 6", "5 6"]  # fallback: the tokenizer's EOS
+
+
+def test_hf_generation_stops_on_every_stop_id():
+    tok = IdsTokenizer()
+    assert generation._generation_config(tok, 8, 1.0, stop_ids=(9, 2, 9)).eos_token_id == [2, 9]
+    assert generation._generation_config(tok, 8, 0.0).eos_token_id == [2]

@@ -1,4 +1,5 @@
-"""trainers/ppo/batch.py: the rollout layout, the cut at EOS, and the typed batches' row operations."""
+"""trainers/ppo/batch.py: the rollout layout, the cut at the first stop id, and the typed batches' row
+operations."""
 
 from __future__ import annotations
 
@@ -13,19 +14,28 @@ from trainers.ppo import batch
 from trainers.ppo.batch import Experience, Rollout, TokenBatch
 
 PAD, EOS = 0, 2
+STOPS = (EOS,)
+EOT = 9  # a second stop id, e.g. a chat template's end-of-turn token
 
 
-def test_cut_at_eos_keeps_first_eos_and_drops_the_rest():
-    assert batch.cut_at_eos([5, 6, EOS, 7, EOS], EOS) == [5, 6, EOS]
-    assert batch.cut_at_eos([5, 6, 7], EOS) == [5, 6, 7]
-    assert batch.cut_at_eos([EOS, 5], EOS) == [EOS]
+def test_cut_at_stop_keeps_first_stop_and_drops_the_rest():
+    assert batch.cut_at_stop([5, 6, EOS, 7, EOS], STOPS) == [5, 6, EOS]
+    assert batch.cut_at_stop([5, 6, 7], STOPS) == [5, 6, 7]
+    assert batch.cut_at_stop([EOS, 5], STOPS) == [EOS]
+
+
+def test_cut_at_stop_ends_at_the_first_of_any_stop_id():
+    """docs/ppo_details.md item 28: whichever stop id comes first ends the response."""
+    assert batch.cut_at_stop([5, EOT, 6, EOS], (EOS, EOT)) == [5, EOT]
+    assert batch.cut_at_stop([5, EOS, 6, EOT], (EOT, EOS)) == [5, EOS]
+    assert batch.cut_at_stop([5, EOT, 6], STOPS) == [5, EOT, 6]  # EOT is not a stop id here
 
 
 def test_rollout_batch_left_pads_prompts_right_pads_responses():
     prompts = [[11, 12, 13], [21]]
     responses = [[31, EOS, 99], [41, 42, 43]]  # the 99 after EOS must disappear
     b = batch.build_rollout_batch(
-        prompts, responses, PAD, EOS, vllm_logprobs=[[-1.0, -2.0, -9.0], [-3.0, -4.0, -5.0]]
+        prompts, responses, PAD, STOPS, vllm_logprobs=[[-1.0, -2.0, -9.0], [-3.0, -4.0, -5.0]]
     )
     # P = 3, R = 3 (second response, no EOS: truncated at max_new_tokens, kept whole)
     assert b.tokens.sequences.tolist() == [[11, 12, 13, 31, EOS, PAD], [PAD, PAD, 21, 41, 42, 43]]
@@ -43,15 +53,23 @@ def test_rollout_batch_left_pads_prompts_right_pads_responses():
     ]
 
 
-def test_rollout_batch_rejects_pad_equal_eos_and_unpaired_lists():
-    with pytest.raises(ValueError, match="PAD and EOS"):
-        batch.build_rollout_batch([[1]], [[2]], pad_id=EOS, eos_id=EOS)
+def test_rollout_batch_with_pad_equal_eos_masks_by_length():
+    """docs/ppo_details.md item 2: PAD == EOS is fine, the EOS that ends a response stays a real token."""
+    b = batch.build_rollout_batch([[5, 6], [7]], [[8, EOS, 3], [9, 4]], pad_id=EOS, stop_ids=STOPS)
+    assert b.tokens.sequences.tolist() == [[5, 6, 8, EOS], [EOS, 7, 9, 4]]
+    assert b.tokens.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    assert b.tokens.response_mask.tolist() == [[1, 1], [1, 1]]  # the final EOS is counted
+
+
+def test_rollout_batch_rejects_unpaired_lists_and_no_stop_ids():
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
-        batch.build_rollout_batch([[1], [1]], [[3]], PAD, EOS)
+        batch.build_rollout_batch([[1], [1]], [[3]], PAD, STOPS)
+    with pytest.raises(ValueError, match="no stop ids"):
+        batch.build_rollout_batch([[1]], [[3]], PAD, ())
 
 
 def test_rollout_batch_empty_responses_keep_one_masked_column():
-    b = batch.build_rollout_batch([[5]], [[]], PAD, EOS)
+    b = batch.build_rollout_batch([[5]], [[]], PAD, STOPS)
     assert b.tokens.response_mask.tolist() == [[0]]
     assert b.tokens.sequences.shape == (1, 2)
     assert b.vllm_logprobs is None

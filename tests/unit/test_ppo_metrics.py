@@ -15,15 +15,30 @@ from trainers.ppo.experience import ExperiencePasses
 
 def test_rollout_metrics():
     rollout = batch.build_rollout_batch(
-        [[5], [5]], [[6, 2], [6, 7, 8]], pad_id=0, eos_id=2, vllm_logprobs=[[-1.0, -1.0], [-1.0, -1.0, -1.0]]
+        [[5], [5]],
+        [[6, 2], [6, 7, 8]],
+        pad_id=0,
+        stop_ids=(2,),
+        vllm_logprobs=[[-1.0, -1.0], [-1.0, -1.0, -1.0]],
     )
     old = torch.tensor([[-1.0, -1.5, 0.0], [-1.0, -1.0, -0.9]])
-    m = metrics.rollout_metrics(rollout, eos_id=2, old_logprobs=old, ref_logprobs=old - 0.25)
+    m = metrics.rollout_metrics(rollout, stop_ids=(2,), old_logprobs=old, ref_logprobs=old - 0.25)
     assert m["rollout/response_length"] == 2.5
     assert m["rollout/eos_rate"] == 0.5
     assert m["rollout/vllm_logprob_diff"] == pytest.approx(0.6 / 5)
     assert m["rollout/vllm_logprob_diff_max"] == pytest.approx(0.5)
     assert m["rollout/ref_logprob_diff"] == pytest.approx(0.25)
+
+
+def test_eos_rate_counts_every_stop_id():
+    """docs/ppo_details.md item 28: a response ending on any stop id counts as stopped; PAD == EOS changes
+    nothing (the last token is found from the mask)."""
+    stops = (2, 9)
+    responses = [[6, 2], [6, 9], [6, 7, 8], [7, 7], [9]]
+    rollout = batch.build_rollout_batch([[5]] * 5, responses, pad_id=2, stop_ids=stops)
+    m = metrics.rollout_metrics(rollout, stops)
+    assert m["rollout/eos_rate"] == pytest.approx(3 / 5)
+    assert metrics.rollout_metrics(rollout, (2,))["rollout/eos_rate"] == pytest.approx(1 / 5)
 
 
 def test_objective_metrics_match_definitions():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from cluster.resources import RoleRequest
 from trainers.config import config_from_dict
 from trainers.data.io import write_parquet
-from trainers.data.tokenizer import train_tokenizer
+from trainers.data.tokenizer import load_tokenizer, train_tokenizer
 from trainers.errors import ConfigError, DataError
 from trainers.ppo import setup
 
@@ -47,8 +48,49 @@ def test_validate_run_encodes_prompts_and_ptx(inputs, tmp_path):
     out, data = setup.validate_run(make_cfg(inputs, ptx_coef=1.0), tmp_path / "out")
     assert len(data.prompts) == 20 and data.prompts[0][0] == 1  # BOS first
     assert data.ptx and all(len(ids) <= 64 for ids in data.ptx)
-    assert data.pad_id != data.eos_id
+    assert data.stop_ids == (2,)  # the tokenizer's </s>; the model dir's config.json names none
     assert not out.exists()  # validation writes nothing
+
+
+def _model_dir(root: Path, generation: dict | None, config: dict) -> Path:
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(config))
+    if generation is not None:
+        (root / "generation_config.json").write_text(json.dumps(generation))
+    return root
+
+
+def test_stop_ids_are_the_union_of_tokenizer_generation_config_and_config(inputs, tmp_path):
+    """docs/ppo_details.md item 28: one sorted set, each id once."""
+    tok = load_tokenizer(inputs["data"] / "tokenizer")  # eos_token_id 2
+    both = _model_dir(tmp_path / "both", {"eos_token_id": [7, 2, 5]}, {"eos_token_id": 3})
+    assert setup.stop_ids_for(tok, both) == (2, 3, 5, 7)
+    only_config = _model_dir(tmp_path / "config", None, {"eos_token_id": [4]})
+    assert setup.stop_ids_for(tok, only_config) == (2, 4)
+    assert setup.stop_ids_for(tok, _model_dir(tmp_path / "none", {}, {})) == (2,)
+
+
+def test_bad_stop_ids_are_config_errors_naming_the_file(inputs, tmp_path):
+    tok = load_tokenizer(inputs["data"] / "tokenizer")
+    with pytest.raises(ConfigError, match="generation_config.json: eos_token_id must be an int or a list"):
+        setup.stop_ids_for(tok, _model_dir(tmp_path / "str", {"eos_token_id": "</s>"}, {}))
+    with pytest.raises(ConfigError, match="eos_token_id 100000 is outside the tokenizer's vocabulary"):
+        setup.stop_ids_for(tok, _model_dir(tmp_path / "far", {"eos_token_id": 100000}, {}))
+    broken = _model_dir(tmp_path / "broken", None, {})
+    (broken / "generation_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="generation_config.json: not readable JSON"):
+        setup.stop_ids_for(tok, broken)
+
+
+def test_validate_run_takes_the_stop_ids_of_the_policy_dir(inputs, tmp_path):
+    sft = tmp_path / "sft"
+    shutil.copytree(inputs["sft"], sft)
+    (sft / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 6]}))
+    cfg = make_cfg(inputs)
+    cfg.model.path = str(sft)
+    _, data = setup.validate_run(cfg, tmp_path / "out")
+    assert data.stop_ids == (2, 6)
+    assert setup.rollout_kwargs(cfg, "cpu", data.stop_ids)["eos_token_ids"] == [2, 6]  # what vLLM stops on
 
 
 def test_validate_run_skips_ptx_when_off(inputs, tmp_path):
@@ -90,7 +132,7 @@ def test_role_specs_give_each_actor_its_model_and_batch_shape(inputs):
 def test_rollout_kwargs_cpu_uses_a_fixed_kv_cache(inputs):
     cfg = make_cfg(inputs)
     cfg.rollout.kv_cache_mb = 96
-    kwargs = setup.rollout_kwargs(cfg, "cpu")
+    kwargs = setup.rollout_kwargs(cfg, "cpu", (2,))
     assert kwargs["dtype"] == "float32" and kwargs["max_model_len"] == 64
     assert kwargs["kv_cache_memory_bytes"] == 96 * 2**20
     assert not kwargs["enable_sleep_mode"]

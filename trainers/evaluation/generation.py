@@ -2,6 +2,10 @@
 
 A *model directory* is a Hugging Face ``save_pretrained`` folder with safetensors and a tokenizer; a
 stage's output directory (holding ``model/``) is accepted too (:func:`resolve_model_dir`).
+
+Stop ids (docs/ppo_details.md item 28): every function takes the run's stop set as ``stop_ids``, which both
+ends generation (HF ``eos_token_id`` list, vLLM ``stop_token_ids``) and cuts the decoded text; without it
+the tokenizer's ``eos_token_id`` alone is used.
 """
 
 from __future__ import annotations
@@ -58,25 +62,34 @@ def _check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], limit: int) -> No
             raise DataError(f"prompt {i} is {len(ids)} tokens long; at most {limit} fit before the response")
 
 
-def decode_responses(tok, token_lists: Sequence[Sequence[int]]) -> list[str]:
-    """Response texts: each token list cut at its first EOS, special tokens dropped, stripped."""
+def resolve_stop_ids(tok, stop_ids: Sequence[int] | None = None) -> list[int]:
+    """``stop_ids`` as a sorted list of distinct ids; None or empty: ``[tok.eos_token_id]``."""
+    return sorted(set(stop_ids)) if stop_ids else [tok.eos_token_id]
+
+
+def decode_responses(
+    tok, token_lists: Sequence[Sequence[int]], stop_ids: Sequence[int] | None = None
+) -> list[str]:
+    """Response texts: each token list cut before its first stop id (:func:`resolve_stop_ids`), special
+    tokens dropped, stripped."""
+    stops = set(resolve_stop_ids(tok, stop_ids))
     texts = []
     for ids in token_lists:
         ids = list(ids)
-        if tok.eos_token_id in ids:
-            ids = ids[: ids.index(tok.eos_token_id)]
-        texts.append(tok.decode(ids, skip_special_tokens=True).strip())
+        end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        texts.append(tok.decode(ids[:end], skip_special_tokens=True).strip())
     return texts
 
 
-def _generation_config(tok, max_new_tokens: int, temperature: float):
-    """Plain ancestral sampling at ``temperature`` (no top-k/top-p: the policy's own distribution), or greedy."""
+def _generation_config(tok, max_new_tokens: int, temperature: float, stop_ids: Sequence[int] | None = None):
+    """Plain ancestral sampling at ``temperature`` (no top-k/top-p: the policy's own distribution), or greedy;
+    generation ends at any of the stop ids (:func:`resolve_stop_ids`)."""
     from transformers import GenerationConfig
 
     sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
-        eos_token_id=tok.eos_token_id,
+        eos_token_id=resolve_stop_ids(tok, stop_ids),
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         do_sample=temperature > 0,
@@ -94,13 +107,15 @@ def generate_ids_hf(
     temperature: float,
     seed: int,
     batch_size: int,
+    stop_ids: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt from transformers ``generate`` on LEFT-padded batches with masks.
 
     Batch ``k`` is sampled after ``torch.manual_seed(seed + k)``, so outputs depend only on the seed,
-    the prompts and the batch size. Rows that stopped early are padded after their EOS.
+    the prompts and the batch size. Rows that stopped early (at any of ``stop_ids``) are padded after
+    their stop id.
     """
-    config = _generation_config(tok, max_new_tokens, temperature)
+    config = _generation_config(tok, max_new_tokens, temperature, stop_ids)
     device = next(model.parameters()).device
     out: list[list[int]] = []
     for k, start in enumerate(range(0, len(prompt_ids), batch_size)):
@@ -123,19 +138,23 @@ def generate_ids_vllm(
     temperature: float,
     seed: int,
     device: str,
+    stop_ids: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt from an in-process vLLM engine (the rollout actor's class, no Ray).
 
     Uses :class:`actors.rollout.RolloutEngine` so evaluation starts vLLM exactly as PPO's rollouts do
     (on CPU: in-process ``uni`` executor, a KV cache given in bytes). Request seeds follow
-    :func:`actors.rollout.request_seeds`, so outputs do not depend on batching. A script that uses
-    this backend on GPU needs an ``if __name__ == "__main__":`` guard (vLLM spawns processes there).
+    :func:`actors.rollout.request_seeds`, so outputs do not depend on batching. ``stop_ids`` (None: the
+    engine reads the model directory's eos ids) end every response. A script that uses this backend on
+    GPU needs an ``if __name__ == "__main__":`` guard (vLLM spawns processes there).
     """
     import gc
 
     from actors.rollout import RolloutEngine
 
-    kwargs = {"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if device == "cpu" else {}
+    kwargs: dict = {"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_BYTES} if device == "cpu" else {}
+    if stop_ids:
+        kwargs["eos_token_ids"] = sorted(set(stop_ids))
     engine = RolloutEngine(
         str(model_dir), seed=seed, device=device, dtype=vllm_dtype(resolve_dtype("auto", device)), **kwargs
     )
@@ -165,12 +184,15 @@ def generate(
     batch_size: int = 32,
     backend: str = "hf",
     device: str | None = None,
+    stop_ids: Sequence[int] | None = None,
 ) -> list[str]:
-    """One response per prompt from the causal LM in ``model_dir`` (decoded, cut at EOS, stripped).
+    """One response per prompt from the causal LM in ``model_dir`` (decoded, cut before its first stop
+    id, stripped).
 
     ``temperature`` 0 is greedy decoding; > 0 samples from the full distribution at that temperature
     (the default 1.0: see the module docstring). ``backend`` ``hf`` (transformers, left padding) or
-    ``vllm`` (in-process engine; starting it costs ~20 s on CPU).
+    ``vllm`` (in-process engine; starting it costs ~20 s on CPU). ``stop_ids``: the stop set (the module
+    docstring); None: the tokenizer's EOS.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown generation backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -182,16 +204,23 @@ def generate(
         tok = load_tokenizer(path)
         prompt_ids = [encode_prompt(tok, p) for p in prompts]
         _check_prompt_lengths(prompt_ids, _positions_of(path) - max_new_tokens)
+        stops = resolve_stop_ids(tok, stop_ids)
         ids = generate_ids_vllm(
-            path, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, device=device
+            path,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            device=device,
+            stop_ids=stops,
         )
-        return decode_responses(tok, ids)
+        return decode_responses(tok, ids, stops)
     model, tok = load_causal_lm(path, device)
     prompt_ids = [encode_prompt(tok, p) for p in prompts]
     _check_prompt_lengths(prompt_ids, _max_prompt_len(model, max_new_tokens))
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
-    ids = generate_ids_hf(model, tok, prompt_ids, batch_size=batch_size, **sampling)
-    return decode_responses(tok, ids)
+    ids = generate_ids_hf(model, tok, prompt_ids, batch_size=batch_size, stop_ids=stop_ids, **sampling)
+    return decode_responses(tok, ids, stop_ids)
 
 
 def read_prompts(path: str | Path, n: int | None = None) -> list[str]:

@@ -1,9 +1,10 @@
 """The data that crosses between the driver and the actors, typed: token batches, rollouts, experience.
 
 Shapes: N rows (sequences), P prompt columns, R response columns, L = P + R. Row i is prompt i left-padded to
-P, then response i (cut after its first EOS) right-padded to R (docs/ppo_details.md item 1, 4); response token
-t sits at column ``P + t``. Every tensor is on the CPU when it crosses Ray (dataclasses of tensors pickle as
-they are).
+P, then response i (cut after its first stop id) right-padded to R (docs/ppo_details.md item 1, 4, 28);
+response token t sits at column ``P + t``. Every tensor is on the CPU when it crosses Ray (dataclasses of
+tensors pickle as they are). Masks come from lengths, never from comparing ids with PAD, so PAD may equal a
+stop id (docs/ppo_details.md item 2).
 
 Pure: torch only, no Ray, DeepSpeed or vLLM, so the actors import these types without the driver.
 """
@@ -59,7 +60,7 @@ class TokenBatch(_Rows):
     attention_mask: torch.Tensor
     """``(N, P+R)`` long: 1 on every real token of prompt and response."""
     response_mask: torch.Tensor
-    """``(N, R)`` long: 1 on the response tokens up to and including EOS."""
+    """``(N, R)`` long: 1 on the response tokens up to and including the first stop id."""
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -128,31 +129,32 @@ class PtxBatch(_Rows):
         return self.input_ids.shape[0]
 
 
-def cut_at_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
-    """Response tokens up to and including the first EOS (docs/ppo_details.md item 4); unchanged if there is
-    none."""
-    tokens = list(tokens)
-    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """Response tokens up to and including the first of any stop id (docs/ppo_details.md item 4, 28);
+    unchanged if there is none."""
+    tokens, stops = list(tokens), set(stop_ids)
+    end = next((i for i, t in enumerate(tokens) if t in stops), None)
+    return tokens if end is None else tokens[: end + 1]
 
 
 def build_rollout_batch(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     pad_id: int,
-    eos_id: int,
+    stop_ids: Sequence[int],
     vllm_logprobs: Sequence[Sequence[float]] | None = None,
 ) -> Rollout:
-    """The :class:`Rollout` of these prompts and responses: each response cut after its first EOS, masks
-    from the lengths, vLLM's log-probs (if given) aligned with the cut responses.
+    """The :class:`Rollout` of these prompts and responses: each response cut after its first stop id,
+    masks from the lengths, vLLM's log-probs (if given) aligned with the cut responses.
 
-    PAD must not be EOS (docs/ppo_details.md item 2): masks come from lengths here, but every model pass
-    downstream trusts them.
+    ``pad_id`` only fills the padding, which every mask excludes, so it may be a stop id too
+    (docs/ppo_details.md item 2).
     """
-    if pad_id == eos_id:
-        raise ValueError("PAD and EOS must be different tokens (docs/ppo_details.md item 2)")
+    if not stop_ids:
+        raise ValueError("no stop ids: a response could never end (docs/ppo_details.md item 28)")
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    cut = [cut_at_eos(r, eos_id) for r in responses]
+    cut = [cut_at_stop(r, stop_ids) for r in responses]
     n, p_len = len(prompts), max(len(p) for p in prompts)
     r_len = max(1, max(len(r) for r in cut))  # at least one column so shapes stay valid
     sequences = torch.full((n, p_len + r_len), pad_id, dtype=torch.long)  # (N, P+R)

@@ -7,7 +7,7 @@ Ray actor groups (policy, critic, reference, reward, vLLM rollout) and does the 
 One iteration (docs/design.md, "PPO-ptx data flow"):
 
 1. generate   (:func:`sample_rollouts`) prompts -> vLLM engines (n samples each, a seed per engine and
-              iteration) -> responses cut after their first EOS;
+              iteration, the run's stop ids) -> responses cut after their first stop id;
 2. experience (:func:`make_experience`) old log-probs (the trained policy), reference log-probs, RM
               scores, values, all in flight together; then KL -> shaped rewards -> GAE -> advantages
               whitened over the batch;
@@ -83,8 +83,9 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
 
 def sample_rollouts(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> Rollout:
     """Phase 1: this iteration's prompts, split over the engines (own seed each, docs/ppo_details.md item 6),
-    n samples per prompt; returns the rollout (:func:`trainers.ppo.batch.build_rollout_batch`, vLLM log-probs
-    included). A lost engine is restarted and the phase retried (:func:`with_engine_recovery`)."""
+    n samples per prompt; returns the rollout (:func:`trainers.ppo.batch.build_rollout_batch`: cut at
+    ``data.stop_ids``, vLLM log-probs included). A lost engine is restarted and the phase retried
+    (:func:`with_engine_recovery`)."""
     rows = take_rows(state.prompt_position, cfg.ppo.prompts_per_iteration, len(data.prompts), cfg.ppo.seed)
     prompts = [data.prompts[i] for i in rows]
     r = cfg.rollout
@@ -113,7 +114,7 @@ def sample_rollouts(roles: Roles, cfg: Config, data: RunData, state: DriverState
         repeated,
         [s["token_ids"] for s in samples],
         data.pad_id,
-        data.eos_id,
+        data.stop_ids,
         [s["logprobs"] for s in samples],
     )
 
@@ -145,7 +146,7 @@ def score_rollout(roles: Roles, tokens: TokenBatch) -> ExperiencePasses:
 
 
 def make_experience(
-    roles: Roles, cfg: Config, rollout: Rollout, eos_id: int, kl_coef: float
+    roles: Roles, cfg: Config, rollout: Rollout, stop_ids: tuple[int, ...], kl_coef: float
 ) -> tuple[Experience, dict[str, float]]:
     """Phase 2: the passes over the rollout (:func:`score_rollout`), then KL -> shaped rewards -> GAE ->
     whitened advantages (:func:`trainers.ppo.experience.compute_advantages`); returns what the training
@@ -156,7 +157,7 @@ def make_experience(
     passes = score_rollout(roles, rollout.tokens)
     p = cfg.ppo
     adv = compute_advantages(mask, passes, kl_coef, p.kl_estimator, p.gamma, p.lam, cfg.reward.score_clip)
-    metrics = rollout_metrics(rollout, eos_id, passes.old_logprobs, passes.ref_logprobs)
+    metrics = rollout_metrics(rollout, stop_ids, passes.old_logprobs, passes.ref_logprobs)
     metrics |= objective_metrics(adv, passes.scores, mask, kl_coef)
     return build_experience(rollout.tokens, passes, adv), metrics
 
@@ -206,7 +207,7 @@ def run_iteration(
         rollout = sample_rollouts(roles, cfg, data, state)
         state.prompt_position += cfg.ppo.prompts_per_iteration
     with timed(timings, "experience"):
-        experience, metrics = make_experience(roles, cfg, rollout, data.eos_id, kl_ctl.value)
+        experience, metrics = make_experience(roles, cfg, rollout, data.stop_ids, kl_ctl.value)
     with timed(timings, "train"):
         plan = plan_training(
             cfg.ppo,
@@ -258,7 +259,7 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
     prepare_output(out, dump_yaml(cfg), fresh)
     p = cfg.ppo
     clock = time.perf_counter()
-    roles = start_roles(cfg, device, run_name=f"ppo-{uuid.uuid4().hex[:6]}")
+    roles = start_roles(cfg, device, run_name=f"ppo-{uuid.uuid4().hex[:6]}", stop_ids=data.stop_ids)
     print(f"ppo: actors ready in {time.perf_counter() - clock:.1f}s", flush=True)
     kl_ctl = algos.make_kl_controller(
         "adaptive" if p.adaptive_kl else "fixed", p.kl_coef, p.kl_target, p.kl_horizon

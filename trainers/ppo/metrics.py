@@ -20,20 +20,22 @@ from trainers.runs.progress import format_number
 
 def rollout_metrics(
     rollout: Rollout,
-    eos_id: int,
+    stop_ids: Sequence[int],
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """``rollout/*``: mean response length, share of responses that ended with EOS, and -- when vLLM's
-    log-probs are present -- their mismatch with the trained policy's (docs/ppo_details.md item 5, 26): mean
-    and max absolute difference over real response tokens. ``rollout/ref_logprob_diff`` is the same mean for
+    """``rollout/*``: mean response length; ``eos_rate``, the share of responses whose last token is one
+    of ``stop_ids`` (docs/ppo_details.md item 28); and -- when vLLM's log-probs are present -- their
+    mismatch with the trained policy's (item 5, 26): mean and max absolute difference over real response
+    tokens. ``rollout/ref_logprob_diff`` is the same mean for
     policy vs reference: once the policy has moved, a weight sync that did not reach vLLM shows up as a vLLM
     mismatch of that size."""
     mask = rollout.tokens.response_mask
     lengths = mask.sum(-1)  # (N,)
     last = algos.last_token_index(mask).clamp(min=0)  # (N,)
-    responses = rollout.tokens.responses()  # (N, R)
-    ended = (responses.gather(1, last.unsqueeze(1)).squeeze(1) == eos_id) & (lengths > 0)
+    last_ids = rollout.tokens.responses().gather(1, last.unsqueeze(1)).squeeze(1)  # (N,)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=last_ids.dtype)
+    ended = torch.isin(last_ids, stops) & (lengths > 0)  # (N,)
     out = {
         "rollout/response_length": float(lengths.float().mean()),
         "rollout/eos_rate": float(ended.float().mean()),

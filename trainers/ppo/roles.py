@@ -4,6 +4,7 @@ check that the cluster can ever hold them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +87,10 @@ def role_classes() -> dict[str, type]:
     }
 
 
-def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
+def start_roles(cfg: Config, device: str, run_name: str, stop_ids: Sequence[int]) -> Roles:
     """Place every role, start its actors, form the torch.distributed worlds, build the models.
+
+    ``stop_ids``: the run's stop set, given to every vLLM engine (:func:`trainers.ppo.setup.rollout_kwargs`).
 
     The vLLM engines start first (the slowest to come up) and load in the background while the
     DeepSpeed ranks build; one ``ray.get`` waits for everything. A failed start kills what it started
@@ -109,7 +112,7 @@ def start_roles(cfg: Config, device: str, run_name: str) -> Roles:
             placements["rollout"],
             run_name=run_name,
             init_args=(str(Path(cfg.model.path).resolve()),),
-            init_kwargs=rollout_kwargs(cfg, device),
+            init_kwargs=rollout_kwargs(cfg, device, stop_ids),
             rank_kwargs=lambda rank: {"seed": derived_seed(cfg.ppo.seed, 10_000 + rank)},
             torch_threads=threads,
             env=faults,

@@ -5,6 +5,7 @@ each role is given -- its spec, the rollout engines' arguments, its resource req
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from trainers.data.validate import MAX_PROBLEMS, raise_if_problems
 from trainers.errors import ConfigError, DataError
 from trainers.runs.outdir import check_output_dir
 from trainers.runtime.device import resolve_dtype, vllm_dtype
-from trainers.runtime.models import check_model_dir
+from trainers.runtime.models import check_model_dir, eos_ids_of
 from trainers.runtime.zero import grad_accum_steps
 
 
@@ -32,7 +33,34 @@ class RunData:
     ptx: list[list[int]]
     """Pretraining text windows of at most ``model.max_len`` tokens (empty when ptx is off)."""
     pad_id: int
-    eos_id: int
+    """Fills padding only (masks come from lengths), so it may equal a stop id (docs/ppo_details.md item 2)."""
+    stop_ids: tuple[int, ...]
+    """The run's one stop set (:func:`stop_ids_for`): vLLM stops on it, the driver cuts at its first id,
+    ``rollout/eos_rate`` counts it (docs/ppo_details.md item 28)."""
+
+
+def stop_ids_for(tokenizer, model_dir: str | os.PathLike) -> tuple[int, ...]:
+    """The stop ids of a run, sorted: the tokenizer's ``eos_token_id`` and every ``eos_token_id`` of the
+    policy directory's ``generation_config.json`` / ``config.json``
+    (:func:`trainers.runtime.models.eos_ids_of`; vLLM stops on those by itself, so the set must hold them).
+
+    A set that is empty, or holds an id outside the tokenizer's vocabulary, is a :class:`ConfigError`.
+    """
+    ids = set(eos_ids_of(model_dir))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ConfigError(
+            f"model.path='{model_dir}': no stop token: neither the tokenizer nor generation_config.json / "
+            "config.json names an eos_token_id"
+        )
+    outside = sorted(i for i in ids if not 0 <= i < len(tokenizer))
+    if outside:
+        raise ConfigError(
+            f"model.path='{model_dir}': eos_token_id {outside[0]} is outside the tokenizer's vocabulary "
+            f"(size {len(tokenizer)})"
+        )
+    return tuple(sorted(ids))
 
 
 def encode_train_prompts(cfg: Config, tokenizer) -> list[list[int]]:
@@ -55,10 +83,11 @@ def encode_train_prompts(cfg: Config, tokenizer) -> list[list[int]]:
 
 def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData]:
     """Everything the user can get wrong, except resources, checked before anything starts or is
-    written: output directory, both model directories (config.json + safetensors), tokenizer (PAD !=
-    EOS, the same in the RM directory), prompts and -- with ``ppo.ptx_coef > 0`` -- the pretraining text."""
+    written: output directory, both model directories (config.json + safetensors), tokenizer (the same in
+    the RM directory), the stop ids (:func:`stop_ids_for`), prompts and -- with ``ppo.ptx_coef > 0`` -- the
+    pretraining text."""
     out = check_output_dir(out_dir)
-    check_model_dir(cfg.model.path, "model.path")
+    model_dir = check_model_dir(cfg.model.path, "model.path")
     rm_dir = check_model_dir(cfg.reward.path, "reward.path")
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
     rm_tokenizer = load_tokenizer(rm_dir) if (rm_dir / "tokenizer.json").is_file() else None
@@ -67,6 +96,7 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
             f"reward.path='{rm_dir}' has another tokenizer than the policy ({tokenizer_dir(cfg)}); the reward "
             "model must read the policy's token ids (docs/ppo_details.md item 7)"
         )
+    stop_ids = stop_ids_for(tokenizer, model_dir)
     prompts = encode_train_prompts(cfg, tokenizer)
     ptx: list[list[int]] = []
     if cfg.ppo.ptx_coef > 0:
@@ -74,7 +104,7 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
         ptx = text_windows(tokenizer, [r["text"] for r in records], cfg.model.max_len)
         if not ptx:
             raise DataError("ppo.ptx_coef > 0 but pretrain/train holds no text")
-    return out, RunData(prompts, ptx, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return out, RunData(prompts, ptx, tokenizer.pad_token_id, stop_ids)
 
 
 def role_specs(cfg: Config, device: str) -> dict:
@@ -124,10 +154,13 @@ def tokenizer_dir_of(cfg: Config) -> Path:
     return tokenizer_dir(cfg).resolve()
 
 
-def rollout_kwargs(cfg: Config, device: str) -> dict:
-    """Keyword arguments of every :class:`actors.rollout.RolloutEngine` (the seed is added per engine)."""
+def rollout_kwargs(cfg: Config, device: str, stop_ids: Sequence[int]) -> dict:
+    """Keyword arguments of every :class:`actors.rollout.RolloutEngine` (the seed is added per engine):
+    ``stop_ids`` are the run's stop set (``RunData.stop_ids``), so vLLM stops exactly where the driver cuts
+    (docs/ppo_details.md item 28); a restarted engine gets the same arguments."""
     dtype = vllm_dtype(resolve_dtype(cfg.model.dtype, device))
     kwargs = {
+        "eos_token_ids": list(stop_ids),
         "device": device,
         "dtype": dtype,
         "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
