@@ -46,6 +46,8 @@ REQUIRED_METRICS = [
     "value/clipfrac",
     "rollout/response_length",
     "rollout/eos_rate",
+    "rollout/truncated_rate",
+    "objective/penalised_responses",
     "rollout/vllm_logprob_diff",
     "timing/generate",
     "timing/experience",
@@ -68,6 +70,10 @@ def test_every_iteration_logged_with_namespaced_metrics(ppo_run):
         assert all(math.isfinite(record[k]) for k in REQUIRED_METRICS)
         assert all(record[k] > 0 for k in REQUIRED_METRICS if k.startswith("timing/"))
         assert record["loss/ptx"] > 0  # ptx_coef > 0: the pretraining LM loss is part of every step
+        # vLLM's finish reasons reach the driver: every response stopped on the stop set or hit the length
+        # limit (docs/ppo_details.md item 28, 29); reward.missing_eos_penalty is off, so none is penalised
+        assert record["rollout/eos_rate"] + record["rollout/truncated_rate"] == pytest.approx(1.0)
+        assert record["objective/penalised_responses"] == 0.0
 
 
 def test_step0_sanity_kl_zero_and_ratio_one(ppo_run):

@@ -110,9 +110,9 @@ def sampling(max_new_tokens=64, n=1, temperature=1.0):
 
 
 def test_generate_ends_at_a_stop_id_or_max_tokens(engine, model_dirs):
-    """vLLM stops at the first of any stop id, where the driver's cut ends the response
-    (docs/ppo_details.md item 28)."""
-    from trainers.ppo.batch import cut_at_stop
+    """vLLM stops at the first of any stop id, and the driver's cut and truncation flags agree with its
+    finish reasons (docs/ppo_details.md item 28, 29)."""
+    from trainers.ppo.batch import build_rollout_batch, cut_at_stop
 
     prompts = make_prompts(model_dirs["vocab"], 8)
     out = ray.get(engine.generate.remote(prompts, sampling(max_new_tokens=64, n=4), 7))
@@ -129,6 +129,14 @@ def test_generate_ends_at_a_stop_id_or_max_tokens(engine, model_dirs):
     reasons = {o["finish_reason"] for o in out}
     assert reasons == {"stop", "length"}, reasons  # near-uniform tiny model: P(stop) ~ 2/320 per token
     assert {o["token_ids"][-1] for o in out if o["finish_reason"] == "stop"} == set(STOP_IDS)  # both stop
+    rollout = build_rollout_batch(
+        [prompts[o["prompt_index"]] for o in out],
+        [o["token_ids"] for o in out],
+        PAD,
+        STOP_IDS,
+        finish_reasons=[o["finish_reason"] for o in out],
+    )
+    assert rollout.truncated.tolist() == [o["finish_reason"] == "length" for o in out]
     # the n samples of one prompt are different draws
     assert len({tuple(o["token_ids"]) for o in out[:4]}) > 1
 

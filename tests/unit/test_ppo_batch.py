@@ -1,5 +1,5 @@
-"""trainers/ppo/batch.py: the rollout layout, the cut at the first stop id, and the typed batches' row
-operations."""
+"""trainers/ppo/batch.py: the rollout layout, the cut at the first stop id, truncation flags, and the typed
+batches' row operations."""
 
 from __future__ import annotations
 
@@ -61,9 +61,23 @@ def test_rollout_batch_with_pad_equal_eos_masks_by_length():
     assert b.tokens.response_mask.tolist() == [[1, 1], [1, 1]]  # the final EOS is counted
 
 
+def test_rollout_batch_marks_truncated_responses_from_finish_reasons():
+    """docs/ppo_details.md item 29: finish reason 'length' and no stop id = truncated."""
+    responses = [[5, EOS], [5, 6, 7], [5, EOT], [6, 6, 6], [EOS]]
+    reasons = ["stop", "length", "stop", "stop", "length"]
+    b = batch.build_rollout_batch([[1]] * 5, responses, PAD, (EOS, EOT), finish_reasons=reasons)
+    # row 3 stopped for another reason (no stop id, not 'length'); row 4 hit the limit on a stop id
+    assert b.truncated.tolist() == [False, True, False, False, False]
+    assert b.truncated.dtype == torch.bool
+    assert b.rows(torch.tensor([1, 0])).truncated.tolist() == [True, False]  # a row field like the others
+    assert batch.build_rollout_batch([[1]], [[5]], PAD, STOPS).truncated is None
+
+
 def test_rollout_batch_rejects_unpaired_lists_and_no_stop_ids():
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         batch.build_rollout_batch([[1], [1]], [[3]], PAD, STOPS)
+    with pytest.raises(ValueError, match="1 responses but 2 finish reasons"):
+        batch.build_rollout_batch([[1]], [[3]], PAD, STOPS, finish_reasons=["stop", "stop"])
     with pytest.raises(ValueError, match="no stop ids"):
         batch.build_rollout_batch([[1]], [[3]], PAD, ())
 

@@ -44,6 +44,38 @@ def test_compute_advantages_score_clip():
     assert adv.rewards.tolist() == [[1.0], [-0.5]]  # the clipped score is the one rewarded
 
 
+def test_missing_eos_penalty_lowers_exactly_the_truncated_scores_before_shaping():
+    """docs/ppo_details.md item 29: the penalty reaches the reward on the last real token of the truncated
+    rows only; the passes' raw scores are left alone."""
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    zeros = torch.zeros(3, 2)
+    raw = torch.tensor([1.0, 1.0, 0.5])
+    passes = ExperiencePasses(zeros, zeros, raw, zeros)
+    truncated = torch.tensor([True, False, True])
+    adv = experience.compute_advantages(
+        mask, passes, 0.0, truncated=truncated, missing_eos_penalty=0.75, gamma=1.0, lam=1.0
+    )
+    assert adv.scores.tolist() == [0.25, 1.0, -0.25]
+    assert adv.penalised.tolist() == [True, False, True]
+    assert adv.rewards.tolist() == [[0.0, 0.25], [1.0, 0.0], [0.0, -0.25]]
+    assert adv.returns.tolist() == [[0.25, 0.25], [1.0, 0.0], [-0.25, -0.25]]
+    assert raw.tolist() == [1.0, 1.0, 0.5]
+    off = experience.compute_advantages(mask, passes, 0.0, truncated=truncated, missing_eos_penalty=0.0)
+    assert off.scores.tolist() == [1.0, 1.0, 0.5] and not off.penalised.any()
+    unknown = experience.compute_advantages(mask, passes, 0.0, truncated=None, missing_eos_penalty=0.75)
+    assert unknown.scores.tolist() == [1.0, 1.0, 0.5]
+
+
+def test_missing_eos_penalty_comes_after_the_score_clip():
+    """A clip never cancels the penalty: 5 -> clip 1 -> 1 - 0.5."""
+    mask, zeros = torch.ones(2, 1), torch.zeros(2, 1)
+    passes = ExperiencePasses(zeros, zeros, torch.tensor([5.0, 5.0]), zeros)
+    adv = experience.compute_advantages(
+        mask, passes, 0.0, score_clip=1.0, truncated=torch.tensor([True, False]), missing_eos_penalty=0.5
+    )
+    assert adv.scores.tolist() == [0.5, 1.0]
+
+
 def test_build_experience_takes_rollout_time_logprobs_and_the_processed_values():
     tokens = TokenBatch(
         torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), torch.ones(1, 2)

@@ -25,20 +25,42 @@ def test_rollout_metrics():
     m = metrics.rollout_metrics(rollout, stop_ids=(2,), old_logprobs=old, ref_logprobs=old - 0.25)
     assert m["rollout/response_length"] == 2.5
     assert m["rollout/eos_rate"] == 0.5
+    assert "rollout/truncated_rate" not in m  # no finish reasons in this rollout
     assert m["rollout/vllm_logprob_diff"] == pytest.approx(0.6 / 5)
     assert m["rollout/vllm_logprob_diff_max"] == pytest.approx(0.5)
     assert m["rollout/ref_logprob_diff"] == pytest.approx(0.25)
 
 
-def test_eos_rate_counts_every_stop_id():
-    """docs/ppo_details.md item 28: a response ending on any stop id counts as stopped; PAD == EOS changes
-    nothing (the last token is found from the mask)."""
+def test_eos_rate_counts_every_stop_id_and_truncated_rate_the_length_stops():
+    """docs/ppo_details.md item 28, 29: a response ending on any stop id counts as stopped; PAD == EOS
+    changes nothing (the last token is found from the mask)."""
     stops = (2, 9)
     responses = [[6, 2], [6, 9], [6, 7, 8], [7, 7], [9]]
-    rollout = batch.build_rollout_batch([[5]] * 5, responses, pad_id=2, stop_ids=stops)
+    reasons = ["stop", "stop", "length", "length", "stop"]
+    rollout = batch.build_rollout_batch(
+        [[5]] * 5, responses, pad_id=2, stop_ids=stops, finish_reasons=reasons
+    )
     m = metrics.rollout_metrics(rollout, stops)
     assert m["rollout/eos_rate"] == pytest.approx(3 / 5)
+    assert m["rollout/truncated_rate"] == pytest.approx(2 / 5)
     assert metrics.rollout_metrics(rollout, (2,))["rollout/eos_rate"] == pytest.approx(1 / 5)
+
+
+def test_objective_metrics_log_the_raw_score_and_the_penalised_count():
+    mask = torch.ones(3, 1)
+    zeros = torch.zeros(3, 1)
+    raw = torch.tensor([1.0, 2.0, 3.0])
+    exp = experience.compute_advantages(
+        mask,
+        ExperiencePasses(zeros, zeros, raw, zeros),
+        kl_coef=0.1,
+        truncated=torch.tensor([True, False, True]),
+        missing_eos_penalty=1.0,
+    )
+    m = metrics.objective_metrics(exp, raw, mask, 0.1)
+    assert m["objective/score"] == 2.0  # raw, before the penalty
+    assert m["objective/score_used"] == pytest.approx((0.0 + 2.0 + 2.0) / 3)
+    assert m["objective/penalised_responses"] == 2.0
 
 
 def test_objective_metrics_match_definitions():

@@ -84,6 +84,9 @@ class Rollout(_Rows):
     vllm_logprobs: torch.Tensor | None = None
     """``(N, R)`` float32: vLLM's log-probs of the sampled tokens, 0 on padding (a mismatch metric only,
     docs/ppo_details.md item 5); None when not asked for."""
+    truncated: torch.Tensor | None = None
+    """``(N,)`` bool: the response reached the length limit without a stop id (vLLM's finish reason
+    ``'length'``; docs/ppo_details.md item 29); None when the finish reasons were not given."""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -143,9 +146,12 @@ def build_rollout_batch(
     pad_id: int,
     stop_ids: Sequence[int],
     vllm_logprobs: Sequence[Sequence[float]] | None = None,
+    finish_reasons: Sequence[str | None] | None = None,
 ) -> Rollout:
     """The :class:`Rollout` of these prompts and responses: each response cut after its first stop id,
-    masks from the lengths, vLLM's log-probs (if given) aligned with the cut responses.
+    masks from the lengths, vLLM's log-probs (if given) aligned with the cut responses, and -- from
+    vLLM's ``finish_reasons`` (if given) -- which responses were truncated: finish reason ``'length'``
+    and no stop id (docs/ppo_details.md item 29).
 
     ``pad_id`` only fills the padding, which every mask excludes, so it may be a stop id too
     (docs/ppo_details.md item 2).
@@ -154,6 +160,8 @@ def build_rollout_batch(
         raise ValueError("no stop ids: a response could never end (docs/ppo_details.md item 28)")
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if finish_reasons is not None and len(finish_reasons) != len(responses):
+        raise ValueError(f"{len(responses)} responses but {len(finish_reasons)} finish reasons")
     cut = [cut_at_stop(r, stop_ids) for r in responses]
     n, p_len = len(prompts), max(len(p) for p in prompts)
     r_len = max(1, max(len(r) for r in cut))  # at least one column so shapes stay valid
@@ -169,4 +177,11 @@ def build_rollout_batch(
         lp = torch.zeros((n, r_len), dtype=torch.float32)  # (N, R)
         for i, (values, response) in enumerate(zip(vllm_logprobs, cut)):
             lp[i, : len(response)] = torch.tensor(list(values)[: len(response)], dtype=torch.float32)
-    return Rollout(tokens, lp)
+    truncated = None
+    if finish_reasons is not None:
+        stops = set(stop_ids)
+        truncated = torch.tensor(
+            [reason == "length" and not stops.intersection(r) for reason, r in zip(finish_reasons, cut)],
+            dtype=torch.bool,
+        )  # (N,)
+    return Rollout(tokens, lp, truncated)

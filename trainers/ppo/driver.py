@@ -7,10 +7,11 @@ Ray actor groups (policy, critic, reference, reward, vLLM rollout) and does the 
 One iteration (docs/design.md, "PPO-ptx data flow"):
 
 1. generate   (:func:`sample_rollouts`) prompts -> vLLM engines (n samples each, a seed per engine and
-              iteration, the run's stop ids) -> responses cut after their first stop id;
+              iteration, the run's stop ids) -> responses cut after their first stop id, finish
+              reasons kept (truncated responses);
 2. experience (:func:`make_experience`) old log-probs (the trained policy), reference log-probs, RM
-              scores, values, all in flight together; then KL -> shaped rewards -> GAE -> advantages
-              whitened over the batch;
+              scores, values, all in flight together; then (missing-stop penalty) -> KL -> shaped
+              rewards -> GAE -> advantages whitened over the batch;
 3. train      (:func:`train`) ppo_epochs x freshly shuffled minibatches, one optimizer step each; policy
               (PPO clip + ptx_coef x LM loss on pretraining text) and critic (clipped value loss) in
               parallel;
@@ -84,8 +85,8 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
 def sample_rollouts(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> Rollout:
     """Phase 1: this iteration's prompts, split over the engines (own seed each, docs/ppo_details.md item 6),
     n samples per prompt; returns the rollout (:func:`trainers.ppo.batch.build_rollout_batch`: cut at
-    ``data.stop_ids``, vLLM log-probs included). A lost engine is restarted and the phase retried
-    (:func:`with_engine_recovery`)."""
+    ``data.stop_ids``, vLLM log-probs and finish reasons included). A lost engine is restarted and the phase
+    retried (:func:`with_engine_recovery`): the same seeds give the same samples and finish reasons."""
     rows = take_rows(state.prompt_position, cfg.ppo.prompts_per_iteration, len(data.prompts), cfg.ppo.seed)
     prompts = [data.prompts[i] for i in rows]
     r = cfg.rollout
@@ -116,6 +117,7 @@ def sample_rollouts(roles: Roles, cfg: Config, data: RunData, state: DriverState
         data.pad_id,
         data.stop_ids,
         [s["logprobs"] for s in samples],
+        [s["finish_reason"] for s in samples],
     )
 
 
@@ -148,15 +150,27 @@ def score_rollout(roles: Roles, tokens: TokenBatch) -> ExperiencePasses:
 def make_experience(
     roles: Roles, cfg: Config, rollout: Rollout, stop_ids: tuple[int, ...], kl_coef: float
 ) -> tuple[Experience, dict[str, float]]:
-    """Phase 2: the passes over the rollout (:func:`score_rollout`), then KL -> shaped rewards -> GAE ->
-    whitened advantages (:func:`trainers.ppo.experience.compute_advantages`); returns what the training
-    actors get and the rollout and objective metrics."""
+    """Phase 2: the passes over the rollout (:func:`score_rollout`), then the score clip and the
+    missing-stop penalty (``reward.missing_eos_penalty`` on truncated responses, docs/ppo_details.md item
+    29) -> KL -> shaped rewards -> GAE -> whitened advantages
+    (:func:`trainers.ppo.experience.compute_advantages`); returns what the training actors get and the
+    rollout and objective metrics (``objective/score`` stays the raw RM score)."""
     if roles.colocated_gpu:
         ray.get([e.sleep.remote() for e in roles.engines()])
     mask = rollout.tokens.response_mask
     passes = score_rollout(roles, rollout.tokens)
     p = cfg.ppo
-    adv = compute_advantages(mask, passes, kl_coef, p.kl_estimator, p.gamma, p.lam, cfg.reward.score_clip)
+    adv = compute_advantages(
+        mask,
+        passes,
+        kl_coef,
+        p.kl_estimator,
+        p.gamma,
+        p.lam,
+        cfg.reward.score_clip,
+        truncated=rollout.truncated,
+        missing_eos_penalty=cfg.reward.missing_eos_penalty,
+    )
     metrics = rollout_metrics(rollout, stop_ids, passes.old_logprobs, passes.ref_logprobs)
     metrics |= objective_metrics(adv, passes.scores, mask, kl_coef)
     return build_experience(rollout.tokens, passes, adv), metrics

@@ -1,5 +1,5 @@
 """From the experience passes (old and reference log-probs, scores, values) to what PPO trains on: per-token
-KL, shaped rewards, advantages and returns (docs/ppo_details.md item 11-17). New advantage estimators plug in
+KL, shaped rewards, advantages and returns (docs/ppo_details.md item 11-17, 29). New advantage estimators plug in
 here: they take :class:`ExperiencePasses` and the response mask and give :class:`Advantages`.
 
 Pure: ``trainers.algos`` on whole-batch tensors, no Ray, DeepSpeed or vLLM.
@@ -37,8 +37,10 @@ class Advantages:
     kl: torch.Tensor
     """Per-token KL estimate between policy and reference (docs/ppo_details.md item 11)."""
     scores: torch.Tensor
-    """``(N,)`` the scores used in the reward (clipped if ``reward.score_clip``; docs/ppo_details.md item
-    14)."""
+    """``(N,)`` the scores used in the reward: clipped if ``reward.score_clip`` (docs/ppo_details.md item
+    14), then lowered by ``reward.missing_eos_penalty`` on truncated responses (item 29)."""
+    penalised: torch.Tensor
+    """``(N,)`` bool: the responses whose score got the missing-stop penalty."""
     rewards: torch.Tensor
     """``-beta kl`` on every response token, plus the score on the last real one."""
     values: torch.Tensor
@@ -49,6 +51,18 @@ class Advantages:
     """GAE advantages whitened over every real token of the batch (docs/ppo_details.md item 15, 17)."""
 
 
+def penalize_truncated(
+    scores: torch.Tensor, truncated: torch.Tensor | None, penalty: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores - penalty on the truncated rows, which rows were penalised)``, both ``(N,)``
+    (docs/ppo_details.md item 29): a response that hit the length limit without a stop id is half an
+    answer the RM would rate as whole. ``penalty`` 0 or no ``truncated`` flags: scores unchanged."""
+    if truncated is None or penalty <= 0:
+        return scores, torch.zeros(scores.shape, dtype=torch.bool)
+    hit = truncated.to(torch.bool)  # (N,)
+    return scores - penalty * hit.to(scores.dtype), hit
+
+
 def compute_advantages(
     response_mask: torch.Tensor,
     passes: ExperiencePasses,
@@ -57,22 +71,28 @@ def compute_advantages(
     gamma: float = 1.0,
     lam: float = 0.95,
     score_clip: float = 0.0,
+    truncated: torch.Tensor | None = None,
+    missing_eos_penalty: float = 0.0,
 ) -> Advantages:
-    """Whole-batch experience maths (docs/ppo_details.md item 11-17), ``response_mask (N, R)``:
+    """Whole-batch experience maths (docs/ppo_details.md item 11-17, 29), ``response_mask (N, R)``:
 
-    ``kl`` (per token, 0 on padding) -> ``rewards`` = -beta kl + (optionally clipped) score on the last
-    real token -> GAE ``advantages``/``returns`` (returns from the raw advantages) -> advantages whitened
-    over every real token of the batch (the driver holds all ranks' rows, so this is the global
-    whitening of item 17). ``values`` come back zeroed on padding, as the value loss expects.
+    ``kl`` (per token, 0 on padding) -> ``rewards`` = -beta kl + the used score on the last real token:
+    the RM score, clipped if ``score_clip`` > 0, then minus ``missing_eos_penalty`` where ``truncated``
+    ``(N,)`` is set (after the clip, so a clip never cancels the penalty) -> GAE ``advantages``/``returns``
+    (returns from the raw advantages) -> advantages whitened over every real token of the batch (the
+    driver holds all ranks' rows, so this is the global whitening of item 17). ``values`` come back
+    zeroed on padding, as the value loss expects.
     """
     mask = response_mask
     kl = algos.kl_estimate(passes.old_logprobs, passes.ref_logprobs, kl_estimator, mask)  # (N, R)
-    used_scores = algos.normalize_scores(passes.scores, clip=score_clip if score_clip > 0 else None)  # (N,)
+    clipped = algos.normalize_scores(passes.scores, clip=score_clip if score_clip > 0 else None)  # (N,)
+    used_scores, penalised = penalize_truncated(clipped, truncated, missing_eos_penalty)  # (N,) each
     rewards = algos.shape_rewards(used_scores, kl, mask, kl_coef)  # (N, R)
     advantages, returns = algos.gae(rewards, passes.values, mask, gamma, lam)  # (N, R) each
     return Advantages(
         kl=kl,
         scores=used_scores,
+        penalised=penalised,
         rewards=rewards,
         values=torch.where(mask.bool(), passes.values.float(), torch.zeros(())),
         returns=returns,

@@ -25,9 +25,10 @@ def rollout_metrics(
     ref_logprobs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``rollout/*``: mean response length; ``eos_rate``, the share of responses whose last token is one
-    of ``stop_ids`` (docs/ppo_details.md item 28); and -- when vLLM's log-probs are present -- their
-    mismatch with the trained policy's (item 5, 26): mean and max absolute difference over real response
-    tokens. ``rollout/ref_logprob_diff`` is the same mean for
+    of ``stop_ids`` (docs/ppo_details.md item 28); ``truncated_rate``, the share that hit the length limit
+    without one (vLLM's finish reason, item 29; only when the rollout carries finish reasons); and --
+    when vLLM's log-probs are present -- their mismatch with the trained policy's (item 5, 26): mean and
+    max absolute difference over real response tokens. ``rollout/ref_logprob_diff`` is the same mean for
     policy vs reference: once the policy has moved, a weight sync that did not reach vLLM shows up as a vLLM
     mismatch of that size."""
     mask = rollout.tokens.response_mask
@@ -40,6 +41,8 @@ def rollout_metrics(
         "rollout/response_length": float(lengths.float().mean()),
         "rollout/eos_rate": float(ended.float().mean()),
     }
+    if rollout.truncated is not None:
+        out["rollout/truncated_rate"] = float(rollout.truncated.float().mean())
     if old_logprobs is not None and rollout.vllm_logprobs is not None:
         diff = (rollout.vllm_logprobs - old_logprobs.float()).abs()  # (N, R)
         out["rollout/vllm_logprob_diff"] = float(algos.masked_mean(diff, mask))
@@ -53,11 +56,13 @@ def rollout_metrics(
 def objective_metrics(
     adv: Advantages, raw_scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
 ) -> dict[str, float]:
-    """``objective/*`` (docs/ppo_details.md item 14, 27): KL as the mean per-sequence sum (the quantity the
-    adaptive controller tracks), the coefficient, raw and used RM scores, the KL part of the reward and the
-    total shaped reward per sequence."""
+    """``objective/*`` (docs/ppo_details.md item 14, 27, 29): KL as the mean per-sequence sum (the quantity
+    the adaptive controller tracks), the coefficient, raw RM scores (before any clip or penalty) and used
+    ones, how many responses got the missing-stop penalty, the KL part of the reward and the total shaped
+    reward per sequence."""
     non_score = algos.masked_sum(-kl_coef * adv.kl, mask, dim=-1)  # (N,)
     return {
+        "objective/penalised_responses": float(adv.penalised.sum()),
         "objective/kl": float(algos.mean_sequence_kl(adv.kl, mask)),
         "objective/kl_coef": float(kl_coef),
         "objective/score": float(raw_scores.float().mean()),
