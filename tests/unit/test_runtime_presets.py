@@ -47,6 +47,17 @@ def test_vocabulary_and_special_ids_come_from_the_tokenizer():
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (7, 8, 9)
 
 
+def test_architecture_builds_the_presets_shape_as_another_model():
+    config = presets.build_config("tiny", 1024, architecture="qwen2")
+    model = AutoModelForCausalLM.from_config(config)
+    assert isinstance(model, Qwen2ForCausalLM)
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (128, 2, 384)
+    assert config.hidden_size // config.num_attention_heads == 64
+    assert _numel(model) == presets.count_params(config)  # the q/k/v biases counted
+    with pytest.raises(ConfigError, match="unknown architecture 'gpt2'"):
+        presets.build_config("tiny", architecture="gpt2")
+
+
 def test_qwen_shapes_have_the_published_sizes():
     # Qwen2.5-0.5B: 0.49B parameters, Qwen2.5-1.5B: 1.54B (tied embeddings, vocab 151,936).
     assert presets.describe("qwen2.5-0.5b")["params"] == 494_032_768

@@ -62,25 +62,56 @@ def format_prompt(prompt: str) -> str:
     return f"{USER_TAG}\n{prompt}\n{ASSISTANT_TAG}\n"
 
 
-def _bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE with the special tokens first (so their ids are 0..4)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: Iterable[str] = (),
+    split_pattern: str | None = None,
+) -> Tokenizer:
+    """Train a byte-level BPE of ``vocab_size`` entries on ``texts`` (deterministic), no post-processor.
+
+    ``special_tokens`` take the first ids, in order. ``split_pattern``: a regex that splits text into
+    pre-tokens before the byte-level mapping (as Llama-3's and Qwen2's tokenizers do); None keeps the
+    byte-level pre-tokenizer's own GPT-2 split.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    # BOS on `tok(text)` like Llama's tokenizer (vLLM encodes text prompts this way).
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    return tok
+
+
+def bos_post_processor(tok: Tokenizer, bos: str):
+    """A post-processor that puts ``bos`` before every encoded text (``tok(text)``), like Llama's."""
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
+
+
+def _bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train the world's byte-level BPE with the special tokens first (so their ids are 0..4)."""
+    tok = train_bpe(texts, vocab_size, SPECIAL_TOKENS)
+    # BOS on `tok(text)` like Llama's tokenizer (vLLM encodes text prompts this way).
+    tok.post_processor = bos_post_processor(tok, BOS)
     return tok
 
 

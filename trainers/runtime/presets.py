@@ -103,14 +103,21 @@ def _token_ids(tokenizer_or_vocab_size, preset: Preset) -> dict:
     }
 
 
-def build_config(preset: str, tokenizer_or_vocab_size=None, **overrides) -> PretrainedConfig:
+def build_config(
+    preset: str, tokenizer_or_vocab_size=None, *, architecture: str | None = None, **overrides
+) -> PretrainedConfig:
     """A randomly-initialisable config for ``preset``; ``overrides`` replace any config field.
 
     ``tokenizer_or_vocab_size``: a tokenizer (vocabulary and PAD/BOS/EOS ids taken from it), an
     int vocabulary size (ids 0/1/2, the world tokenizer's), or None for the preset's default.
+    ``architecture`` (``llama`` or ``qwen2``) builds the preset's shape as another architecture
+    (the tests' Qwen2-like tiny model); None keeps the preset's own.
     """
     p = get_preset(preset)
-    cls = _CONFIG_CLASSES[p.architecture]
+    architecture = architecture or p.architecture
+    if architecture not in _CONFIG_CLASSES:
+        raise ConfigError(f"unknown architecture {architecture!r}; valid: {', '.join(_CONFIG_CLASSES)}")
+    cls = _CONFIG_CLASSES[architecture]
     kwargs = {
         "hidden_size": p.hidden_size,
         "num_hidden_layers": p.num_hidden_layers,
@@ -137,7 +144,7 @@ def build_config(preset: str, tokenizer_or_vocab_size=None, **overrides) -> Pret
         raise ConfigError(f"model preset {preset!r}: hidden size, heads and KV heads do not divide evenly")
     if "head_dim" not in overrides:
         kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
-    if p.architecture == "qwen2":
+    if architecture == "qwen2":
         kwargs.pop("head_dim")  # Qwen2Config derives it (hidden / heads) and takes no such argument
     return cls(**kwargs)
 
