@@ -232,6 +232,7 @@ def test_cli_win_rate_and_heldout_end_to_end(tmp_path, world, policy_run, capsys
     out = tmp_path / "eval.json"
     argv = ["--policy", str(policy_run), "--baseline", str(policy_run / "model")]
     argv += ["--prompts", str(world / "prompts" / "test.parquet"), "--n", "4", "--temperature", "0"]
+    argv += ["--judge", "gold"]  # the world's prompts: its rule is a meaningful judge (no default)
     argv += [
         "--max-new-tokens",
         "8",

@@ -1,12 +1,15 @@
 """``rlhf eval``: win rate of one model over another, held-out zero-shot accuracy, pretraining loss.
 
-    rlhf eval --policy runs/ppo --baseline runs/sft --prompts world/prompts/test.parquet
-    rlhf eval --policy runs/ppo --baseline runs/sft --prompts P.parquet --judge rm:runs/rm --out win.json
+    rlhf eval --policy runs/ppo --baseline runs/sft --prompts P.parquet --reward runs/rm --out win.json
+    rlhf eval --policy runs/ppo --baseline runs/sft --prompts world/prompts/test.parquet --judge gold
     rlhf eval --policy runs/ppo --heldout-cluster sentiment --data-dir world
     rlhf eval --policy runs/ppo --pretrain-file world/pretrain/valid.parquet
 
 Each part runs when its inputs are given (at least one must be). Model directories may be a stage's
-output directory (holding ``model/``) or the model directory itself. Defaults come from the config
+output directory (holding ``model/``) or the model directory itself. The win rate's judge is the
+reward model when one is given (``--reward DIR``, else ``reward.path`` of the config; ``--judge rm:DIR``
+too); ``--judge gold`` is the synthetic world's hidden rule, meaningful only on the world's prompts.
+Neither given is a user error: no judge is right for every prompt. Defaults come from the config
 (``--config FILE`` and dotted overrides): ``rollout.max_new_tokens``, ``rollout.temperature``,
 ``data.dir``, ``model.max_len``. Every user error (missing directory, no safetensors, unknown
 cluster, bad prompts file) exits 2 before any model is loaded.
@@ -21,6 +24,8 @@ from trainers.config import add_config_args
 from trainers.errors import UserError
 
 _HELP = "evaluate a model: win rate over a baseline, held-out zero-shot accuracy, pretraining loss"
+JUDGE_HINT = "use 'rm' (the reward model: --reward DIR or reward.path), 'rm:DIR' or 'gold' (the synthetic world's rule)"
+"""The valid judges, as the unknown-judge line lists them."""
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +38,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         "--prompts", metavar="FILE", help="prompts file (Parquet/JSONL, field 'prompt') for the win rate"
     )
     p.add_argument(
-        "--judge", default="gold", metavar="gold|rm:DIR", help="who compares responses (default gold)"
+        "--judge",
+        metavar="rm|gold|rm:DIR",
+        help="who compares responses: the reward model (default when one is given) or 'gold' (the synthetic "
+        "world's rule)",
+    )
+    p.add_argument(
+        "--reward", metavar="DIR", help="reward model that judges the win rate (default reward.path)"
     )
     p.add_argument("--n", type=int, metavar="N", help="use only the first N prompts")
     p.add_argument(
@@ -77,6 +88,41 @@ def check_out_file(path: str | None) -> None:
     check_output_dir(out.parent)
 
 
+def check_judge_spelling(judge: str | None, reward: str | None) -> None:
+    """UserError for a judge that is not ``rm``, ``rm:DIR`` or ``gold``, or a reward model given twice."""
+    if judge is not None and judge not in ("gold", "rm") and not (judge.startswith("rm:") and len(judge) > 3):
+        raise UserError(f"unknown judge {judge!r}; {JUDGE_HINT}")
+    if reward is not None and judge is not None and judge.startswith("rm:"):
+        raise UserError("give the reward model once: --reward DIR or --judge rm:DIR")
+
+
+def choose_judge(judge: str | None, reward: str | None, config_reward: str | None) -> str:
+    """The judge of the win rate as :func:`trainers.evaluation.judges.make_judge` reads it.
+
+    ``gold`` only when asked for by name; otherwise the reward model (``--judge rm:DIR``, else
+    ``--reward DIR``, else the config's ``reward.path``). No reward model and no ``--judge gold``: a
+    UserError saying what to pass (the world's rule means nothing on other prompts, so it is no default).
+    """
+    if judge == "gold":
+        return "gold"
+    if judge is not None and judge.startswith("rm:"):
+        return judge
+    path = reward or config_reward
+    if not path:
+        raise UserError(
+            "the win rate needs a judge: give --reward DIR (a reward model, e.g. the output of `rlhf rm`) or "
+            "--judge gold (the synthetic world's rule, for its prompts only)"
+        )
+    return f"rm:{path}"
+
+
+def judge_source(judge: str | None, reward: str | None) -> str:
+    """Where the judge's reward model came from, for messages: ``--judge``, ``--reward`` or the config."""
+    if judge is not None and judge.startswith("rm:"):
+        return "--judge reward model"
+    return "--reward" if reward else "reward.path"
+
+
 def check_plain_args(args: argparse.Namespace) -> None:
     """The checks that read no file: counts, the judge's spelling, which parts were asked for, --out.
 
@@ -88,8 +134,7 @@ def check_plain_args(args: argparse.Namespace) -> None:
     _positive(args.batch_size, "--batch-size")
     if (args.baseline or args.prompts) and not (args.baseline and args.prompts):
         raise UserError("a win rate needs both --baseline DIR and --prompts FILE")
-    if args.judge != "gold" and (not args.judge.startswith("rm:") or len(args.judge) == 3):
-        raise UserError(f"unknown judge {args.judge!r}; use 'gold' or 'rm:DIR' (a reward model directory)")
+    check_judge_spelling(args.judge, args.reward)
     if args.temperature is not None and args.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if not (args.baseline or args.heldout_cluster or args.pretrain_file):
@@ -107,8 +152,9 @@ def check_args(args: argparse.Namespace, cfg) -> dict:
     if args.baseline:
         plan["baseline"] = generation.resolve_model_dir(args.baseline, what="--baseline")
         plan["prompts"] = generation.read_prompts(args.prompts, args.n)
-        if args.judge != "gold":
-            generation.resolve_model_dir(args.judge[3:], what="--judge reward model")
+        plan["judge"] = choose_judge(args.judge, args.reward, cfg.reward.path)
+        if plan["judge"] != "gold":
+            generation.resolve_model_dir(plan["judge"][3:], what=judge_source(args.judge, args.reward))
         temperature = cfg.rollout.temperature if args.temperature is None else args.temperature
         plan["sampling"] = {
             "max_new_tokens": args.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -134,7 +180,7 @@ def run_win_rate(args: argparse.Namespace, plan: dict) -> dict:
     kwargs = {"batch_size": args.batch_size, "backend": args.backend, **sampling}
     policy = generation.generate(plan["policy"], prompts, **kwargs)
     baseline = generation.generate(plan["baseline"], prompts, **kwargs)
-    judge = judges.make_judge(args.judge, batch_size=args.batch_size)
+    judge = judges.make_judge(plan["judge"], batch_size=args.batch_size)
     result = judges.win_rate(prompts, policy, baseline, judge)
     print(
         f"win rate of {plan['policy']} over {plan['baseline']} (judge {judge.name}, n={result['n']}, "
