@@ -3,6 +3,7 @@
     rlhf config show --config trainers/configs/tiny.yaml ppo.kl_coef=0.1
     rlhf data synth --out /tmp/world
     rlhf demo
+    rlhf pipeline --config my.yaml --out runs/mine model.path=/models/my-instruct data.dir=/data/mine
 
 Each command module exposes ``register(subparsers)``; a leaf command sets ``func(args) -> int``. The
 modules are imported here, at the top, and import nothing heavy themselves (torch, Ray and the models
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainers import demo
+from trainers import demo, pipeline
 from trainers.config import add_config_args, dump_yaml, load_config
 from trainers.data import cli as data_cli
 from trainers.errors import RunStopped, UserError
@@ -26,7 +27,7 @@ from trainers.ppo import cli as ppo_cli
 from trainers.redact import redact_text
 from trainers.stages import cli as stage_cli
 
-COMMAND_MODULES = (demo, data_cli, stage_cli, ppo_cli, eval_cli)
+COMMAND_MODULES = (demo, pipeline, data_cli, stage_cli, ppo_cli, eval_cli)
 """Modules whose ``register(subparsers)`` adds their commands, in help order (``config`` is added last)."""
 
 

@@ -21,7 +21,14 @@ PPO_TYPES = ("trainers.ppo.batch", "trainers.ppo.schedule")
 """The PPO modules the actors may import: the typed batches and plans they receive (pure, no driver)."""
 PPO_PURE = (*PPO_TYPES, "trainers.ppo.experience", "trainers.ppo.metrics")
 """The PPO driver's pure maths and types: unit-tested without Ray, DeepSpeed or vLLM."""
-DRIVERS = ("trainers.stages", "trainers.ppo", "trainers.evaluation", "trainers.demo", "trainers.cli")
+DRIVERS = (
+    "trainers.stages",
+    "trainers.ppo",
+    "trainers.evaluation",
+    "trainers.pipeline",
+    "trainers.demo",
+    "trainers.cli",
+)
 """Packages that run whole commands: nothing below them may import them."""
 
 RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
@@ -42,15 +49,31 @@ RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("actors", (*DRIVERS, "trainers.config"), PPO_TYPES),
     (
         "trainers.stages",
-        ("actors", "trainers.ppo", "trainers.evaluation", "trainers.demo", "trainers.cli"),
+        (
+            "actors",
+            "trainers.ppo",
+            "trainers.evaluation",
+            "trainers.pipeline",
+            "trainers.demo",
+            "trainers.cli",
+        ),
         (),
     ),
-    ("trainers.ppo", ("trainers.stages", "trainers.evaluation", "trainers.demo", "trainers.cli"), ()),
+    (
+        "trainers.ppo",
+        ("trainers.stages", "trainers.evaluation", "trainers.pipeline", "trainers.demo", "trainers.cli"),
+        (),
+    ),
     *(
         (pure, (*HEAVY, "actors", "cluster", "trainers.ppo.driver", "trainers.ppo.roles"), ())
         for pure in PPO_PURE
     ),
-    ("trainers.evaluation", ("trainers.stages", "trainers.ppo", "trainers.demo", "trainers.cli"), ()),
+    (
+        "trainers.evaluation",
+        ("trainers.stages", "trainers.ppo", "trainers.pipeline", "trainers.demo", "trainers.cli"),
+        (),
+    ),
+    ("trainers.pipeline", ("trainers.demo", "trainers.cli"), ()),
     ("trainers.demo", ("trainers.cli",), ()),
 )
 """Which modules (by prefix) must not import which (by prefix); docs/design.md's layout table says why."""
