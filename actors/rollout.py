@@ -29,7 +29,7 @@ from typing import Any
 
 from actors.vllm_ext import WeightReceiver
 from cluster.faults import injector
-from trainers.runtime.models import eos_ids_of
+from trainers.data.chat import eos_ids_of
 
 SAMPLING_KEYS = ("n", "max_new_tokens", "temperature", "top_p", "top_k")
 WORKER_EXTENSION = f"{WeightReceiver.__module__}.{WeightReceiver.__qualname__}"
@@ -37,7 +37,7 @@ WORKER_EXTENSION = f"{WeightReceiver.__module__}.{WeightReceiver.__qualname__}"
 
 def read_eos_ids(model_path: str) -> list[int]:
     """EOS token ids of a Hugging Face model directory (``generation_config.json`` and ``config.json``
-    together, :func:`trainers.runtime.models.eos_ids_of`): the stop set of an engine given none.
+    together, :func:`trainers.data.chat.eos_ids_of`): the stop set of an engine given none.
 
     The PPO driver and evaluation always pass their own set (``eos_token_ids``), which contains these.
     """

@@ -134,8 +134,8 @@ CASES: list[Case] = [
     _case(
         "ppo-prompt-too-long",
         "data",
-        "ppo --config {tiny} data.dir={long_prompt} model.path={model} reward.path={model} --out {out}",
-        "exceeds model.max_len=256",
+        "ppo --config {tiny} data.dir={long_prompt} data.overlong=error model.path={model} reward.path={model} --out {out}",
+        "more than model.max_len=256 minus rollout.max_new_tokens",
         out="dir",
     ),
     _case(

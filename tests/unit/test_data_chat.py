@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainers.data import responses, world_text
-from trainers.data.chat import ChatError, ChatFormat, model_stop_ids, open_chat_format, user_turn
+from trainers.data.chat import ChatError, ChatFormat, eos_ids_of, open_chat_format, user_turn
 from trainers.data.collate import IGNORE_INDEX, collate_lm, encode_text
 from trainers.data.examples import (
     comparison_examples,
@@ -115,8 +115,27 @@ def test_chat_template_file_replaces_the_tokenizers(tmp_path, tok_dir):
 def test_stop_ids_add_the_model_directorys_eos_ids(tmp_path, tok_dir):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 9}))
-    assert model_stop_ids(tmp_path) == {2, 7, 9} and model_stop_ids(None) == set()
+    assert eos_ids_of(tmp_path) == (2, 7, 9)
     assert ChatFormat.from_tokenizer(load_tokenizer(tok_dir), tmp_path).stop_ids == (2, 7, 9)
+
+
+def test_eos_ids_of_reads_generation_config_and_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"eos_token_id": 7}')
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [9, 7, 8]}')
+    assert eos_ids_of(tmp_path) == (7, 8, 9)
+    (tmp_path / "generation_config.json").unlink()
+    assert eos_ids_of(tmp_path) == (7,)
+    (tmp_path / "config.json").write_text("{}")
+    assert eos_ids_of(tmp_path) == ()
+    (tmp_path / "config.json").write_text('{"eos_token_id": [1, true]}')
+    with pytest.raises(ConfigError, match="config.json: eos_token_id must be an int or a list of ints"):
+        eos_ids_of(tmp_path)
+
+
+def test_stop_ids_outside_the_vocabulary_are_refused(tmp_path, tok_dir):
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 100000}))
+    with pytest.raises(DataError, match="eos_token_id 100000 .* is outside the tokenizer's vocabulary"):
+        open_chat_format(load_tokenizer(tok_dir), tok_dir, tmp_path)
 
 
 # --- PAD ---
@@ -193,7 +212,9 @@ def test_final_turn_examples_are_prompt_lengths_and_all_turns_spans(fmt):
 def test_overlong_drop_counts_and_reports(fmt, capsys):
     examples, counts = demonstration_examples(fmt, _demos(2, 3), "d.jsonl", max_len=64)
     assert len(examples) == 3 and (counts.rows, counts.dropped, counts.truncated) == (5, 2, 0)
-    assert report_overlong([counts], 64) == {"d.jsonl": {"rows": 5, "dropped": 2, "truncated": 0}}
+    assert report_overlong([counts], "model.max_len=64") == {
+        "d.jsonl": {"rows": 5, "dropped": 2, "truncated": 0}
+    }
     assert "d.jsonl: 2 of 5 rows longer than model.max_len=64 dropped" in capsys.readouterr().out
 
 

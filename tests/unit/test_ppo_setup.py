@@ -11,7 +11,7 @@ import pytest
 from cluster.resources import RoleRequest
 from trainers.config import config_from_dict
 from trainers.data.io import write_parquet
-from trainers.data.tokenizer import load_tokenizer, train_tokenizer
+from trainers.data.tokenizer import train_tokenizer
 from trainers.errors import ConfigError, DataError
 from trainers.ppo import setup
 
@@ -60,28 +60,6 @@ def _model_dir(root: Path, generation: dict | None, config: dict) -> Path:
     return root
 
 
-def test_stop_ids_are_the_union_of_tokenizer_generation_config_and_config(inputs, tmp_path):
-    """docs/ppo_details.md item 28: one sorted set, each id once."""
-    tok = load_tokenizer(inputs["data"] / "tokenizer")  # eos_token_id 2
-    both = _model_dir(tmp_path / "both", {"eos_token_id": [7, 2, 5]}, {"eos_token_id": 3})
-    assert setup.stop_ids_for(tok, both) == (2, 3, 5, 7)
-    only_config = _model_dir(tmp_path / "config", None, {"eos_token_id": [4]})
-    assert setup.stop_ids_for(tok, only_config) == (2, 4)
-    assert setup.stop_ids_for(tok, _model_dir(tmp_path / "none", {}, {})) == (2,)
-
-
-def test_bad_stop_ids_are_config_errors_naming_the_file(inputs, tmp_path):
-    tok = load_tokenizer(inputs["data"] / "tokenizer")
-    with pytest.raises(ConfigError, match="generation_config.json: eos_token_id must be an int or a list"):
-        setup.stop_ids_for(tok, _model_dir(tmp_path / "str", {"eos_token_id": "</s>"}, {}))
-    with pytest.raises(ConfigError, match="eos_token_id 100000 is outside the tokenizer's vocabulary"):
-        setup.stop_ids_for(tok, _model_dir(tmp_path / "far", {"eos_token_id": 100000}, {}))
-    broken = _model_dir(tmp_path / "broken", None, {})
-    (broken / "generation_config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="generation_config.json: not readable JSON"):
-        setup.stop_ids_for(tok, broken)
-
-
 def test_validate_run_takes_the_stop_ids_of_the_policy_dir(inputs, tmp_path):
     sft = tmp_path / "sft"
     shutil.copytree(inputs["sft"], sft)
@@ -107,9 +85,16 @@ def test_missing_model_dir_is_a_config_error_naming_the_key(inputs, tmp_path, ke
     assert not (tmp_path / "out").exists()
 
 
-def test_prompt_without_room_for_the_response_is_a_data_error(inputs, tmp_path):
+def test_prompt_without_room_for_the_response_is_dropped_or_a_data_error(inputs, tmp_path, capsys):
     cfg = make_cfg(inputs)
     cfg.rollout.max_new_tokens = 60  # max_len 64 leaves 4 tokens for the prompt
+    with pytest.raises(DataError, match=r"no prompts \(of 20\) fit"):  # data.overlong=drop: all dropped
+        setup.validate_run(cfg, tmp_path / "out")
+    assert (
+        "20 of 20 rows longer than model.max_len=64 minus rollout.max_new_tokens=60"
+        in capsys.readouterr().out
+    )
+    cfg.data.overlong = "error"
     with pytest.raises(DataError) as err:
         setup.validate_run(cfg, tmp_path / "out")
     assert "prompts/train.parquet:1:" in str(err.value) and "rollout.max_new_tokens=60" in str(err.value)

@@ -18,7 +18,6 @@ from trainers.runtime.models import (
     build_reward_model,
     build_value_model,
     check_model_dir,
-    eos_ids_of,
     forward_logits,
     no_dropout_updates,
     reward_scores,
@@ -215,16 +214,3 @@ def test_critic_starts_with_the_rm_bias_its_last_token_value_is_the_score(tmp_pa
     torch.testing.assert_close(values, raw + 1.25)
     # the head alone would be off by the bias (what the critic started from before item 30)
     torch.testing.assert_close(scores - raw[torch.arange(3), last], torch.full((3,), 1.25))
-
-
-def test_eos_ids_of_reads_generation_config_and_config(tmp_path):
-    (tmp_path / "config.json").write_text('{"eos_token_id": 7}')
-    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [9, 7, 8]}')
-    assert eos_ids_of(tmp_path) == (7, 8, 9)
-    (tmp_path / "generation_config.json").unlink()
-    assert eos_ids_of(tmp_path) == (7,)
-    (tmp_path / "config.json").write_text("{}")
-    assert eos_ids_of(tmp_path) == ()
-    (tmp_path / "config.json").write_text('{"eos_token_id": [1, true]}')
-    with pytest.raises(ConfigError, match="config.json: eos_token_id must be an int or a list of ints"):
-        eos_ids_of(tmp_path)

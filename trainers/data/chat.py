@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainers.errors import ConfigError, DataError
+
 PROBE_USER = "Probe question?"
 PROBE_REPLY = "Probe answer."
 """The conversation rendered once to find the end-of-turn token (any plain text would do)."""
@@ -44,22 +46,46 @@ def user_turn(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
-def model_stop_ids(model_dir: str | Path | None) -> set[int]:
-    """Every ``eos_token_id`` (an int or a list) in ``generation_config.json`` and ``config.json`` of
-    ``model_dir``; empty when there is no directory or neither file names one."""
+def as_messages(prompt: str | Sequence[dict]) -> list[dict]:
+    """A prompt as a conversation: a string is one user turn, a message list stays as it is."""
+    return user_turn(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+def prompt_of(record: dict) -> str | list[dict]:
+    """The prompt of a canonical prompts record (:func:`trainers.data.read_conversations`): its text when the
+    conversation is one user turn (what judges such as the world's gold labeler read), else its messages."""
+    messages = record["messages"]
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return messages
+
+
+def eos_ids_of(model_dir: str | Path) -> tuple[int, ...]:
+    """The ``eos_token_id`` ids of a model directory: ``generation_config.json`` and ``config.json``
+    together (each may hold an int, a list or nothing), sorted, no repeats; ``()`` when neither lists one.
+
+    A file that is not JSON, or an ``eos_token_id`` that is not an int or a list of ints, is a
+    :class:`ConfigError` naming the file.
+    """
     ids: set[int] = set()
-    if model_dir is None:
-        return ids
     for name in ("generation_config.json", "config.json"):
         path = Path(model_dir) / name
         if not path.is_file():
             continue
-        value = json.loads(path.read_text()).get("eos_token_id")
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not readable JSON ({err})") from None
+        eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+        if eos is None:
+            continue
+        listed = [eos] if isinstance(eos, int) else eos
+        if not isinstance(listed, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in listed
+        ):
+            raise ConfigError(f"{path}: eos_token_id must be an int or a list of ints, got {eos!r}")
+        ids.update(listed)
+    return tuple(sorted(ids))
 
 
 def _special_ids(tok) -> set[int]:
@@ -107,9 +133,13 @@ class ChatFormat:
                 "has no end; use a template that ends each turn with one"
             )
         eot = after[0]
-        stops = {eot} | model_stop_ids(model_dir)
-        if tok.eos_token_id is not None:
-            stops.add(tok.eos_token_id)
+        stops = {eot, tok.eos_token_id, *(eos_ids_of(model_dir) if model_dir is not None else ())}
+        outside = sorted(i for i in stops if not 0 <= i < len(tok))
+        if outside:
+            raise ChatError(
+                f"eos_token_id {outside[0]} (in {model_dir}) is outside the tokenizer's vocabulary "
+                f"(size {len(tok)})"
+            )
         return cls(tok, eot, tuple(sorted(stops)), tok.pad_token_id)
 
     # ------------------------------------------------------------------------------------------------
@@ -198,8 +228,6 @@ def _assistant(text: str) -> dict:
 def open_chat_format(tok, where: str | Path, model_dir: str | Path | None = None) -> ChatFormat:
     """:meth:`ChatFormat.from_tokenizer` with its problem as a one-line DataError naming ``where`` (the
     tokenizer directory): what a tokenizer lacks is found on the driver, before any worker starts."""
-    from trainers.errors import DataError
-
     try:
         return ChatFormat.from_tokenizer(tok, model_dir)
     except ChatError as err:

@@ -40,12 +40,12 @@ class Overlong:
     dropped: int = 0
     truncated: int = 0
 
-    def line(self, max_len: int) -> str | None:
-        """``WHERE: N of M rows longer than model.max_len=L dropped, K truncated``; None when none were."""
+    def line(self, limit: str) -> str | None:
+        """``WHERE: N of M rows longer than LIMIT dropped, K truncated``; None when none were."""
         if not (self.dropped or self.truncated):
             return None
         return (
-            f"{self.where}: {self.dropped} of {self.rows} rows longer than model.max_len={max_len} "
+            f"{self.where}: {self.dropped} of {self.rows} rows longer than {limit} "
             f"dropped, {self.truncated} truncated (data.overlong)"
         )
 
@@ -242,11 +242,12 @@ def prompt_examples(
     )
 
 
-def report_overlong(counts: Sequence[Overlong], max_len: int) -> dict:
-    """Log one line per file that lost or cut rows; ``{where: counts}`` of those for ``summary.json``."""
+def report_overlong(counts: Sequence[Overlong], limit: str) -> dict:
+    """Print one line per file that lost or cut rows (``limit`` says the bound, e.g. ``model.max_len=256``);
+    ``{where: counts}`` of those for ``summary.json``."""
     out = {}
     for c in counts:
-        line = c.line(max_len)
+        line = c.line(limit)
         if line is not None:
             print(f"data: {line}", flush=True)
             out[c.where] = c.as_dict()

@@ -12,15 +12,15 @@ from pathlib import Path
 from actors.specs import ModelSpec, TrainSpec
 from cluster.resources import RoleRequest, role_bundles
 from trainers.config import Config, tokenizer_dir
-from trainers.data import read_records
-from trainers.data.collate import encode_prompt, text_windows
-from trainers.data.io import data_path
+from trainers.data import kind_paths, read_conversations
+from trainers.data.chat import ChatFormat, open_chat_format
+from trainers.data.collate import text_windows
+from trainers.data.examples import prompt_examples, report_overlong, where_of
 from trainers.data.tokenizer import load_tokenizer
-from trainers.data.validate import MAX_PROBLEMS, raise_if_problems
 from trainers.errors import ConfigError, DataError
 from trainers.runs.outdir import check_output_dir
 from trainers.runtime.device import resolve_dtype, vllm_dtype
-from trainers.runtime.models import check_model_dir, eos_ids_of
+from trainers.runtime.models import check_model_dir
 from trainers.runtime.zero import grad_accum_steps
 
 
@@ -29,82 +29,58 @@ class RunData:
     """Tokenized inputs of a run, built once on the driver during validation."""
 
     prompts: list[list[int]]
-    """Every training prompt, chat-formatted and encoded (BOS + prompt), unpadded."""
+    """Every training prompt in the model's chat format, up to its generation prompt, unpadded."""
     ptx: list[list[int]]
     """Pretraining text windows of at most ``model.max_len`` tokens (empty when ptx is off)."""
     pad_id: int
     """Fills padding only (masks come from lengths), so it may equal a stop id (docs/ppo_details.md item 2)."""
     stop_ids: tuple[int, ...]
-    """The run's one stop set (:func:`stop_ids_for`): vLLM stops on it, the driver cuts at its first id,
+    """The run's one stop set (:attr:`trainers.data.chat.ChatFormat.stop_ids`): vLLM stops on it, the driver cuts at its first id,
     ``rollout/eos_rate`` counts it (docs/ppo_details.md item 28)."""
 
 
-def stop_ids_for(tokenizer, model_dir: str | os.PathLike) -> tuple[int, ...]:
-    """The stop ids of a run, sorted: the tokenizer's ``eos_token_id`` and every ``eos_token_id`` of the
-    policy directory's ``generation_config.json`` / ``config.json``
-    (:func:`trainers.runtime.models.eos_ids_of`; vLLM stops on those by itself, so the set must hold them).
-
-    A set that is empty, or holds an id outside the tokenizer's vocabulary, is a :class:`ConfigError`.
-    """
-    ids = set(eos_ids_of(model_dir))
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    if not ids:
-        raise ConfigError(
-            f"model.path='{model_dir}': no stop token: neither the tokenizer nor generation_config.json / "
-            "config.json names an eos_token_id"
-        )
-    outside = sorted(i for i in ids if not 0 <= i < len(tokenizer))
-    if outside:
-        raise ConfigError(
-            f"model.path='{model_dir}': eos_token_id {outside[0]} is outside the tokenizer's vocabulary "
-            f"(size {len(tokenizer)})"
-        )
-    return tuple(sorted(ids))
-
-
-def encode_train_prompts(cfg: Config, tokenizer) -> list[list[int]]:
-    """Validated ``prompts/train`` encoded with the chat format; a DataError lists the prompts that leave
-    no room for ``rollout.max_new_tokens`` within ``model.max_len``."""
-    path = data_path(cfg.data.dir, "prompts", "train")
-    encoded = [encode_prompt(tokenizer, r["prompt"]) for r in read_records("prompts", [path])]
+def encode_train_prompts(cfg: Config, fmt: ChatFormat) -> list[list[int]]:
+    """Validated ``prompts/train`` in the model's chat format (conversation + generation prompt), with
+    ``data.overlong`` applied to prompts that leave no room for ``rollout.max_new_tokens`` within
+    ``model.max_len`` (dropped by default, counted in a line)."""
+    paths = kind_paths(cfg.data, "prompts", "train")
+    where = where_of(paths, "prompts", "train")
     room = cfg.model.max_len - cfg.rollout.max_new_tokens
-    lines = [
-        f"{path}:{row + 1}: prompt is {len(ids)} tokens long; with rollout.max_new_tokens="
-        f"{cfg.rollout.max_new_tokens} it exceeds model.max_len={cfg.model.max_len}"
-        for row, ids in enumerate(encoded)
-        if len(ids) > room
-    ][:MAX_PROBLEMS]
-    raise_if_problems(lines)
+    room_text = f"model.max_len={cfg.model.max_len} minus rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
+    encoded, _, counts = prompt_examples(
+        fmt, read_conversations("prompts", paths), where, room, cfg.data.overlong, room_text
+    )
+    report_overlong([counts], room_text)
     if not encoded:
-        raise DataError(f"{path}: no prompts")
+        raise DataError(f"{where}: no prompts (of {counts.rows}) fit model.max_len")
     return encoded
 
 
 def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData]:
     """Everything the user can get wrong, except resources, checked before anything starts or is
-    written: output directory, both model directories (config.json + safetensors), tokenizer (the same in
-    the RM directory), the stop ids (:func:`stop_ids_for`), prompts and -- with ``ppo.ptx_coef > 0`` -- the
-    pretraining text."""
+    written: output directory, both model directories (config.json + safetensors), tokenizer and chat
+    template (the same tokenizer in the RM directory), the stop ids (:class:`~trainers.data.chat.ChatFormat`:
+    end-of-turn, tokenizer EOS, the policy directory's ``eos_token_id`` lists), prompts and -- with
+    ``ppo.ptx_coef > 0`` -- the pretraining text."""
     out = check_output_dir(out_dir)
     model_dir = check_model_dir(cfg.model.path, "model.path")
     rm_dir = check_model_dir(cfg.reward.path, "reward.path")
-    tokenizer = load_tokenizer(tokenizer_dir(cfg))
+    tokenizer = load_tokenizer(tokenizer_dir(cfg), cfg.model.chat_template)
     rm_tokenizer = load_tokenizer(rm_dir) if (rm_dir / "tokenizer.json").is_file() else None
     if rm_tokenizer is not None and rm_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
             f"reward.path='{rm_dir}' has another tokenizer than the policy ({tokenizer_dir(cfg)}); the reward "
             "model must read the policy's token ids (docs/ppo_details.md item 7)"
         )
-    stop_ids = stop_ids_for(tokenizer, model_dir)
-    prompts = encode_train_prompts(cfg, tokenizer)
+    fmt = open_chat_format(tokenizer, tokenizer_dir(cfg), model_dir)
+    prompts = encode_train_prompts(cfg, fmt)
     ptx: list[list[int]] = []
     if cfg.ppo.ptx_coef > 0:
-        records = read_records("pretrain", [data_path(cfg.data.dir, "pretrain", "train")])
+        records = read_conversations("pretrain", kind_paths(cfg.data, "pretrain", "train"))
         ptx = text_windows(tokenizer, [r["text"] for r in records], cfg.model.max_len)
         if not ptx:
             raise DataError("ppo.ptx_coef > 0 but pretrain/train holds no text")
-    return out, RunData(prompts, ptx, tokenizer.pad_token_id, stop_ids)
+    return out, RunData(prompts, ptx, fmt.pad_id, fmt.stop_ids)
 
 
 def role_specs(cfg: Config, device: str) -> dict:

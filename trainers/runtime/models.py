@@ -33,15 +33,10 @@ Decisions recorded here:
   ZeRO-3-partitioned model means converting it by hand, and the critic would no longer be the RM's
   class), the trainable function is the RM's as before, and a resumed critic (rebuilt from the same RM
   directory, then its DeepSpeed checkpoint loaded) gets the same constant.
-- **Stop ids of a model directory** (docs/ppo_details.md item 28): :func:`eos_ids_of` reads
-  ``eos_token_id`` (an int or a list) from ``generation_config.json`` and ``config.json`` and takes the
-  union; vLLM stops on the ids of ``generation_config.json`` by itself, so every set built from this one
-  contains them.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -108,34 +103,6 @@ def check_model_dir(
             f"{key}='{p}' has no tokenizer.json (stage outputs save the tokenizer with the model)"
         )
     return p
-
-
-def eos_ids_of(model_dir: str | Path) -> tuple[int, ...]:
-    """The ``eos_token_id`` ids of a model directory: ``generation_config.json`` and ``config.json``
-    together (each may hold an int, a list or nothing), sorted, no repeats; ``()`` when neither lists one.
-
-    A file that is not JSON, or an ``eos_token_id`` that is not an int or a list of ints, is a
-    :class:`ConfigError` naming the file.
-    """
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir) / name
-        if not path.is_file():
-            continue
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path}: not readable JSON ({err})") from None
-        eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
-        if eos is None:
-            continue
-        listed = [eos] if isinstance(eos, int) else eos
-        if not isinstance(listed, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in listed
-        ):
-            raise ConfigError(f"{path}: eos_token_id must be an int or a list of ints, got {eos!r}")
-        ids.update(listed)
-    return tuple(sorted(ids))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -169,7 +169,9 @@ def prepare(cfg: Config, tokenizer) -> PreparedData:
     fmt = chat_format(cfg, tokenizer)
     (train, train_counts), (valid, valid_counts) = (read_comparisons(cfg, fmt, s) for s in ("train", "valid"))
     data = PreparedData(
-        train=train, valid=valid, overlong=report_overlong([train_counts, valid_counts], cfg.model.max_len)
+        train=train,
+        valid=valid,
+        overlong=report_overlong([train_counts, valid_counts], f"model.max_len={cfg.model.max_len}"),
     )
     if cfg.rm.normalize:
         data.extra["demos"] = normalization_demos(cfg, fmt, "train", NORMALIZE_MAX_DEMOS)

@@ -104,7 +104,9 @@ def prepare(cfg: Config, tokenizer) -> PreparedData:
     train, train_counts = read_demonstrations(cfg, fmt, "train")
     valid, valid_counts = read_demonstrations(cfg, fmt, "valid")
     return PreparedData(
-        train=train, valid=valid, overlong=report_overlong([train_counts, valid_counts], cfg.model.max_len)
+        train=train,
+        valid=valid,
+        overlong=report_overlong([train_counts, valid_counts], f"model.max_len={cfg.model.max_len}"),
     )
 
 
