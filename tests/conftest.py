@@ -27,3 +27,13 @@ def subprocess_env(*, own_ray: bool = False, no_faults: bool = False, **extra: s
         env.pop("RAY_ADDRESS", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return env | extra
+
+
+def template_ids(tok, prompt: str, response: str | None = None) -> list[int]:
+    """Ids of a one-turn conversation rendered by the tokenizer's own chat template (with the generation
+    prompt when there is no response): an independent check of what trainers.data.chat builds."""
+    messages = [{"role": "user", "content": prompt}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=response is None)
+    return tok.encode(text, add_special_tokens=False)

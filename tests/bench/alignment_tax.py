@@ -56,12 +56,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from trainers.demo import (  # noqa: E402  (the demo's own measurement and resume rule)
+from trainers.errors import UserError  # noqa: E402
+from trainers.pipeline import (  # noqa: E402  (the demo's own measurement and resume rule)
     EVAL_BATCH_SIZE,
     RESULT_NEUTRAL_SECTIONS,
     eval_sampling,
 )
-from trainers.errors import UserError  # noqa: E402
 
 DEFAULT_JSON = REPO / "tests" / "bench" / "results" / "alignment_tax.json"
 DEMO_STAGES = ("world", "pretrain", "sft", "rm")

@@ -20,10 +20,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
 
-from tests.conftest import REPO
+from tests.conftest import REPO, template_ids
 from trainers import cli
 from trainers.data import gold
-from trainers.data.collate import encode_prompt, encode_response
 from trainers.data.tokenizer import load_tokenizer
 from trainers.data.world import synthesize
 from trainers.evaluation import generation, heldout, judges, lm_loss
@@ -124,7 +123,7 @@ def test_reward_model_judge_adds_bias_and_is_batch_invariant(rm_dir, prompts):
     # Independent path: transformers' own pooling on an unpadded row, plus the bias from config.json.
     tok = load_tokenizer(rm_dir)
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
-    ids = torch.tensor([encode_prompt(tok, prompts[0]) + encode_response(tok, responses[0])])
+    ids = torch.tensor([template_ids(tok, prompts[0], responses[0])])
     with torch.no_grad():
         raw = float(model(input_ids=ids).logits[0, 0])
     assert batched[0] == pytest.approx(raw + REWARD_BIAS, abs=1e-5)
@@ -137,7 +136,7 @@ def test_reward_model_judge_adds_bias_and_is_batch_invariant(rm_dir, prompts):
 
 def _option_loglik(model, tok, prompt: str, option: str) -> float:
     """Log-likelihood of ``option`` as the response to ``prompt``: one unpadded transformers forward."""
-    prompt_ids = encode_prompt(tok, prompt)
+    prompt_ids = template_ids(tok, prompt)
     option_ids = tok.encode(option, add_special_tokens=False)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt_ids + option_ids])).logits[0].float()  # (T, V)
@@ -188,7 +187,7 @@ def test_option_logprobs_match_unpadded_forward(policy_run, world):
     )
     for row, scores in zip(rows, batched):
         for option, score in zip(row["options"], scores):
-            prompt_ids = encode_prompt(tok, row["prompt"])
+            prompt_ids = template_ids(tok, row["prompt"])
             option_ids = tok.encode(option, add_special_tokens=False)
             ids = torch.tensor([prompt_ids + option_ids])
             with torch.no_grad():

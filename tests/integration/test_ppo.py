@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_CONFIG, subprocess_env
+from tests.conftest import REPO, TINY_CONFIG, subprocess_env, template_ids
 from tests.integration.conftest import (
     PPO_REFERENCE_ITERATIONS,
     PPO_REFERENCE_OVERRIDES,
@@ -160,13 +160,12 @@ def test_final_policy_loads_with_transformers_and_vllm(ppo_run, ray_local):
 
     from actors.rollout import RolloutEngine
     from trainers.algos import logprobs_from_logits
-    from trainers.data.collate import encode_prompt
 
     model_dir = ppo_run.out / "model"
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompts = [
-        encode_prompt(tok, text) for text in ("Write a short poem about rivers.", "List three colours.")
+        template_ids(tok, text) for text in ("Write a short poem about rivers.", "List three colours.")
     ]
     engine = ray_local.remote(num_cpus=1)(RolloutEngine).remote(
         str(model_dir),

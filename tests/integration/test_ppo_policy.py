@@ -49,13 +49,17 @@ def policy(ray_local, sft_model_dir):
 @pytest.fixture(scope="module")
 def data(world_dir):
     """A rollout-shaped batch of 4 rows (prompt + a made-up response) and 2 ptx rows per rank."""
-    from trainers.data.collate import encode_prompt, encode_response, encode_text
+    from tests.conftest import template_ids
+    from trainers.data.collate import encode_text
     from trainers.data.tokenizer import load_tokenizer
     from trainers.ppo.batch import build_rollout_batch
 
     tok = load_tokenizer(world_dir / "tokenizer")
-    prompts = [encode_prompt(tok, f"Name {i} animals that live in rivers.") for i in range(4)]
-    responses = [encode_response(tok, "Otters, herons and trout." * (i + 1)) for i in range(4)]
+    texts = [
+        (f"Name {i} animals that live in rivers.", "Otters, herons and trout." * (i + 1)) for i in range(4)
+    ]
+    prompts = [template_ids(tok, p) for p, _ in texts]
+    responses = [template_ids(tok, p, r)[len(template_ids(tok, p)) :] for p, r in texts]
     batch = build_rollout_batch(prompts, responses, tok.pad_token_id, (tok.eos_token_id,))
     ptx_rows = [encode_text(tok, f"The old mill stood by the river for {i} years.") for i in range(2 * WORLD)]
     return {"batch": batch, "ptx_rows": ptx_rows, "pad": tok.pad_token_id}

@@ -8,14 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.conftest import template_ids
 from trainers.data import responses, world_text
 from trainers.data.collate import (
     IGNORE_INDEX,
     collate_lm,
     collate_prompts,
     collate_rm,
-    encode_prompt,
-    encode_response,
     encode_text,
     position_ids_from_mask,
     text_windows,
@@ -74,9 +73,9 @@ def test_chat_template_matches_format_prompt_and_the_encoders(tok):
     full = tok.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
     assert full == "<s>" + format_prompt(prompt) + response + "</s>"
     # encoding prompt and response separately gives exactly the ids of the whole conversation
-    assert encode_prompt(tok, prompt) + encode_response(tok, response) == tok.encode(
-        full, add_special_tokens=False
-    )
+    parts = [[tok.bos_token_id], tok.encode(format_prompt(prompt), add_special_tokens=False)]
+    parts += [tok.encode(response, add_special_tokens=False), [tok.eos_token_id]]
+    assert sum(parts, []) == tok.encode(full, add_special_tokens=False)
     assert encode_text(tok, "Tilo is a fox.")[0] == 1 and encode_text(tok, "Tilo is a fox.")[-1] == 2
 
 
@@ -153,7 +152,7 @@ def test_left_padded_forward_matches_unpadded_forward(tok):
     # relative, so here it is the mask that matters: without it the padded row differs by ~0.6.
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(presets.build_config("tiny", tok)).eval()
-    short, long = encode_prompt(tok, "Hi"), encode_prompt(tok, "Write a short story about Tilo and a kite.")
+    short, long = template_ids(tok, "Hi"), template_ids(tok, "Write a short story about Tilo and a kite.")
     batch = collate_prompts([short, long], pad_id=tok.pad_token_id)
     with torch.no_grad():
         padded = model(**batch).logits[0, -1]  # (V,)

@@ -30,16 +30,6 @@ IGNORE_INDEX = -100
 """Label value that the cross-entropy loss skips."""
 
 
-def encode_prompt(tok, prompt: str) -> list[int]:  # TODO(issue14): callers move to ChatFormat
-    from trainers.data.tokenizer import format_prompt
-
-    return [tok.bos_token_id, *tok.encode(format_prompt(prompt), add_special_tokens=False)]
-
-
-def encode_response(tok, response: str) -> list[int]:  # TODO(issue14): callers move to ChatFormat
-    return [*tok.encode(response, add_special_tokens=False), tok.eos_token_id]
-
-
 def encode_text(tok, text: str) -> list[int]:
     """``BOS + text + EOS`` for pretraining documents (no BOS when the tokenizer has none, as Qwen's)."""
     bos = [] if tok.bos_token_id is None else [tok.bos_token_id]

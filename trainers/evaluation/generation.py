@@ -3,9 +3,13 @@
 A *model directory* is a Hugging Face ``save_pretrained`` folder with safetensors and a tokenizer; a
 stage's output directory (holding ``model/``) is accepted too (:func:`resolve_model_dir`).
 
-Stop ids (docs/ppo_details.md item 28): every function takes the run's stop set as ``stop_ids``, which both
-ends generation (HF ``eos_token_id`` list, vLLM ``stop_token_ids``) and cuts the decoded text; without it
-the tokenizer's ``eos_token_id`` alone is used.
+A *prompt* is a string (one user turn) or a conversation (a list of ``{role, content}`` messages); it is
+rendered with the model's own chat template (:class:`trainers.data.chat.ChatFormat`), as in training.
+
+Stop ids (docs/ppo_details.md item 28): :func:`generate` stops at the model's stop set
+(``ChatFormat.stop_ids``: end-of-turn, EOS, the directory's ``eos_token_id`` lists) unless ``stop_ids`` is
+given; it both ends generation (HF ``eos_token_id`` list, vLLM ``stop_token_ids``) and cuts the decoded
+text. The lower-level helpers fall back to the tokenizer's ``eos_token_id`` alone.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from trainers.data import read_records
-from trainers.data.collate import encode_prompt, left_pad
+from trainers.data import read_conversations
+from trainers.data.chat import ChatFormat, as_messages, open_chat_format, prompt_of
+from trainers.data.collate import left_pad
 from trainers.data.tokenizer import load_tokenizer
 from trainers.errors import DataError, UserError
 from trainers.runtime.device import resolve_device, resolve_dtype, torch_dtype, vllm_dtype
@@ -87,7 +92,10 @@ def _generation_config(tok, max_new_tokens: int, temperature: float, stop_ids: S
     from transformers import GenerationConfig
 
     sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
+    # transformers fills fields left unset from the model's generation_config.json: a real model's
+    # repetition penalty (Qwen2.5 ships 1.05) would silently change the distribution evaluated.
     return GenerationConfig(
+        repetition_penalty=1.0,
         max_new_tokens=max_new_tokens,
         eos_token_id=resolve_stop_ids(tok, stop_ids),
         pad_token_id=tok.pad_token_id,
@@ -174,9 +182,14 @@ def _positions_of(model_dir: Path) -> int:
     return int(AutoConfig.from_pretrained(str(model_dir)).max_position_embeddings)
 
 
+def chat_format_of(model_dir: Path, tok) -> ChatFormat:
+    """The chat format of a model directory's tokenizer, with the directory's stop ids."""
+    return open_chat_format(tok, model_dir, model_dir)
+
+
 def generate(
     model_dir: str | Path,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[dict]],
     *,
     max_new_tokens: int,
     temperature: float = DEFAULT_TEMPERATURE,
@@ -192,7 +205,7 @@ def generate(
     ``temperature`` 0 is greedy decoding; > 0 samples from the full distribution at that temperature
     (the default 1.0: see the module docstring). ``backend`` ``hf`` (transformers, left padding) or
     ``vllm`` (in-process engine; starting it costs ~20 s on CPU). ``stop_ids``: the stop set (the module
-    docstring); None: the tokenizer's EOS.
+    docstring); None: the model's own stop set.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown generation backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -202,9 +215,10 @@ def generate(
     device = device or resolve_device()
     if backend == "vllm":
         tok = load_tokenizer(path)
-        prompt_ids = [encode_prompt(tok, p) for p in prompts]
+        fmt = chat_format_of(path, tok)
+        prompt_ids = [fmt.prompt_ids(as_messages(p)) for p in prompts]
         _check_prompt_lengths(prompt_ids, _positions_of(path) - max_new_tokens)
-        stops = resolve_stop_ids(tok, stop_ids)
+        stops = list(stop_ids or fmt.stop_ids)
         ids = generate_ids_vllm(
             path,
             prompt_ids,
@@ -216,19 +230,22 @@ def generate(
         )
         return decode_responses(tok, ids, stops)
     model, tok = load_causal_lm(path, device)
-    prompt_ids = [encode_prompt(tok, p) for p in prompts]
+    fmt = chat_format_of(path, tok)
+    prompt_ids = [fmt.prompt_ids(as_messages(p)) for p in prompts]
     _check_prompt_lengths(prompt_ids, _max_prompt_len(model, max_new_tokens))
+    stops = list(stop_ids or fmt.stop_ids)
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
-    ids = generate_ids_hf(model, tok, prompt_ids, batch_size=batch_size, stop_ids=stop_ids, **sampling)
-    return decode_responses(tok, ids, stop_ids)
+    ids = generate_ids_hf(model, tok, prompt_ids, batch_size=batch_size, stop_ids=stops, **sampling)
+    return decode_responses(tok, ids, stops)
 
 
-def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
-    """The ``prompt`` field of a validated prompts file (Parquet or JSONL); the first ``n`` if given."""
+def read_prompts(path: str | Path, n: int | None = None) -> list[str | list[dict]]:
+    """The prompts of a validated prompts file or save_to_disk directory (any prompts format): a string for a
+    one-user-turn prompt, else its messages (:func:`trainers.data.chat.prompt_of`); the first ``n`` if given."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError(f"prompts file '{p}' does not exist")
-    prompts = [r["prompt"] for r in read_records("prompts", [p])]
+    prompts = [prompt_of(r) for r in read_conversations("prompts", [p])]
     if not prompts:
         raise DataError(f"{p}: no prompts")
     return prompts[:n] if n else prompts

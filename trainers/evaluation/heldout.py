@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from trainers.data import gold, read_records
-from trainers.data.collate import encode_prompt
+from trainers.data.chat import ChatFormat, user_turn
 from trainers.data.templates import TASKS, clusters
 from trainers.errors import DataError, UserError
 from trainers.evaluation.generation import (
@@ -115,8 +115,9 @@ def option_logprobs(
     Rows ``prompt + option`` are scored in left-padded batches with mask-derived positions; the sum
     runs over the option's tokens only. Returns one list per prompt, in option order.
     """
+    fmt = ChatFormat.from_tokenizer(tok)
     pairs = [
-        (i, encode_prompt(tok, prompt), tok.encode(option, add_special_tokens=False))
+        (i, fmt.prompt_ids(user_turn(prompt)), tok.encode(option, add_special_tokens=False))
         for i, (prompt, opts) in enumerate(zip(prompts, options, strict=True))
         for option in opts
     ]
@@ -147,7 +148,8 @@ def heldout_predictions(
     done = set(ranked)
     generated = [i for i in range(len(rows)) if i not in done]
     if generated:
-        prompt_ids = [encode_prompt(tok, rows[i]["prompt"]) for i in generated]
+        fmt = ChatFormat.from_tokenizer(tok)
+        prompt_ids = [fmt.prompt_ids(user_turn(rows[i]["prompt"])) for i in generated]
         _check_prompt_lengths(prompt_ids, _max_prompt_len(model, max_new_tokens))
         ids = generate_ids_hf(
             model,

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from trainers.data import gold
-from trainers.data.collate import encode_prompt, encode_response, left_pad
+from trainers.data.chat import as_messages, open_chat_format
+from trainers.data.collate import left_pad
 from trainers.data.tokenizer import load_tokenizer
 from trainers.errors import DataError, UserError
 from trainers.evaluation.generation import resolve_model_dir
@@ -34,9 +35,10 @@ class GoldJudge:
 
 
 class RewardModelJudge:
-    """A trained reward model as a judge: the RM score of ``prompt + response + EOS``.
+    """A trained reward model as a judge: the RM score of the prompt and the response in the model's chat
+    template, the response ending with its end-of-turn token.
 
-    The sequence is built as in RM training and PPO (``encode_prompt`` + ``encode_response``), and
+    The sequence is built as in RM training and PPO (:meth:`trainers.data.chat.ChatFormat.reply_ids`), and
     scored through :func:`trainers.runtime.models.reward_scores` (last real token + ``config.reward_bias``).
     """
 
@@ -48,18 +50,18 @@ class RewardModelJudge:
         self.device = device or resolve_device()
         self.batch_size = batch_size
         self.tok = load_tokenizer(path)
+        self.fmt = open_chat_format(self.tok, path, path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             str(path), dtype=torch_dtype(resolve_dtype("auto", self.device)), use_safetensors=True
         )
         self.model.to(self.device).eval()
 
     @torch.no_grad()
-    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """RM score of each response to its prompt (left-padded batches of ``batch_size``)."""
-        seqs = [
-            encode_prompt(self.tok, p) + encode_response(self.tok, r)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
+    def scores(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        """RM score of each response to its prompt (a string or messages; left-padded batches of
+        ``batch_size``)."""
+        pairs = [self.fmt.reply_ids(as_messages(p), r) for p, r in zip(prompts, responses, strict=True)]
+        seqs = [prompt + reply for prompt, reply in pairs]
         out: list[float] = []
         for start in range(0, len(seqs), self.batch_size):
             input_ids, attention_mask = left_pad(
