@@ -48,7 +48,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainers.errors import ConfigError
+from trainers.data import kind_paths
+from trainers.errors import ConfigError, UserError
 from trainers.evaluation.demo_report import (
     assemble_pipeline_summary,
     pipeline_closing_lines,
@@ -349,9 +350,6 @@ EVAL_MAX_PROMPTS = 500
 """The evaluation samples at most this many held-out prompts (the first ones, in file order)."""
 EVAL_MAX_TEXTS = 500
 """The pretraining loss reads at most this many held-out texts (the first ones, in file order)."""
-DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
-"""File names a split may have under ``data.dir/<kind>/``; a directory ``<split>/`` is a
-``datasets`` ``save_to_disk`` split."""
 
 
 def pipeline_layout(ptx: bool = True) -> Layout:
@@ -372,36 +370,21 @@ def pipeline_layout(ptx: bool = True) -> Layout:
     )
 
 
-def data_candidates(data, kind: str, split: str) -> list[Path]:
-    """Where split ``split`` of ``kind`` may be, in order: ``data.<kind>`` with ``{split}`` replaced (a
-    path without ``{split}`` is the train split only), else ``data.dir/<kind>/<split>`` with each of
-    :data:`DATA_SUFFIXES`, then as a ``save_to_disk`` directory. Empty when neither is set."""
-    explicit = getattr(data, kind)
-    if explicit:
-        if "{split}" in explicit:
-            return [Path(explicit.replace("{split}", split))]
-        return [Path(explicit)] if split == "train" else []
-    if not data.dir:
-        return []
-    base = Path(data.dir) / kind
-    return [base / f"{split}{suffix}" for suffix in DATA_SUFFIXES] + [base / split]
-
-
 def locate_data(data, kind: str, split: str) -> Path | None:
-    """The first of :func:`data_candidates` that exists, None if none does."""
-    return next((p for p in data_candidates(data, kind, split) if p.exists()), None)
+    """The path the stages read for ``split`` of ``kind`` (:func:`trainers.data.kind_paths`: ``data.<kind>``,
+    else ``data.dir``'s layout), None when there is none (or it is ambiguous)."""
+    try:
+        return kind_paths(data, kind, split)[0]
+    except UserError:
+        return None
 
 
 def describe_location(data, kind: str, split: str) -> str:
-    """Where :func:`locate_data` looked, for a message."""
-    explicit = getattr(data, kind)
-    if explicit:
-        return f"data.{kind}='{explicit}'" + (
-            "" if "{split}" in explicit or split == "train" else f" ({split})"
-        )
-    if data.dir:
-        return f"'{Path(data.dir) / kind / split}' (.parquet, .jsonl or a save_to_disk directory)"
-    return f"data.dir and data.{kind} are not set"
+    """Why :func:`locate_data` found nothing: the data layer's own line (where it looked)."""
+    try:
+        return str(kind_paths(data, kind, split)[0])
+    except UserError as err:
+        return str(err)
 
 
 NEEDED_DATA = (("demonstrations", "SFT"), ("comparisons", "the reward model"), ("prompts", "PPO"))
@@ -458,15 +441,18 @@ def check_inputs(cfg) -> PipelineInputs:
     data = cfg.data
     for kind, reader in NEEDED_DATA:
         if locate_data(data, kind, "train") is None:
-            raise ConfigError(
-                f"no {kind} for {reader}: looked for {describe_location(data, kind, 'train')}; give "
-                f"data.dir=DIR holding {kind}/train.jsonl (or .parquet), or data.{kind}=PATH"
-            )
+            raise ConfigError(f"no {kind} for {reader}: {describe_location(data, kind, 'train')}")
     eval_prompts = locate_data(data, "prompts", "test") or locate_data(data, "prompts", "valid")
     if eval_prompts is None:
         raise ConfigError(
             "no held-out prompts for the evaluation: looked for "
             f"{describe_location(data, 'prompts', 'test')} and {describe_location(data, 'prompts', 'valid')}"
+        )
+    if eval_prompts == locate_data(data, "prompts", "train"):
+        print(
+            f"pipeline: warning: the evaluation's prompts are the training prompts ({eval_prompts}): give "
+            "held-out ones (prompts/test, or {split} in data.prompts) for numbers that mean something",
+            flush=True,
         )
     pretrain = locate_data(data, "pretrain", "train")
     ptx, line = ptx_decision(cfg.ppo.ptx_coef, pretrain, describe_location(data, "pretrain", "train"))

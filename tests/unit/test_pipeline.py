@@ -295,22 +295,22 @@ def test_ptx_coef_without_pretraining_text_is_a_user_error_before_anything_is_wr
 # --- the user's inputs ----------------------------------------------------------------------------------
 
 
-def test_locate_data_layouts(tmp_path):
+def test_locate_data_is_where_the_stages_read(tmp_path):
     data = load_config(None, [f"data.dir={tmp_path}"]).data
     assert pipeline.locate_data(data, "prompts", "train") is None
+    assert "prompts/train.parquet: file not found" in pipeline.describe_location(data, "prompts", "train")
     write_jsonl(tmp_path / "prompts" / "train.jsonl", [{"prompt": "x"}])
     assert pipeline.locate_data(data, "prompts", "train") == tmp_path / "prompts" / "train.jsonl"
-    (tmp_path / "prompts" / "train.parquet").write_bytes(b"")  # Parquet first, as the stages read it
-    assert pipeline.locate_data(data, "prompts", "train") == tmp_path / "prompts" / "train.parquet"
     (tmp_path / "prompts" / "test").mkdir()  # a datasets save_to_disk split
+    (tmp_path / "prompts" / "test" / "data-00000-of-00001.arrow").write_bytes(b"")
+    (tmp_path / "prompts" / "test" / "state.json").write_text("{}")
     assert pipeline.locate_data(data, "prompts", "test") == tmp_path / "prompts" / "test"
     split = load_config(None, [f"data.prompts={tmp_path}/p-{{split}}.jsonl"]).data
     write_jsonl(tmp_path / "p-valid.jsonl", [{"prompt": "x"}])
     assert pipeline.locate_data(split, "prompts", "valid") == tmp_path / "p-valid.jsonl"
     assert pipeline.locate_data(split, "prompts", "test") is None
     single = load_config(None, [f"data.prompts={tmp_path}/p-valid.jsonl"]).data
-    assert pipeline.locate_data(single, "prompts", "train") == tmp_path / "p-valid.jsonl"
-    assert pipeline.locate_data(single, "prompts", "valid") is None  # no {split}: the train split only
+    assert pipeline.locate_data(single, "prompts", "valid") == tmp_path / "p-valid.jsonl"  # every split
 
 
 def test_eval_prompts_are_test_else_valid(tmp_path):
@@ -336,8 +336,8 @@ def test_eval_prompts_are_test_else_valid(tmp_path):
             ["model.path={model}", "data.dir={data}", "reward.path={model}"],
             "override 'reward.path' is set by",
         ),
-        (["model.path={model}", "data.dir={tmp}/empty"], "no demonstrations for SFT: looked for"),
-        (["model.path={model}"], "no demonstrations for SFT: .*data.dir and data.demonstrations are not set"),
+        (["model.path={model}", "data.dir={tmp}/empty"], "no demonstrations for SFT: .*demonstrations/train.parquet: file not found"),
+        (["model.path={model}"], "no demonstrations for SFT: data.dir is not set.*data.demonstrations"),
         (["model.path={model}", "data.dir={data}", "ppo.kl_coeff=0.1"], "ppo.kl_coef"),
     ],
 )
@@ -355,9 +355,9 @@ def test_missing_comparisons_name_the_rm():
     data = load_config(None, ["data.demonstrations=/x/{split}.jsonl"]).data
     assert (
         pipeline.describe_location(data, "demonstrations", "valid")
-        == "data.demonstrations='/x/{split}.jsonl'"
+        == "/x/valid.jsonl: file not found (data.demonstrations=/x/{split}.jsonl)"
     )
-    assert "are not set" in pipeline.describe_location(data, "comparisons", "train")
+    assert "data.dir is not set" in pipeline.describe_location(data, "comparisons", "train")
 
 
 def test_cli_missing_model_path_or_bad_config_exit_2_with_one_line_and_write_nothing(tmp_path):

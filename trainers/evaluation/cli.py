@@ -35,7 +35,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--baseline", metavar="DIR", help="model to compare against (win rate)")
     p.add_argument(
-        "--prompts", metavar="FILE", help="prompts file (Parquet/JSONL, field 'prompt') for the win rate"
+        "--prompts",
+        metavar="FILE",
+        help="prompts for the win rate: a JSONL/Parquet file or save_to_disk directory ('prompt' or 'messages')",
     )
     p.add_argument(
         "--judge",
