@@ -125,6 +125,20 @@ CASES: list[Case] = [
         out="new",
     ),
     _case(
+        "sft-no-chat-template",
+        "data",
+        "sft --config {tiny} data.dir={world} model.path={model_no_template} --out {out}",
+        "has no chat template; give one with model.chat_template=",
+        out="new",
+    ),
+    _case(
+        "sft-chat-template-file-missing",
+        "config",
+        "sft --config {tiny} data.dir={world} model.path={model} model.chat_template={nowhere}/t.jinja --out {out}",
+        "model.chat_template=",
+        out="new",
+    ),
+    _case(
         "sft-too-long",
         "data",
         "sft --config {tiny} data.dir={long_demo} data.overlong=error model.path={model} --out {out}",
@@ -348,6 +362,8 @@ def build_inputs(root: Path) -> dict[str, Path]:
     p["model"] = _fake_model(root / "model", tok)
     p["model_bin"] = _fake_model(root / "model_bin", tok, weights="pytorch_model.bin")
     p["model_no_weights"] = _fake_model(root / "model_no_weights", tok, weights=None)
+    p["model_no_template"] = _fake_model(root / "model_no_template", tok)  # a base model's tokenizer
+    (p["model_no_template"] / "chat_template.jinja").unlink()
     p["bad_json"] = files / "bad.jsonl"
     p["bad_json"].write_text('{"prompt": "fine"}\n{"prompt": "cut off\n')
     p["wrong_type"] = _jsonl(files / "wrong_type.jsonl", [{"prompt": 3, "response": "r"}])
