@@ -294,6 +294,8 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
         summary = summarize(
             read_metrics(out / "metrics.jsonl"), state.iteration, time.time() - start, out, resumed_from
         )
+        if data.overlong:
+            summary["data/overlong"] = data.overlong
         atomic_write_json(out / "summary.json", summary)
         print(f"ppo: done in {summary['ppo/wall_time_s']:.1f}s; policy in {out / 'model'}", flush=True)
         return summary

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors.specs import ModelSpec, TrainSpec
@@ -37,12 +37,15 @@ class RunData:
     stop_ids: tuple[int, ...]
     """The run's one stop set (:attr:`trainers.data.chat.ChatFormat.stop_ids`): vLLM stops on it, the driver cuts at its first id,
     ``rollout/eos_rate`` counts it (docs/ppo_details.md item 28)."""
+    overlong: dict = field(default_factory=dict)
+    """What ``data.overlong`` did to the prompts (``summary.json``'s ``data/overlong``; empty: nothing)."""
 
 
-def encode_train_prompts(cfg: Config, fmt: ChatFormat) -> list[list[int]]:
+def encode_train_prompts(cfg: Config, fmt: ChatFormat) -> tuple[list[list[int]], dict]:
     """Validated ``prompts/train`` in the model's chat format (conversation + generation prompt), with
     ``data.overlong`` applied to prompts that leave no room for ``rollout.max_new_tokens`` within
-    ``model.max_len`` (dropped by default, counted in a line)."""
+    ``model.max_len`` (dropped by default, counted in a line); returns the prompts and the counts for
+    ``summary.json`` (:func:`trainers.data.examples.report_overlong`)."""
     paths = kind_paths(cfg.data, "prompts", "train")
     where = where_of(paths, "prompts", "train")
     room = cfg.model.max_len - cfg.rollout.max_new_tokens
@@ -50,10 +53,10 @@ def encode_train_prompts(cfg: Config, fmt: ChatFormat) -> list[list[int]]:
     encoded, _, counts = prompt_examples(
         fmt, read_conversations("prompts", paths), where, room, cfg.data.overlong, room_text
     )
-    report_overlong([counts], room_text)
+    overlong = report_overlong([counts], room_text)
     if not encoded:
         raise DataError(f"{where}: no prompts (of {counts.rows}) fit model.max_len")
-    return encoded
+    return encoded, overlong
 
 
 def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData]:
@@ -73,14 +76,14 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
             "model must read the policy's token ids (docs/ppo_details.md item 7)"
         )
     fmt = open_chat_format(tokenizer, tokenizer_dir(cfg), model_dir)
-    prompts = encode_train_prompts(cfg, fmt)
+    prompts, overlong = encode_train_prompts(cfg, fmt)
     ptx: list[list[int]] = []
     if cfg.ppo.ptx_coef > 0:
         records = read_conversations("pretrain", kind_paths(cfg.data, "pretrain", "train"))
         ptx = text_windows(tokenizer, [r["text"] for r in records], cfg.model.max_len)
         if not ptx:
             raise DataError("ppo.ptx_coef > 0 but pretrain/train holds no text")
-    return out, RunData(prompts, ptx, fmt.pad_id, fmt.stop_ids)
+    return out, RunData(prompts, ptx, fmt.pad_id, fmt.stop_ids, overlong)
 
 
 def role_specs(cfg: Config, device: str) -> dict:
