@@ -271,6 +271,9 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
     check_resumable(resume, cfg)
     device = check_resources(cfg)
     prepare_output(out, dump_yaml(cfg), fresh)
+    print(
+        f"ppo: {len(data.prompts)} prompts, stop ids {list(data.stop_ids)}, pad id {data.pad_id}", flush=True
+    )
     p = cfg.ppo
     clock = time.perf_counter()
     roles = start_roles(cfg, device, run_name=f"ppo-{uuid.uuid4().hex[:6]}", stop_ids=data.stop_ids)
