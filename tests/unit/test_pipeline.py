@@ -336,7 +336,10 @@ def test_eval_prompts_are_test_else_valid(tmp_path):
             ["model.path={model}", "data.dir={data}", "reward.path={model}"],
             "override 'reward.path' is set by",
         ),
-        (["model.path={model}", "data.dir={tmp}/empty"], "no demonstrations for SFT: .*demonstrations/train.parquet: file not found"),
+        (
+            ["model.path={model}", "data.dir={tmp}/empty"],
+            "no demonstrations for SFT: .*demonstrations/train.parquet: file not found",
+        ),
         (["model.path={model}"], "no demonstrations for SFT: data.dir is not set.*data.demonstrations"),
         (["model.path={model}", "data.dir={data}", "ppo.kl_coeff=0.1"], "ppo.kl_coef"),
     ],
