@@ -48,7 +48,6 @@ from trainers.evaluation.demo_report import (
     MODELS,
     assemble_summary,
     closing_lines,
-    update_json,
     write_demo_report,
 )
 from trainers.pipeline import Layout, Runner, summary_path
@@ -254,9 +253,7 @@ def run_demo(
         "PPO-ptx vs SFT (RM)": summaries["eval"]["eval/win_rate_rm"],
     }
     path = write_demo_report(out, summary, win_rates)
-    summary["timings_s"]["report"] = round(time.time() - clock, 1)
-    summary["wall_time_s"] = round(time.time() - start, 1)
-    written = update_json(path, {"timings_s": summary["timings_s"], "wall_time_s": summary["wall_time_s"]})
+    written = pipeline.finish_report(path, summary, start, clock)
     print(closing_lines(summary, out), flush=True)
     return written
 

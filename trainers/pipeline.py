@@ -592,11 +592,17 @@ def run_pipeline(
         "config": str(config),
     }
     path = write_pipeline_report(out, summary, {"PPO vs SFT (RM)": summaries["eval"]["eval/win_rate_rm"]})
-    summary["timings_s"]["report"] = round(time.time() - clock, 1)
-    summary["wall_time_s"] = round(time.time() - start, 1)
-    written = update_json(path, {"timings_s": summary["timings_s"], "wall_time_s": summary["wall_time_s"]})
+    written = finish_report(path, summary, start, clock)
     print(pipeline_closing_lines(written, out), flush=True)
     return written
+
+
+def finish_report(path: Path, summary: dict, start: float, clock: float) -> dict:
+    """Add the report stage's time (since ``clock``) and the wall time (since ``start``) to the summary and
+    to ``summary.json`` at ``path``; the summary as written."""
+    summary["timings_s"]["report"] = round(time.time() - clock, 1)
+    summary["wall_time_s"] = round(time.time() - start, 1)
+    return update_json(path, {"timings_s": summary["timings_s"], "wall_time_s": summary["wall_time_s"]})
 
 
 # --------------------------------------------------------------------------------------------------
