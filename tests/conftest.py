@@ -37,3 +37,16 @@ def template_ids(tok, prompt: str, response: str | None = None) -> list[int]:
         messages.append({"role": "assistant", "content": response})
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=response is None)
     return tok.encode(text, add_special_tokens=False)
+
+
+def world_corpus(seed: int = 0, n: int = 150) -> list[str]:
+    """``n`` pretraining documents, ``n`` prompts and their demonstrations from the synthetic world: enough
+    text for a small world tokenizer (``train_tokenizer(world_corpus(), DIR, vocab_size=600)``)."""
+    import random
+
+    from trainers.data import responses, world_text
+
+    rng = random.Random(seed)
+    docs = [world_text.pretrain_document(rng) for _ in range(n)]
+    prompts = [world_text.sample_prompt(world_text.sample_task(rng), rng) for _ in range(n)]
+    return docs + prompts + [responses.demonstration(p, rng) for p in prompts]

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from tests.conftest import world_corpus
 from trainers.data import responses, world_text
 from trainers.data.chat import ChatError, ChatFormat, eos_ids_of, open_chat_format, user_turn
 from trainers.data.collate import IGNORE_INDEX, collate_lm, encode_text
@@ -23,17 +24,10 @@ from trainers.data.tokenizer import BOS, EOS, format_prompt, load_tokenizer, tra
 from trainers.errors import ConfigError, DataError
 
 
-def _corpus(seed: int = 0, n: int = 150) -> list[str]:
-    rng = random.Random(seed)
-    docs = [world_text.pretrain_document(rng) for _ in range(n)]
-    prompts = [world_text.sample_prompt(world_text.sample_task(rng), rng) for _ in range(n)]
-    return docs + prompts + [responses.demonstration(p, rng) for p in prompts]
-
-
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok")
-    train_tokenizer(_corpus(), path, vocab_size=600)
+    train_tokenizer(world_corpus(), path, vocab_size=600)
     return path
 
 

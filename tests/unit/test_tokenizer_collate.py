@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import template_ids
-from trainers.data import responses, world_text
+from tests.conftest import template_ids, world_corpus
 from trainers.data.collate import (
     IGNORE_INDEX,
     collate_lm,
@@ -24,17 +21,10 @@ from trainers.errors import ConfigError, DataError
 from trainers.runtime import presets
 
 
-def _corpus(seed: int = 0, n: int = 150) -> list[str]:
-    rng = random.Random(seed)
-    docs = [world_text.pretrain_document(rng) for _ in range(n)]
-    prompts = [world_text.sample_prompt(world_text.sample_task(rng), rng) for _ in range(n)]
-    return docs + prompts + [responses.demonstration(p, rng) for p in prompts]
-
-
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok")
-    train_tokenizer(_corpus(), path, vocab_size=600)
+    train_tokenizer(world_corpus(), path, vocab_size=600)
     return path
 
 
@@ -53,7 +43,7 @@ def test_special_tokens_are_distinct_with_fixed_ids(tok):
 
 
 def test_round_trip_of_world_text(tok):
-    for text in _corpus(seed=9, n=20):
+    for text in world_corpus(seed=9, n=20):
         ids = tok.encode(text, add_special_tokens=False)
         assert tok.decode(ids) == text
     # markers are single tokens, not split into bytes
@@ -87,7 +77,7 @@ def test_auto_tokenizer_loads_the_saved_directory(tok_dir, tok):
 
 
 def test_training_is_deterministic(tmp_path, tok_dir):
-    train_tokenizer(_corpus(), tmp_path, vocab_size=600)
+    train_tokenizer(world_corpus(), tmp_path, vocab_size=600)
     assert (tmp_path / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
 
 
