@@ -10,7 +10,6 @@ import random
 import pytest
 import torch
 
-from tests.conftest import world_corpus
 from trainers.data import responses, world_text
 from trainers.data.chat import ChatError, ChatFormat, eos_ids_of, open_chat_format, user_turn
 from trainers.data.collate import IGNORE_INDEX, collate_lm, encode_text
@@ -20,15 +19,8 @@ from trainers.data.examples import (
     prompt_examples,
     report_overlong,
 )
-from trainers.data.tokenizer import BOS, EOS, format_prompt, load_tokenizer, train_tokenizer
+from trainers.data.tokenizer import BOS, EOS, format_prompt, load_tokenizer
 from trainers.errors import ConfigError, DataError
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    train_tokenizer(world_corpus(), path, vocab_size=600)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +232,7 @@ def test_comparisons_and_prompts_truncate_only_the_prompt(fmt):
     (group,), counts = comparison_examples(fmt, [record], "c", max_len=64, policy="truncate")
     prompt, resp, ranking = group
     assert counts.truncated == 1 and len(prompt) + max(map(len, resp)) == 64 and ranking == [0, 1]
-    assert resp == [fmt.response_ids(user_turn(long), r) for r in record["responses"]]
+    assert resp == [fmt.reply_ids(user_turn(long), r)[1] for r in record["responses"]]
     ids, kept, counts = prompt_examples(fmt, [record, {"messages": user_turn("Hi")}], "p", room=40)
     assert kept == [1] and counts.dropped == 1 and ids == [fmt.prompt_ids(user_turn("Hi"))]
 

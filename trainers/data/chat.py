@@ -165,9 +165,20 @@ class ChatFormat:
     def reply_ids(self, messages: Sequence[dict], reply: str) -> tuple[list[int], list[int]]:
         """``(prompt ids, reply ids)`` of ``messages`` answered by ``reply``; the reply ends with the
         end-of-turn token and prompt + reply equals the whole rendered conversation's first ids."""
+        prompt, (ids,) = self.replies_ids(messages, [reply])
+        return prompt, ids
+
+    def replies_ids(
+        self, messages: Sequence[dict], replies: Sequence[str]
+    ) -> tuple[list[int], list[list[int]]]:
+        """``(prompt ids, [reply ids] per reply)``: :meth:`reply_ids` for several answers to one prompt (the
+        RM's K responses), the prompt rendered and encoded once."""
         prompt = self.prompt_ids(messages)
-        full = self.encode(self.render([*messages, _assistant(reply)], generation_prompt=False))
-        return prompt, self._reply_after(prompt, full)
+        out = []
+        for reply in replies:
+            full = self.encode(self.render([*messages, _assistant(reply)], generation_prompt=False))
+            out.append(self._reply_after(prompt, full))
+        return prompt, out
 
     def _reply_after(self, prompt: list[int], full: list[int]) -> list[int]:
         """``full``'s ids after ``prompt``, through the first end-of-turn token."""
@@ -180,10 +191,6 @@ class ChatFormat:
         if self.end_of_turn_id not in rest:
             raise ChatError("the rendered reply has no end-of-turn token")
         return rest[: rest.index(self.end_of_turn_id) + 1]
-
-    def response_ids(self, messages: Sequence[dict], reply: str) -> list[int]:
-        """The reply's ids alone (for the RM's K responses to one prompt)."""
-        return self.reply_ids(messages, reply)[1]
 
     def conversation_ids(
         self, messages: Sequence[dict], all_turns: bool = False

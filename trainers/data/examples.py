@@ -187,8 +187,7 @@ def comparison_examples(
     group is its prompt plus its longest response."""
 
     def encode(record):
-        prompt = fmt.prompt_ids(record["messages"])
-        responses = [fmt.response_ids(record["messages"], r) for r in record["responses"]]
+        prompt, responses = fmt.replies_ids(record["messages"], record["responses"])
         return prompt, responses, list(record["ranking"])
 
     def shrink(group):
