@@ -22,13 +22,6 @@ from trainers.runtime import presets
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    train_tokenizer(world_corpus(), path, vocab_size=600)
-    return path
-
-
-@pytest.fixture(scope="module")
 def tok(tok_dir):
     return load_tokenizer(tok_dir)
 
