@@ -1,4 +1,5 @@
-"""GAE (trainers/algos/advantages.py): hand values, a plain-loop reference, padding, no grad."""
+"""GAE and REINFORCE++ returns (trainers/algos/advantages.py): hand values, a plain-loop reference,
+padding, no grad."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import pytest
 import torch
 
-from trainers.algos import gae, masked_whiten
+from trainers.algos import discounted_returns, gae, masked_whiten, reinforce_pp_advantages
 
 
 def reference_gae(rewards, values, lengths, gamma, lam):
@@ -100,3 +101,34 @@ def test_gae_hole_in_mask_acts_as_episode_end():
     # (no bootstrap from V2 and no advantage leaking across the hole).
     adv, _ = gae(torch.tensor([[1.0, 9.0, 2.0]]), torch.tensor([[0.5, 9.0, 0.3]]), torch.tensor([[1, 0, 1]]))
     torch.testing.assert_close(adv, torch.tensor([[0.5, 0.0, 1.7]]))
+
+
+# --- REINFORCE++: discounted returns whitened over the batch ---------------------------------------------
+
+# gamma = 0.5. Row 0: r = [1, 0, 2], then padding holding 9: G2 = 2, G1 = 0 + 0.5 * 2 = 1,
+# G0 = 1 + 0.5 * 1 = 1.5. Row 1: r = [0, 4], then padding: G1 = 4, G0 = 0 + 0.5 * 4 = 2.
+RP_REWARDS = torch.tensor([[1.0, 0.0, 2.0, 9.0], [0.0, 4.0, 9.0, 9.0]], dtype=torch.float64)
+RP_MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+RP_RETURNS = [[1.5, 1.0, 2.0, 0.0], [2.0, 4.0, 0.0, 0.0]]
+
+
+def test_discounted_returns_by_hand():
+    assert discounted_returns(RP_REWARDS, RP_MASK, gamma=0.5).tolist() == RP_RETURNS
+
+
+def test_reinforce_pp_whitens_returns_over_the_whole_batch():
+    # Real returns [1.5, 1, 2, 2, 4]: mean 2.1, deviations [-0.6, -1.1, -0.1, -0.1, 1.9],
+    # biased variance (0.36 + 1.21 + 0.01 + 0.01 + 3.61) / 5 = 1.04. Whitened per row instead, row 1's
+    # two tokens would be -+1: the batch statistics are what is tested.
+    adv, ret = reinforce_pp_advantages(RP_REWARDS, RP_MASK, gamma=0.5)
+    assert ret.tolist() == RP_RETURNS
+    std = (1.04 + 1e-8) ** 0.5
+    expected = torch.tensor([[-0.6, -1.1, -0.1, 0.0], [-0.1, 1.9, 0.0, 0.0]], dtype=torch.float64) / std
+    torch.testing.assert_close(adv, expected)
+
+
+def test_reinforce_pp_is_detached_and_gamma_one_sums_the_rest_of_the_response():
+    rewards = torch.tensor([[0.5, -0.5, 3.0]], requires_grad=True)
+    adv, ret = reinforce_pp_advantages(rewards, torch.ones(1, 3), gamma=1.0)
+    assert ret.tolist() == [[3.0, 2.5, 3.0]]
+    assert not adv.requires_grad and not ret.requires_grad

@@ -1,4 +1,5 @@
-"""KL estimators, reward shaping and score normalisation (trainers/algos/kl.py, rewards.py)."""
+"""KL estimators, reward shaping, score normalisation, overlong penalty and combined reward sources
+(trainers/algos/kl.py, rewards.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import torch
 
 from trainers.algos import (
     AlgoConfigError,
+    combine_scores,
     kl_estimate,
     mean_sequence_kl,
     normalize_scores,
+    overlong_penalty,
     shape_rewards,
 )
 from trainers.errors import ConfigError, UserError
@@ -112,3 +115,53 @@ def test_normalize_scores():
     assert normalize_scores(torch.tensor([-5.0, 0.5, 5.0]), clip=2.0).tolist() == [-2.0, 0.5, 2.0]
     with pytest.raises(ValueError):
         normalize_scores(s, clip=0.0)
+
+
+# --- DAPO soft overlong punishment --------------------------------------------------------------------------
+
+
+def test_overlong_penalty_at_the_boundaries():
+    # max 20, buffer 4: free up to 16 tokens, then -1/4 per token, -1 at 20 and beyond.
+    lengths = torch.tensor([0, 16, 17, 18, 20, 25])
+    got = overlong_penalty(lengths, max_new_tokens=20, buffer=4, penalty=1.0)
+    assert got.dtype == torch.float32
+    assert got.tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    assert overlong_penalty(lengths, 20, 4, penalty=2.0).tolist() == [0.0, 0.0, -0.5, -1.0, -2.0, -2.0]
+    # The buffer may be the whole length: linear from 0 tokens.
+    assert overlong_penalty(torch.tensor([0, 10, 20]), 20, 20, 1.0).tolist() == [0.0, -0.5, -1.0]
+
+
+def test_overlong_penalty_off_and_bad_settings():
+    assert overlong_penalty(torch.tensor([3, 20, 30]), 20, 0, 1.0).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(AlgoConfigError, match="buffer"):
+        overlong_penalty(torch.tensor([3]), 20, 21, 1.0)
+    with pytest.raises(AlgoConfigError, match="buffer"):
+        overlong_penalty(torch.tensor([3]), 20, -1, 1.0)
+    with pytest.raises(AlgoConfigError, match="penalty"):
+        overlong_penalty(torch.tensor([3]), 20, 4, -1.0)
+
+
+# --- several reward sources -------------------------------------------------------------------------------------
+
+
+def test_combine_scores_weighs_each_source_and_unnamed_sources_weigh_one():
+    scores = {
+        "rm": torch.tensor([1.0, 2.0], dtype=torch.bfloat16),
+        "function": torch.tensor([0.0, 1.0]),
+        "url": torch.tensor([4.0, 4.0]),
+    }
+    got = combine_scores(scores, {"rm": 0.5, "function": 2.0})
+    assert got.dtype == torch.float32
+    assert got.tolist() == [0.5 * 1 + 2 * 0 + 4, 0.5 * 2 + 2 * 1 + 4]  # [4.5, 7.0]
+    assert combine_scores({"rm": scores["url"]}, {}).tolist() == [4.0, 4.0]
+
+
+def test_combine_scores_errors():
+    scores = {"rm": torch.zeros(3), "function": torch.zeros(3)}
+    with pytest.raises(AlgoConfigError, match="'url'") as err:
+        combine_scores(scores, {"rm": 1.0, "url": 0.5})
+    assert isinstance(err.value, ConfigError)
+    with pytest.raises(ValueError, match="shape"):
+        combine_scores({"rm": torch.zeros(3), "function": torch.zeros(4)}, {})
+    with pytest.raises(ValueError, match="at least one"):
+        combine_scores({}, {})

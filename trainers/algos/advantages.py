@@ -1,4 +1,5 @@
-"""Generalised advantage estimation over response tokens (docs/ppo_details.md items 12, 15, 16).
+"""Per-token advantages: GAE with a critic, discounted returns without one (docs/ppo_details.md items 12,
+15, 16, 31).
 
 Schulman et al. 2016, "High-dimensional continuous control using generalized advantage estimation":
 
@@ -7,6 +8,10 @@ Schulman et al. 2016, "High-dimensional continuous control using generalized adv
 
 Each response is one episode; the value after its last real token is 0 (the episode ends there, the RM
 score is already in ``r`` at that token).
+
+Without a critic, REINFORCE++ (Hu 2025) uses the discounted return ``G_t = r_t + gamma * G_{t+1}`` of the
+shaped rewards as the advantage, whitened over the whole batch. That return is GAE with ``V = 0`` and
+``lam = 1``, so both share the one backward loop below.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from trainers.algos._common import bool_mask, upcast, zero_padding
+from trainers.algos.masked import masked_whiten
 
 
 @torch.no_grad()
@@ -53,3 +59,28 @@ def gae(
     advantages = advantages * m_f
     returns = (advantages + v) * m_f
     return advantages, returns
+
+
+@torch.no_grad()
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """``(B, T)`` detached ``G_t = r_t + gamma * G_{t+1}`` over real tokens, 0 on padding.
+
+    A token whose successor is padding is terminal (``G_t = r_t``), exactly as in :func:`gae`, of which
+    this is the ``values = 0, lam = 1`` case.
+    """
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
+    return advantages
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(advantages, returns)``, both ``(B, T)``, for REINFORCE++ (Hu 2025; item 31).
+
+    ``returns`` = :func:`discounted_returns` of the shaped rewards (KL penalty per token, score at the
+    last one); ``advantages`` = those returns whitened over every real token of the batch (item 17), which
+    plays the baseline's part without a critic. Returns are kept for logging; nothing regresses on them.
+    """
+    returns = discounted_returns(rewards, mask, gamma)
+    return masked_whiten(returns, mask), returns
