@@ -1,4 +1,4 @@
-"""PPO policy/value losses, LM loss and the global token-mean aggregation (trainers/algos/losses.py)."""
+"""PPO policy/value losses, KL and LM losses, and the split-invariant aggregation (trainers/algos/losses.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ import torch.nn.functional as F
 
 from trainers.algos import (
     LOG_RATIO_CLAMP,
+    LOSS_AGG_MODES,
+    AlgoConfigError,
+    agg_denominator,
+    agg_weights,
+    aggregate,
+    kl_loss,
     lm_loss,
     loss_normaliser,
     masked_mean,
+    masked_sum,
     policy_loss,
     value_loss,
 )
@@ -276,3 +283,173 @@ def test_all_padding_batch_gives_zero_loss_and_zero_grad():
     loss.backward()
     assert loss.item() == 0.0 and stats["tokens"].item() == 0
     assert torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+# --- DAPO clip-higher and the KL loss term ----------------------------------------------------------------
+
+
+def _one_token_policy(ratio, advantage, **kwargs):
+    logp = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
+    old = torch.zeros(1, 1, dtype=torch.float64)
+    loss, stats = policy_loss(
+        logp, old, torch.tensor([[advantage]], dtype=torch.float64), torch.ones(1, 1), **kwargs
+    )
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss.item(), grad.item(), stats["clipfrac"].item()
+
+
+def test_clip_higher_keeps_the_gradient_of_a_positive_advantage_up_to_one_plus_eps_high():
+    # A = +1, ratio 1.25. Symmetric eps 0.2: clip at 1.2, max(-1.25, -1.2) = -1.2 is constant: no gradient.
+    # eps_high 0.28: 1.25 is inside [0.8, 1.28], loss -ratio, d(-ratio)/d logp = -1.25.
+    assert _one_token_policy(1.25, 1.0, clip_eps=0.2) == pytest.approx((-1.2, 0.0, 1.0))
+    assert _one_token_policy(1.25, 1.0, clip_eps=0.2, clip_eps_high=0.28) == pytest.approx(
+        (-1.25, -1.25, 0.0)
+    )
+
+
+@pytest.mark.parametrize("clip_eps_high", [None, 0.28])
+def test_clip_higher_leaves_the_low_side_alone(clip_eps_high):
+    # A = -1, ratio 0.75: -A r = 0.75, -A clip(r, 0.8, .) = 0.8 is the max and constant: clipped, no gradient.
+    assert _one_token_policy(0.75, -1.0, clip_eps=0.2, clip_eps_high=clip_eps_high) == pytest.approx(
+        (0.8, 0.0, 1.0)
+    )
+
+
+def test_policy_loss_defaults_are_unchanged_by_the_new_arguments():
+    d = _ppo_batch()
+    n = int(d["mask"].sum())
+    args = (d["logp"], d["old"], d["adv"], d["mask"])
+    base, base_stats = policy_loss(*args, num_tokens=n)
+    same, same_stats = policy_loss(
+        *args, num_tokens=n, clip_eps_high=0.2, weights=agg_weights(d["mask"], "token_mean")
+    )
+    assert torch.equal(base, same)
+    assert all(torch.equal(base_stats[k], same_stats[k]) for k in base_stats)
+
+
+def test_kl_loss_k3_is_zero_with_zero_gradient_where_policy_equals_reference():
+    logp = torch.tensor([[-1.3, -0.2, NAN]], requires_grad=True)
+    loss, stats = kl_loss(logp, logp.detach().clone(), MASK)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == 0.0 and stats["kl"].item() == 0.0
+    assert grad.tolist() == [[0.0, 0.0, 0.0]]
+
+
+def test_kl_loss_by_hand_gradient_through_logprobs_only():
+    # d = [ln 2, 0]: k3 = e^-d - 1 + d = [ln 2 - 0.5, 0], token mean (ln 2 - 0.5) / 2.
+    # d k3 / d logp = 1 - e^-d = [0.5, 0], divided by the 2 tokens: [0.25, 0]; padding gets nothing.
+    logp = torch.tensor([[math.log(2.0), 0.0, NAN]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[0.0, 0.0, NAN]], dtype=torch.float64, requires_grad=True)
+    loss, stats = kl_loss(logp, ref, MASK)
+    loss.backward()
+    assert loss.item() == pytest.approx((math.log(2.0) - 0.5) / 2)
+    assert logp.grad[0].tolist() == pytest.approx([0.25, 0.0, 0.0])
+    assert ref.grad is None
+    assert stats["kl"].item() == pytest.approx(loss.item()) and not stats["kl"].requires_grad
+    k1, _ = kl_loss(logp, ref, MASK, kind="k1", num_tokens=4)
+    assert k1.item() == pytest.approx(math.log(2.0) / 4)
+
+
+# --- loss aggregation modes: per-row weights, one global denominator ----------------------------------------
+
+
+def test_agg_weights_and_denominators_by_hand():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    assert agg_weights(mask, "token_mean").tolist() == mask.float().tolist()
+    assert agg_weights(mask, "token_sum_norm").tolist() == mask.float().tolist()
+    assert agg_weights(mask, "seq_mean_token_mean").tolist() == [[0.5, 0.5, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert agg_denominator(mask, "token_mean", 10) == 3.0
+    assert agg_denominator(mask, "seq_mean_token_mean", 10) == 3.0  # rows, the empty one included
+    assert agg_denominator(mask, "token_sum_norm", 10) == 30.0
+    assert agg_denominator(torch.zeros(2, 3), "token_mean", 10) == 1.0  # never 0: loss 0, not 0/0
+    with pytest.raises(AlgoConfigError, match="unknown loss aggregation"):
+        agg_weights(mask, "seq_mean")
+    with pytest.raises(AlgoConfigError, match="norm_length"):
+        agg_denominator(mask, "token_sum_norm", 0)
+
+
+def test_the_modes_differ_when_lengths_differ():
+    # Row 0: three tokens of loss 1; row 1: one token of loss 4.
+    per_token = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+
+    def value(mode, norm_length=4):
+        return aggregate(
+            per_token, mask, agg_denominator(mask, mode, norm_length), agg_weights(mask, mode)
+        ).item()
+
+    assert value("token_mean") == pytest.approx(7 / 4)  # (1 + 1 + 1 + 4) / 4 tokens
+    assert value("seq_mean_token_mean") == pytest.approx(5 / 2)  # (mean 1 + mean 4) / 2 rows
+    assert value("token_sum_norm") == pytest.approx(7 / 8)  # 7 / (2 rows x 4)
+    # Weights without num_tokens: a weighted mean, here the mean over rows of the row means.
+    assert aggregate(per_token, mask, None, agg_weights(mask, "seq_mean_token_mean")).item() == pytest.approx(
+        2.5
+    )
+
+
+AGG_LENGTHS = [5, 1, 0, 7, 3, 6, 2, 4]  # ragged, one empty row
+# Two ranks x two micro-batches, each a list of rows: contiguous of unequal sizes, and shuffled.
+SPLITS = [
+    [[[0], [1, 2, 3]], [[4, 5], [6, 7]]],
+    [[[0, 1, 2], [3]], [[4], [5, 6, 7]]],
+    [[[7, 2], [0, 5]], [[3], [1, 4, 6]]],
+]
+
+
+def _agg_batch(seed=11, width=7):
+    g = torch.Generator().manual_seed(seed)
+    batch = len(AGG_LENGTHS)
+    return {
+        "logp": (torch.randn(batch, width, generator=g, dtype=torch.float64) * 0.3 - 1).requires_grad_(),
+        "old": torch.randn(batch, width, generator=g, dtype=torch.float64) * 0.3 - 1,
+        "adv": torch.randn(batch, width, generator=g, dtype=torch.float64),
+        "mask": torch.arange(width).expand(batch, width) < torch.tensor(AGG_LENGTHS)[:, None],
+    }
+
+
+def _agg_loss(which, d, rows, mode, denominator):
+    logp, old, adv, mask = (d[k][rows] for k in ("logp", "old", "adv", "mask"))
+    w = agg_weights(mask, mode)
+    if which == "aggregate":
+        return aggregate(logp.square() + logp, mask, denominator, weights=w)
+    if which == "policy":
+        return policy_loss(logp, old, adv, mask, num_tokens=denominator, clip_eps_high=0.28, weights=w)[0]
+    return kl_loss(logp, old, mask, num_tokens=denominator, weights=w)[0]
+
+
+@pytest.mark.parametrize("which", ["aggregate", "policy", "kl"])
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_every_mode_is_invariant_to_ranks_and_micro_batches(mode, which):
+    d = _agg_batch()
+    everything = list(range(len(AGG_LENGTHS)))
+    denominator = agg_denominator(d["mask"], mode, norm_length=10)
+    whole = _agg_loss(which, d, everything, mode, denominator)
+    (grad_whole,) = torch.autograd.grad(whole, d["logp"])
+    assert grad_whole.abs().sum() > 0
+    for split in SPLITS:
+        parts = [rows for rank in split for rows in rank]
+        assert sorted(r for rows in parts for r in rows) == everything
+        summed = sum(_agg_loss(which, d, rows, mode, denominator) for rows in parts)
+        (grad_sum,) = torch.autograd.grad(summed, d["logp"])
+        torch.testing.assert_close(summed, whole, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad_sum, grad_whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_whole_batch_value_of_each_mode_matches_its_definition(mode):
+    d = _agg_batch()
+    per_token, mask = (d["logp"].square() + d["logp"]).detach(), d["mask"]
+    got = aggregate(per_token, mask, agg_denominator(mask, mode, 10), agg_weights(mask, mode))
+    rows = [per_token[b, :n] for b, n in enumerate(AGG_LENGTHS)]
+    if mode == "token_mean":
+        expected = masked_mean(per_token, mask)
+    elif mode == "seq_mean_token_mean":
+        expected = sum(r.mean() for r in rows if len(r)) / len(rows)
+    else:
+        expected = masked_sum(per_token, mask) / (len(rows) * 10)
+    torch.testing.assert_close(got, expected)
+
+
+def test_aggregate_rejects_weights_of_another_shape():
+    with pytest.raises(ValueError, match="weights"):
+        aggregate(torch.zeros(2, 3), torch.ones(2, 3), None, weights=torch.ones(2, 2))

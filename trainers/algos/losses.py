@@ -1,8 +1,8 @@
-"""PPO policy and value losses and the language-model loss, with one token-mean aggregation.
+"""PPO policy and value losses, the KL-to-reference loss and the language-model loss, with one aggregation.
 
-Aggregation (docs/ppo_details.md item 24): every loss is the mean over the real tokens of the **global**
+Aggregation (docs/ppo_details.md item 24): every loss is a sum over the real tokens of the **global**
 batch, the optimizer step's whole minibatch across gradient-accumulation micro-batches and data-parallel
-ranks. Each loss takes ``num_tokens``:
+ranks, divided by one global denominator. Each loss takes ``num_tokens``:
 
 - ``num_tokens=None``: plain masked mean over this call's tokens (one device, no accumulation).
 - ``num_tokens=N``: ``masked_sum(per_token_loss) / N``. Summing these over micro-batches equals the
@@ -10,15 +10,18 @@ ranks. Each loss takes ``num_tokens``:
   rescale (grad averaging over ranks, loss division by accumulation steps) are compensated by passing
   :func:`loss_normaliser` instead of N.
 
-Sequence-mean or per-micro-batch-mean aggregation is deliberately not offered: it would weight tokens
-differently depending on how the batch happens to be split.
+The policy and KL losses also take per-token ``weights`` for the other modes of ``LOSS_AGG_MODES``
+(:func:`agg_weights`, :func:`agg_denominator`). A token's weight depends only on its own row and the
+denominator only on the global minibatch, so every mode stays independent of how the batch is split;
+a per-micro-batch mean, which is not, is not offered.
 """
 
 from __future__ import annotations
 
 import torch
 
-from trainers.algos._common import bool_mask, upcast, zero_padding
+from trainers.algos._common import AlgoConfigError, bool_mask, upcast, zero_padding
+from trainers.algos.kl import kl_estimate
 from trainers.algos.logprobs import logprobs_from_logits
 from trainers.algos.masked import masked_count, masked_mean, masked_sum, masked_var
 
@@ -27,6 +30,8 @@ from trainers.algos.masked import masked_count, masked_mean, masked_sum, masked_
 #: beyond the clip range, where PPO gives it no gradient for A > 0 and an exploding one for A < 0: it
 #: gets none.
 LOG_RATIO_CLAMP = 20.0
+
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "token_sum_norm")
 
 
 def loss_normaliser(global_num_tokens: int | float, world_size: int = 1, engine_grad_accum: int = 1) -> float:
@@ -50,15 +55,79 @@ def loss_normaliser(global_num_tokens: int | float, world_size: int = 1, engine_
     return float(global_num_tokens) / (world_size * engine_grad_accum)
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in LOSS_AGG_MODES:
+        raise AlgoConfigError(
+            f"unknown loss aggregation {mode!r}; expected one of {', '.join(LOSS_AGG_MODES)}"
+        )
+
+
+def agg_weights(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """``(B, T)`` float32 per-token weights of aggregation ``mode`` (item 24), 0 on padding.
+
+    - ``token_mean``, ``token_sum_norm``: 1 on every real token.
+    - ``seq_mean_token_mean``: ``1 / (real tokens of the row)``, so each sequence weighs the same
+      whatever its length (verl's ``seq-mean-token-mean``); an empty row weighs 0.
+
+    Each weight depends only on its own row, so the weights of a shard are the whole batch's weights
+    restricted to that shard.
+    """
+    _check_mode(mode)
+    m = (mask != 0).float()  # (B, T)
+    if mode == "seq_mean_token_mean":
+        return m / m.sum(dim=1, keepdim=True).clamp(min=1)
+    return m
+
+
+def agg_denominator(mask: torch.Tensor, mode: str, norm_length: int) -> float:
+    """The global denominator of ``mode`` for the optimizer step's whole minibatch ``mask (B, T)``.
+
+    - ``token_mean``: the number of real tokens.
+    - ``seq_mean_token_mean``: the number of rows B.
+    - ``token_sum_norm``: ``B * norm_length``, a constant per step that does not depend on the response
+      lengths (Dr. GRPO, Liu et al. 2025); the driver passes ``rollout.max_new_tokens``.
+
+    At least 1, so an all-padding minibatch gives loss 0 rather than 0/0. With data parallelism or an
+    engine that divides by its accumulation steps, pass ``loss_normaliser(agg_denominator(...), W, G)`` as
+    ``num_tokens``. Returns a Python float (one host sync per optimizer step).
+    """
+    _check_mode(mode)
+    if mode == "token_mean":
+        total = float(masked_count(mask))
+    elif mode == "seq_mean_token_mean":
+        total = float(mask.shape[0])
+    else:
+        if norm_length < 1:
+            raise AlgoConfigError(f"token_sum_norm needs norm_length >= 1, got {norm_length}")
+        total = float(mask.shape[0] * norm_length)
+    return max(total, 1.0)
+
+
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, num_tokens: float | torch.Tensor | None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    num_tokens: float | torch.Tensor | None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token-mean aggregation of a ``(B, T)`` per-token loss (module docstring, item 24)."""
-    if num_tokens is None:
-        return masked_mean(per_token, mask)
-    if not isinstance(num_tokens, torch.Tensor) and num_tokens <= 0:
+    """Aggregate a ``(B, T)`` per-token loss over real tokens (module docstring, item 24).
+
+    Without ``weights``: the token mean (``num_tokens=None``) or ``masked_sum / num_tokens``. With
+    ``weights (B, T)``: the numerator is ``masked_sum(per_token * weights)``, divided by ``num_tokens``
+    or, when that is None, by the weights' sum over real tokens (a weighted mean; 0 if they sum to 0).
+    """
+    if num_tokens is not None and not isinstance(num_tokens, torch.Tensor) and num_tokens <= 0:
         raise ValueError(f"num_tokens must be positive, got {num_tokens}")
-    return masked_sum(per_token, mask) / num_tokens
+    if weights is None:
+        return (
+            masked_mean(per_token, mask) if num_tokens is None else masked_sum(per_token, mask) / num_tokens
+        )
+    if weights.shape != per_token.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} do not match the loss {tuple(per_token.shape)}")
+    total = masked_sum(per_token * weights, mask)
+    if num_tokens is None:
+        weight_sum = masked_sum(weights, mask)
+        return total / torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
+    return total / num_tokens
 
 
 def policy_loss(
@@ -68,9 +137,15 @@ def policy_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     num_tokens: float | torch.Tensor | None = None,
+    clip_eps_high: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017; item 18): token mean of
-    ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))`` with ``ratio = exp(logprobs - old_logprobs)``.
+    ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))`` with ``ratio = exp(logprobs - old_logprobs)``.
+
+    ``clip_eps_high=None`` is the symmetric clip (``eps_high = eps``); a larger value is DAPO's
+    clip-higher (Yu et al. 2025): a token with A > 0 keeps its gradient up to ratio ``1 + eps_high``, so
+    unlikely tokens can grow. ``num_tokens`` and ``weights`` go to :func:`aggregate`.
 
     Gradient flows through ``logprobs`` only. Stats are detached 0-dim tensors over this call's real tokens
     (no host sync): ``clipfrac`` (share of tokens where the clipped term is the larger, i.e. active),
@@ -86,8 +161,9 @@ def policy_loss(
     log_ratio = logp - old  # (B, T)
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = aggregate(torch.maximum(unclipped, clipped), m, num_tokens)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    loss = aggregate(torch.maximum(unclipped, clipped), m, num_tokens, weights)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), m),
@@ -98,6 +174,30 @@ def policy_loss(
             "tokens": masked_count(m),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "k3",
+    num_tokens: float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KL to the reference as a loss term (GRPO's placement, Shao et al. 2024), not a reward penalty.
+
+    The per-token :func:`trainers.algos.kl_estimate` of ``kind`` (default k3, never negative, 0 with a
+    zero gradient where the policy equals the reference), aggregated like :func:`policy_loss` through
+    ``num_tokens`` and ``weights``. Gradient flows through ``logprobs`` only; for k3 it is
+    ``(1 - pi_ref / pi) * grad log pi`` per token. Stats (detached 0-dim): ``kl``, the masked mean of the
+    estimate over this call's real tokens.
+    """
+    m = bool_mask(mask, logprobs)
+    logp = zero_padding(upcast(logprobs), m)  # (B, T); padding may hold garbage
+    ref = zero_padding(upcast(ref_logprobs.detach()), m)
+    kl = kl_estimate(logp, ref, kind, mask=m)  # (B, T)
+    loss = aggregate(kl, m, num_tokens, weights)
+    return loss, {"kl": masked_mean(kl.detach(), m)}
 
 
 def value_loss(
