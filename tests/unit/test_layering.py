@@ -43,6 +43,7 @@ RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("trainers.files", ("actors", "cluster", "trainers."), ()),
     ("trainers.redact", ("actors", "cluster", "trainers."), ()),
     ("trainers.runs", (*HEAVY, "actors", "cluster", *DRIVERS, "trainers.config", "trainers.runtime"), ()),
+    ("trainers.rewards", (*HEAVY, "actors", "cluster", *DRIVERS), ()),
     ("trainers.config", (*HEAVY, "actors", "cluster", *DRIVERS, "trainers.runtime"), ()),
     ("trainers.runtime", ("ray", "vllm", "actors", "cluster", *DRIVERS, "trainers.config"), ()),
     ("cluster", ("actors", *DRIVERS, "trainers.config", "trainers.runtime"), ()),

@@ -34,7 +34,8 @@ criterion              weight  value in [0, 1]
 =====================  ======  ==================================================================
 
 An empty response scores 0. ``rank`` turns scores into dense ranks (0 = best, equal score = equal
-rank); ``best_response`` builds a response with the maximum score (1.0 for every world prompt).
+rank); ``best_response`` builds a response with the maximum score (1.0 for every world prompt);
+``reward`` is the labeler as a PPO reward function.
 """
 
 from __future__ import annotations
@@ -450,6 +451,17 @@ def best_response(prompt: str) -> str:
     parsed = parse_prompt(prompt)
     body = answer_bodies(parsed)[0] if parsed else "Here is a short and helpful answer."
     return f"{body} {CLOSING}"
+
+
+def reward(prompts: list, responses: list[str], rows: list[dict]) -> list[float]:
+    """The labeler as a reward function (``reward.function=trainers.data.gold:reward``, see
+    ``trainers.rewards.RewardFn``): the :func:`score` of each response to its prompt, which is the string
+    itself or, for a message list, the content of its last user turn. ``rows`` are not needed."""
+    texts = [
+        p if isinstance(p, str) else next(m["content"] for m in reversed(p) if m["role"] == "user")
+        for p in prompts
+    ]
+    return [score(text, response) for text, response in zip(texts, responses, strict=True)]
 
 
 class GoldLabeler:
