@@ -80,6 +80,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp in (bool, str) and isinstance(value, tp):
         return value
+    if tp is dict and isinstance(value, dict):  # reward.weights: names -> numbers, checked in validate()
+        return {str(k): _coerce(f"{key}.{k}", v, float) for k, v in value.items()}
     raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 

@@ -232,15 +232,59 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    """The frozen reward model (also the critic's initialisation)."""
+    """Where PPO's scores come from: the learned reward model (also the critic's initialisation), a Python
+    function, an HTTP endpoint, or several of them summed with ``weights`` (docs/design.md, issue 15)."""
 
-    path: str | None = opt(None, "Reward model directory (output of `rlhf rm`, its model/ folder).")
-    score_clip: float = opt(0.0, "Clip RM scores to +-this before shaping (0: off).", ge=0)
+    path: str | None = opt(
+        None, "Reward model directory (output of `rlhf rm`, its model/ folder); source 'rm'."
+    )
+    function: str | None = opt(
+        None,
+        "Reward function 'package.module:fn' or 'path/to/file.py:fn', called fn(prompts, responses, rows) -> list[float]; source 'function'.",
+    )
+    function_workers: int = opt(
+        1, "CPU Ray actors that run reward.function, each on a part of the batch.", ge=1
+    )
+    url: str | None = opt(
+        None,
+        "HTTP reward endpoint: POST {prompts, responses, rows} as JSON, answer {scores}; source 'url'.",
+    )
+    url_timeout_s: float = opt(30.0, "Seconds one reward.url request may take.", gt=0)
+    url_retries: int = opt(
+        3, "Retries of a failed reward.url request (exponential backoff) before the run stops.", ge=0
+    )
+    weights: dict = opt(
+        {},
+        "Weight of each source's score in the sum, by name (rm, function, url), e.g. {rm: 1.0, function: 0.5}; unnamed sources weigh 1.",
+    )
+    score_clip: float = opt(0.0, "Clip the summed score to +-this before shaping (0: off).", ge=0)
     missing_eos_penalty: float = opt(
         0.0,
         "Subtract this from the score of a response that reached rollout.max_new_tokens without a stop token (0: off).",
         ge=0,
     )
+    overlong_buffer: int = opt(
+        0,
+        "DAPO overlong shaping: a linear penalty over the last N tokens before rollout.max_new_tokens (0: off).",
+        ge=0,
+    )
+    overlong_penalty: float = opt(
+        1.0, "Penalty at rollout.max_new_tokens with reward.overlong_buffer on.", ge=0
+    )
+
+    def sources(self) -> list[str]:
+        """The configured score sources, in their fixed order (``rm``, ``function``, ``url``)."""
+        given = {"rm": self.path, "function": self.function, "url": self.url}
+        return [name for name, value in given.items() if value is not None]
+
+
+ADVANTAGES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+"""``ppo.advantage``: GAE with a critic, or a critic-free estimator (trainers/ppo/experience.py)."""
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+"""The estimators that compare a prompt's samples with each other: they need ``samples_per_prompt >= 2``."""
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "token_sum_norm")
+"""``ppo.loss_agg`` (trainers.algos.agg_weights / agg_denominator)."""
+REWARD_SOURCES = ("rm", "function", "url")
 
 
 @dataclass
@@ -267,7 +311,43 @@ class PPOConfig:
     kl_horizon: int = opt(10000, "Adaptive controller horizon in samples.", ge=1)
     gamma: float = opt(1.0, "GAE discount.", ge=0, le=1)
     lam: float = opt(0.95, "GAE lambda.", ge=0, le=1)
-    clip_eps: float = opt(0.2, "Policy ratio clip epsilon.", gt=0)
+    advantage: str = opt(
+        "gae",
+        "Advantage estimator: 'gae' (with a critic, InstructGPT) or critic-free 'grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'reinforce_pp_baseline'.",
+        choices=ADVANTAGES,
+    )
+    clip_eps: float = opt(0.2, "Policy ratio clip epsilon (the lower side when clip_eps_high is set).", gt=0)
+    clip_eps_high: float | None = opt(
+        None, "Upper ratio clip (DAPO's clip-higher, e.g. 0.28); None: clip_eps.", gt=0
+    )
+    kl_loss_coef: float = opt(
+        0.0,
+        "Weight of KL(policy || reference) as a loss term (GRPO's placement; 0: off); ppo.kl_coef is the KL in the reward.",
+        ge=0,
+    )
+    kl_loss_estimator: str = opt("k3", "KL estimator of the loss term.", choices=("k1", "k2", "k3"))
+    loss_agg: str = opt(
+        "token_mean",
+        "Policy loss aggregation: 'token_mean' over the minibatch, 'seq_mean_token_mean', or Dr.GRPO's 'token_sum_norm' (sum / (sequences x rollout.max_new_tokens)).",
+        choices=LOSS_AGGS,
+    )
+    dynamic_sampling: bool = opt(
+        False,
+        "DAPO dynamic sampling: drop prompt groups whose scores are all equal, sample further prompts until the batch is full.",
+    )
+    dynamic_sampling_rounds: int = opt(
+        3,
+        "Extra sampling rounds per iteration for dynamic sampling; then dropped groups fill the batch.",
+        ge=0,
+    )
+    eval_every: int = opt(
+        0, "Evaluate on held-out prompts (prompts/valid) every N iterations and at the end (0: off).", ge=0
+    )
+    eval_prompts: int = opt(
+        64,
+        "Held-out prompts per evaluation (the first N of prompts/valid), sampled at rollout.temperature.",
+        ge=1,
+    )
     value_clip_eps: float = opt(0.2, "Value clip epsilon around the old values.", gt=0)
     ptx_coef: float = opt(
         0.0, "gamma of PPO-ptx: weight of the pretraining LM loss in the same step (0: plain PPO).", ge=0
@@ -367,5 +447,40 @@ class Config:
             raise ConfigError(
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be below model.max_len={self.model.max_len}"
             )
+        self._validate_estimator()
+        self._validate_rewards()
         check_wandb(self.logging.wandb_project)  # finds the package without importing it
         return self
+
+    def _validate_estimator(self) -> None:
+        """Rules of ``ppo.advantage`` and dynamic sampling (docs/ppo_details.md item 31)."""
+        p = self.ppo
+        if p.samples_per_prompt < 2:
+            if p.advantage in GROUP_ADVANTAGES:
+                raise ConfigError(
+                    f"ppo.advantage={p.advantage} compares a prompt's samples: it needs ppo.samples_per_prompt >= 2, "
+                    f"got {p.samples_per_prompt}"
+                )
+            if p.dynamic_sampling:
+                raise ConfigError(
+                    "ppo.dynamic_sampling drops prompts whose samples all score the same: it needs "
+                    f"ppo.samples_per_prompt >= 2, got {p.samples_per_prompt}"
+                )
+        if p.clip_eps_high is not None and p.clip_eps_high < p.clip_eps:
+            raise ConfigError(
+                f"ppo.clip_eps_high={p.clip_eps_high:g} is below ppo.clip_eps={p.clip_eps:g} (clip-higher widens the upper side)"
+            )
+
+    def _validate_rewards(self) -> None:
+        """``reward.weights`` names known sources (that they are configured is PPO's check,
+        ``trainers.ppo.setup``: other stages run without them); the overlong buffer fits the response length."""
+        r = self.reward
+        for name in r.weights:
+            if name not in REWARD_SOURCES:
+                raise ConfigError(
+                    f"reward.weights names '{name}', not a reward source (one of {', '.join(REWARD_SOURCES)})"
+                )
+        if r.overlong_buffer > self.rollout.max_new_tokens:
+            raise ConfigError(
+                f"reward.overlong_buffer={r.overlong_buffer} is longer than rollout.max_new_tokens={self.rollout.max_new_tokens}"
+            )
