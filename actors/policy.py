@@ -24,7 +24,9 @@ from actors.base import TrainableWorker
 from actors.specs import TrainSpec
 from cluster.weight_sync import CpuBlobSync
 from trainers.algos import (
+    agg_weights,
     entropy_from_logits,
+    kl_loss,
     lm_loss,
     loss_normaliser,
     masked_sum,
@@ -74,15 +76,30 @@ class PolicyWorker(TrainableWorker):
         """Forward + backward of one micro-batch through ``guard`` (``last``: the step's final one);
         adds its stat sums to ``acc``."""
         mask = mb.tokens.response_mask
+        spec = self.spec
         logp, resp_logits = self._response_logprobs(mb.tokens)  # (m, R), (m, R, V)
+        weights = None if spec.loss_agg == "token_mean" else agg_weights(mask, spec.loss_agg)  # (m, R)
         loss, st = policy_loss(
-            logp, mb.old_logprobs, mb.advantages, mask, self.spec.clip_eps, num_tokens=norm
+            logp,
+            mb.old_logprobs,
+            mb.advantages,
+            mask,
+            spec.clip_eps,
+            num_tokens=norm,
+            clip_eps_high=spec.clip_eps_high,
+            weights=weights,
         )
         loss = self._poisoned(loss, inject_nan)
         total = loss
+        if spec.kl_loss_coef > 0:
+            kl, _ = kl_loss(
+                logp, mb.ref_logprobs, mask, spec.kl_loss_estimator, num_tokens=norm, weights=weights
+            )
+            total = total + spec.kl_loss_coef * kl
+            acc["kl_loss_sum"] += float(kl.detach()) * norm
         if ptx is not None:
             ptx_loss = self._ptx_loss(ptx, ptx_norm)
-            total = loss + self.spec.ptx_coef * ptx_loss
+            total = total + spec.ptx_coef * ptx_loss
             acc["ptx_sum"] += float(ptx_loss.detach()) * ptx_norm
         guard.backward_step(total, last)
         with torch.no_grad():
@@ -116,7 +133,7 @@ class PolicyWorker(TrainableWorker):
             self._check_plan(micros)
             acc: dict[str, float] = defaultdict(float)
             acc["max_abs_log_ratio"] = 0.0
-            norm = loss_normaliser(max(sp.tokens, 1), self.world_size)
+            norm = loss_normaliser(max(sp.denominator, 1), self.world_size)
             ptx_norm = loss_normaliser(max(sp.ptx_tokens, 1), self.world_size) if sp.ptx is not None else 1.0
             slots = sp.ptx if sp.ptx is not None else [None] * len(micros)
             guard = self._step_guard()

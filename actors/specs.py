@@ -48,5 +48,14 @@ class TrainSpec(ModelSpec):
     """PPO ratio clip (policy) or value clip around the old values (critic)."""
     ptx_coef: float = 0.0
     """Weight of the pretraining LM loss in the policy's step (PPO-ptx gamma); unused by the critic."""
+    clip_eps_high: float | None = None
+    """Upper ratio clip of the policy (DAPO's clip-higher); None: ``clip_eps``."""
+    kl_loss_coef: float = 0.0
+    """Weight of the KL-to-reference loss term of the policy (0: off; the experience then carries no
+    reference log-probs)."""
+    kl_loss_estimator: str = "k3"
+    """KL estimator of that term."""
+    loss_agg: str = "token_mean"
+    """Policy loss aggregation (``trainers.algos.agg_weights``; docs/ppo_details.md item 24)."""
     tokenizer_path: str | None = None
     """Tokenizer saved next to the final model (policy only)."""

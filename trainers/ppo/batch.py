@@ -96,8 +96,8 @@ class Rollout(_Rows):
 class Experience(_Rows):
     """What the training actors learn from (one ``ray.put`` per iteration, both roles read it).
 
-    The policy reads ``old_logprobs`` and ``advantages``, the critic ``values`` and ``returns``; all are
-    ``(N, R)`` float32 and 0 on padding.
+    The policy reads ``old_logprobs``, ``advantages`` and (KL as a loss term) ``ref_logprobs``, the critic
+    ``values`` and ``returns``; all are ``(N, R)`` float32 and 0 on padding.
     """
 
     tokens: TokenBatch
@@ -105,12 +105,15 @@ class Experience(_Rows):
     old_logprobs: torch.Tensor
     """``(N, R)`` log-probs of the policy's trained model at rollout time (docs/ppo_details.md item 5)."""
     advantages: torch.Tensor
-    """``(N, R)`` whitened over the batch (docs/ppo_details.md item 17)."""
-    values: torch.Tensor
-    """``(N, R)`` the critic's values at rollout time (the centre of the value clip)."""
-    returns: torch.Tensor
+    """``(N, R)`` the estimator's advantages (``ppo.advantage``; GAE's whitened over the batch,
+    docs/ppo_details.md item 17, 31)."""
+    values: torch.Tensor | None = None
+    """``(N, R)`` the critic's values at rollout time (the centre of the value clip); None without a critic."""
+    returns: torch.Tensor | None = None
     """``(N, R)`` advantages (before whitening) + values: the critic's targets (docs/ppo_details.md item
-    16)."""
+    16); None without a critic."""
+    ref_logprobs: torch.Tensor | None = None
+    """``(N, R)`` the reference's log-probs, sent only when ``ppo.kl_loss_coef > 0`` (the KL loss term)."""
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -7,7 +7,7 @@ Pure: no Ray, DeepSpeed or vLLM.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -54,14 +54,19 @@ def rollout_metrics(
 
 
 def objective_metrics(
-    adv: Advantages, raw_scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
+    adv: Advantages,
+    raw_scores: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    sources: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """``objective/*`` (docs/ppo_details.md item 14, 27, 29): KL as the mean per-sequence sum (the quantity
-    the adaptive controller tracks), the coefficient, raw RM scores (before any clip or penalty) and used
-    ones, how many responses got the missing-stop penalty, the KL part of the reward and the total shaped
-    reward per sequence."""
+    the adaptive controller tracks), the coefficient, raw scores (the weighted sum of the sources, before
+    any clip or penalty) and used ones, how many responses got the missing-stop penalty, the KL part of the
+    reward and the total shaped reward per sequence; ``reward/<name>``, each source's mean score before
+    weighting; ``value/*`` only with a critic (absent, not zero, in critic-free runs)."""
     non_score = algos.masked_sum(-kl_coef * adv.kl, mask, dim=-1)  # (N,)
-    return {
+    out = {
         "objective/penalised_responses": float(adv.penalised.sum()),
         "objective/kl": float(algos.mean_sequence_kl(adv.kl, mask)),
         "objective/kl_coef": float(kl_coef),
@@ -69,9 +74,13 @@ def objective_metrics(
         "objective/score_used": float(adv.scores.mean()),
         "objective/non_score_reward": float(non_score.mean()),
         "objective/reward_total": float(algos.masked_sum(adv.rewards, mask, dim=-1).mean()),
-        "value/mean": float(algos.masked_mean(adv.values, mask)),
-        "value/returns_mean": float(algos.masked_mean(adv.returns, mask)),
     }
+    if sources:
+        out |= {f"reward/{name}": float(score.float().mean()) for name, score in sources.items()}
+    if adv.values is not None:
+        out["value/mean"] = float(algos.masked_mean(adv.values, mask))
+        out["value/returns_mean"] = float(algos.masked_mean(adv.returns, mask))
+    return out
 
 
 def sum_over_ranks(per_rank: Sequence[Sequence[dict[str, float]]]) -> list[dict[str, float]]:
@@ -100,21 +109,26 @@ def _applied_mean(num: float, den: float) -> float:
 
 
 def policy_metrics(
-    steps: Sequence[dict[str, float]], ptx_tokens: Sequence[int] | None = None
+    steps: Sequence[dict[str, float]],
+    ptx_tokens: Sequence[int] | None = None,
+    denominators: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """``loss/policy``, ``loss/ptx`` and ``policy/*`` as token means over the applied optimizer steps of
     the iteration, from the summed stats the policy ranks return (``ptx_tokens``: the driver's global ptx
     token count of each step); ``policy/grad_norm`` is the mean pre-clip norm over applied steps;
     ``policy/skipped_steps`` counts the steps skipped for a non-finite loss or gradient (left out of every
     mean: their sums are NaN); plus ``sanity/first_*`` for the first minibatch of the first epoch, where
-    the ratio must be exactly 1 (docs/ppo_details.md item 25)."""
+    the ratio must be exactly 1 (docs/ppo_details.md item 25). ``denominators``: each step's policy-loss
+    denominator under ``ppo.loss_agg`` (default: its tokens), which ``loss/policy`` and ``loss/kl`` (the
+    KL loss term, when on) divide by."""
     kept = [i for i, s in enumerate(steps) if not s.get("skipped")]
     keys = {k for s in steps for k in s}
     total = {k: sum(steps[i].get(k, 0.0) for i in kept) for k in keys}
     n = total["tokens"]
+    loss_n = sum(denominators[i] for i in kept) if denominators is not None else n
     ratio_mean = _applied_mean(total["ratio_sum"], n)
     out = {
-        "loss/policy": _applied_mean(total["loss_sum"], n),
+        "loss/policy": _applied_mean(total["loss_sum"], loss_n),
         "policy/clipfrac": _applied_mean(total["clip_sum"], n),
         "policy/approx_kl": _applied_mean(total["approx_kl_sum"], n),
         "policy/entropy": _applied_mean(total["entropy_sum"], n),
@@ -123,6 +137,8 @@ def policy_metrics(
         "policy/grad_norm": _applied_mean(total["max_grad_norm"], len(kept)),
         "policy/skipped_steps": float(len(steps) - len(kept)),
     }
+    if "kl_loss_sum" in total:
+        out["loss/kl"] = _applied_mean(total["kl_loss_sum"], loss_n)
     if ptx_tokens:
         out["loss/ptx"] = _applied_mean(total.get("ptx_sum", 0.0), sum(ptx_tokens[i] for i in kept))
     first = steps[0]

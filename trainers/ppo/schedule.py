@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from trainers import algos
 from trainers.data.collate import IGNORE_INDEX, collate_lm
 from trainers.data.sharding import split_sizes
 from trainers.ppo.batch import PtxBatch
@@ -157,6 +158,10 @@ class StepPlan:
     """This rank's pretraining micro-batches, one slot per micro-batch (policy with ptx on); else None."""
     ptx_tokens: int = 0
     """Predicted pretraining tokens of the step over all ranks (with ``ptx``)."""
+    denominator: float = 0.0
+    """The policy loss's global denominator under ``ppo.loss_agg`` (``trainers.algos.agg_denominator``
+    over the step's rows: its tokens for ``token_mean``, its sequences for ``seq_mean_token_mean``,
+    sequences x ``rollout.max_new_tokens`` for ``token_sum_norm``; docs/ppo_details.md item 24)."""
 
 
 @dataclass
@@ -182,9 +187,11 @@ class TrainPlan:
     policy: list[RankPlan]
     """One per policy rank."""
     critic: list[RankPlan]
-    """One per critic rank."""
+    """One per critic rank; empty without a critic (``ppo.advantage`` other than ``gae``)."""
     ptx_tokens: list[int] | None
     """Predicted pretraining tokens of each step over all ranks; None when ptx is off."""
+    denominators: list[float]
+    """The policy loss's global denominator of each step (:attr:`StepPlan.denominator`)."""
     ptx_rows: int
     """Pretraining rows the iteration consumed (the ptx data position advances by this)."""
 
@@ -196,9 +203,11 @@ def rank_plans(
     step_tokens: Sequence[int],
     first_step: int,
     ptx: Sequence[PtxStep] | None = None,
+    denominators: Sequence[float] | None = None,
 ) -> list[RankPlan]:
     """Each of ``world`` ranks' :class:`RankPlan` for the optimizer steps ``steps`` (and, for the policy
-    with ptx on, one :class:`PtxStep` per step)."""
+    with ptx on, one :class:`PtxStep` per step; ``denominators``: the policy loss's, default the token
+    counts)."""
     micros = rank_micro_batches(steps, world, micro_batch_size)
     plans = []
     for rank in range(world):
@@ -208,6 +217,7 @@ def rank_plans(
                 tokens=step_tokens[k],
                 ptx=ptx[k].slots[rank] if ptx else None,
                 ptx_tokens=ptx[k].tokens if ptx else 0,
+                denominator=float(denominators[k] if denominators is not None else step_tokens[k]),
             )
             for k in range(len(steps))
         ]
@@ -222,14 +232,19 @@ def plan_training(
     ptx_data: Sequence[Sequence[int]],
     ptx_position: int,
     pad_id: int,
+    norm_length: int = 0,
 ) -> TrainPlan:
     """The :class:`TrainPlan` of (0-based) ``iteration``: fresh permutations per PPO epoch cut into
     minibatches, their global token counts, each rank's micro-batches and -- with ``ppo.ptx_coef > 0`` --
-    the pretraining rows of every step, taken from ``ptx_data`` at ``ptx_position`` on."""
+    the pretraining rows of every step, taken from ``ptx_data`` at ``ptx_position`` on. ``norm_length``:
+    ``rollout.max_new_tokens``, the constant of ``ppo.loss_agg=token_sum_norm``."""
     perms = epoch_permutations(response_mask.shape[0], p.ppo_epochs, p.seed, iteration)
     steps = minibatches(perms, p.mini_batch_size)
     first_step = iteration * len(steps) + 1
     step_tokens = step_token_counts(response_mask, steps)
+    denominators = [
+        algos.agg_denominator(response_mask.index_select(0, rows), p.loss_agg, norm_length) for rows in steps
+    ]
     ptx: list[PtxStep] | None = None
     ptx_rows = 0
     if p.ptx_coef > 0:
@@ -244,8 +259,13 @@ def plan_training(
         first_step=first_step,
         minibatches=steps,
         step_tokens=step_tokens,
-        policy=rank_plans(steps, p.policy_workers, p.micro_batch_size, step_tokens, first_step, ptx),
-        critic=rank_plans(steps, p.critic_workers, p.micro_batch_size, step_tokens, first_step),
+        policy=rank_plans(
+            steps, p.policy_workers, p.micro_batch_size, step_tokens, first_step, ptx, denominators
+        ),
+        critic=rank_plans(steps, p.critic_workers, p.micro_batch_size, step_tokens, first_step)
+        if p.advantage == "gae"
+        else [],
         ptx_tokens=[s.tokens for s in ptx] if ptx is not None else None,
+        denominators=denominators,
         ptx_rows=ptx_rows,
     )
