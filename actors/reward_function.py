@@ -15,7 +15,7 @@ evaluation while training (issue 15)").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -68,17 +68,21 @@ class FunctionRewardPool:
         workers: int,
         num_cpus: float = 0.25,
         name_prefix: str | None = None,
-        options: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ):
         """``spec`` as ``reward.function`` (a relative file path is made absolute here, where the driver
         runs; on a cluster the file must be at that path on every node). ``name_prefix`` names the actors
         ``{name_prefix}-reward_function-{rank}``; ``options`` go to every actor's ``.options(...)`` over the
-        defaults here (e.g. a placement group scheduling strategy)."""
+        defaults here (e.g. a placement group scheduling strategy); a sequence gives each rank its own
+        (the PPO driver pins rank r to its bundle)."""
         if workers < 1:
             raise ValueError(f"a reward function pool needs at least one worker, got {workers}")
         self.spec = absolute_spec(spec)
         remote_cls = ray.remote(RewardFunctionWorker)
         self.names = [f"{name_prefix}-{ROLE}-{rank}" if name_prefix else None for rank in range(workers)]
+        per_rank = (
+            [options or {}] * workers if options is None or isinstance(options, Mapping) else list(options)
+        )
         self.actors = [
             remote_cls.options(
                 **{
@@ -87,10 +91,10 @@ class FunctionRewardPool:
                     "max_restarts": 0,
                     "max_task_retries": 0,
                     **({"name": name} if name else {}),
-                    **(options or {}),
+                    **per_rank[rank],
                 }
             ).remote(self.spec)
-            for name in self.names
+            for rank, name in enumerate(self.names)
         ]
 
     def __len__(self) -> int:

@@ -96,7 +96,8 @@ def use_gpu(device: str, cluster: ClusterResources) -> bool:
 @dataclasses.dataclass(frozen=True)
 class RoleRequest:
     """What one role asks of the cluster: its number of ranks (actors) and, on a GPU cluster, the GPUs
-    each rank holds (a tensor-parallel vLLM engine holds several)."""
+    each rank holds (a tensor-parallel vLLM engine holds several; 0: a CPU-only actor such as a reward
+    function worker, which gets a CPU bundle of its own in either placement)."""
 
     ranks: int
     gpus_per_rank: int = 1
@@ -116,21 +117,27 @@ def role_bundles(
     On a CPU-only cluster every actor gets ``cpus_per_actor`` CPUs whatever the placement.
     """
     cpus = float(cpus_per_actor)
+    cpu_only = {
+        role: [{"CPU": cpus} for _ in range(r.ranks)] for role, r in roles.items() if r.gpus_per_rank == 0
+    }
     if not gpu:
         return {role: [{"CPU": cpus} for _ in range(r.ranks)] for role, r in roles.items()}
+    gpu_roles = {role: r for role, r in roles.items() if r.gpus_per_rank > 0}
     if placement == "dedicated":
         return {
             role: [{"GPU": float(r.gpus_per_rank), "CPU": cpus} for _ in range(r.ranks)]
-            for role, r in roles.items()
-        }
+            for role, r in gpu_roles.items()
+        } | cpu_only
     if placement != "colocated":
         raise ValueError(f"unknown placement {placement!r}")
-    wide = [role for role, r in roles.items() if r.gpus_per_rank != 1]
+    wide = [role for role, r in gpu_roles.items() if r.gpus_per_rank != 1]
     if wide:
         raise ValueError(f"colocated placement shares one GPU per rank; {wide} ask for more")
     # Every role's rank r lands on shared GPU r; fractions are rounded down so they never sum above 1.
-    share = int(1e4 / len(roles)) / 1e4
-    return {role: [{"GPU": share, "CPU": cpus} for _ in range(r.ranks)] for role, r in roles.items()}
+    share = int(1e4 / len(gpu_roles)) / 1e4
+    return {
+        role: [{"GPU": share, "CPU": cpus} for _ in range(r.ranks)] for role, r in gpu_roles.items()
+    } | cpu_only
 
 
 def colocated_bundles(bundles: Mapping[str, list[Bundle]]) -> list[Bundle]:

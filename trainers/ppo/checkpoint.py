@@ -97,7 +97,7 @@ def run_shape(cfg: Config) -> dict:
     p = cfg.ppo
     return {
         "policy_workers": p.policy_workers,
-        "critic_workers": p.critic_workers,
+        "critic_workers": p.critic_workers if p.advantage == "gae" else 0,
         "zero_stage": p.zero_stage,
         "kl_controller": "adaptive" if p.adaptive_kl else "fixed",
     }
@@ -111,6 +111,12 @@ def check_resumable(checkpoint: Path | None, cfg: Config) -> None:
     check_run_shape(saved, run_shape(cfg), checkpoint)
 
 
+def trained_actors(roles: Roles) -> list[tuple[str, object]]:
+    """``(role, actor)`` of every rank whose state a checkpoint holds: the policy and, with GAE, the critic."""
+    groups = {"policy": roles.policy, "critic": roles.critic}
+    return [(role, a) for role, group in groups.items() if group is not None for a in group.actors]
+
+
 def save_checkpoint(roles: Roles, root: Path, state: DriverState, keep: int) -> Path:
     """``root/iter_NNNNNN``: policy and critic DeepSpeed states (every rank writes its part) and the
     driver state, written under ``.tmp`` and renamed when complete; older ones rotated away."""
@@ -118,10 +124,7 @@ def save_checkpoint(roles: Roles, root: Path, state: DriverState, keep: int) -> 
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ray.get(
-        roles.policy.map(lambda a, _r: a.save_state.remote(str(tmp / "policy")))
-        + roles.critic.map(lambda a, _r: a.save_state.remote(str(tmp / "critic")))
-    )
+    ray.get([a.save_state.remote(str(tmp / role)) for role, a in trained_actors(roles)])
     atomic_write_json(tmp / DRIVER_STATE_FILE, dataclasses.asdict(state))
     if final.exists():
         shutil.rmtree(final)
@@ -132,8 +135,5 @@ def save_checkpoint(roles: Roles, root: Path, state: DriverState, keep: int) -> 
 
 def load_checkpoint(roles: Roles, path: Path) -> DriverState:
     """Restore policy and critic (weights, AdamW, schedule) and the driver state from ``path``."""
-    ray.get(
-        roles.policy.map(lambda a, _r: a.load_state.remote(str(path / "policy")))
-        + roles.critic.map(lambda a, _r: a.load_state.remote(str(path / "critic")))
-    )
+    ray.get([a.load_state.remote(str(path / role)) for role, a in trained_actors(roles)])
     return DriverState(**json.loads((path / DRIVER_STATE_FILE).read_text()))

@@ -4,24 +4,28 @@ Ray actor groups (policy, critic, reference, reward, vLLM rollout) and does the 
     rlhf ppo --config trainers/configs/tiny.yaml --out /tmp/ppo \\
         data.dir=/tmp/world model.path=/tmp/sft/model reward.path=/tmp/rm/model
 
-One iteration (docs/design.md, "PPO-ptx data flow"):
+One iteration (docs/design.md, "PPO-ptx data flow" and issue 15):
 
-1. generate   (:func:`sample_rollouts`) prompts -> vLLM engines (n samples each, a seed per engine and
-              iteration, the run's stop ids) -> responses cut after their first stop id, finish
-              reasons kept (truncated responses);
-2. experience (:func:`make_experience`) old log-probs (the trained policy), reference log-probs, RM
-              scores, values, all in flight together; then (missing-stop penalty) -> KL -> shaped
-              rewards -> GAE -> advantages whitened over the batch;
+1. generate   (:func:`trainers.ppo.sampling.sample_rollouts`) prompts -> vLLM engines (n samples each, a
+              seed per engine and iteration, the run's stop ids) -> responses cut after their first stop
+              id, finish reasons kept; with ``ppo.dynamic_sampling`` groups without signal dropped and
+              more prompts sampled;
+2. experience (:func:`make_experience`) old log-probs (the trained policy), reference log-probs, the
+              reward sources (RM, function, endpoint), values (GAE only), all in flight together; then
+              the used score (weights, clip, missing-stop penalty, overlong shaping) -> KL ->
+              ``ppo.advantage``'s advantages;
 3. train      (:func:`train`) ppo_epochs x freshly shuffled minibatches, one optimizer step each; policy
-              (PPO clip + ptx_coef x LM loss on pretraining text) and critic (clipped value loss) in
-              parallel;
+              (PPO clip + KL loss term + ptx_coef x LM loss on pretraining text, aggregated by
+              ``ppo.loss_agg``) and, with GAE, critic (clipped value loss) in parallel;
 4. sync       (:func:`sync_weights`) gathered policy weights -> every vLLM engine;
-5. KL controller update, metrics, checkpoint.
+5. KL controller update, evaluation every ``ppo.eval_every`` (:mod:`trainers.ppo.evaluate`), metrics,
+   checkpoint.
 
 The package, one file per seam: ``schedule`` (seeds, rows, permutations, rank plans), ``batch`` (rollout
-batches), ``experience`` (advantages), ``metrics``, ``checkpoint``, ``setup`` (validation, what each role is
-given), ``roles`` (the actor groups), ``recovery`` (lost actors, non-finite streaks) and this module: the
-phases and the loop.
+batches), ``sampling`` (the generate phase), ``scoring`` (the no-grad passes, the reward sources),
+``experience`` (advantages), ``evaluate``, ``metrics``, ``checkpoint``, ``setup`` (validation, what each
+role is given), ``roles`` (the actor groups), ``recovery`` (lost actors, non-finite streaks) and this
+module: the phases and the loop.
 """
 
 from __future__ import annotations
@@ -30,17 +34,17 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import ray
+import torch
 
 from trainers import algos
 from trainers.config import Config, dump_yaml, to_dict
-from trainers.data.sharding import Shard, contiguous_bounds, equal_shards, unshard
 from trainers.errors import RunStopped
 from trainers.files import atomic_write_json
-from trainers.ppo.batch import Experience, Rollout, TokenBatch, build_rollout_batch
+from trainers.ppo.batch import Experience, Rollout
 from trainers.ppo.checkpoint import (
     DriverState,
     check_resumable,
@@ -49,7 +53,14 @@ from trainers.ppo.checkpoint import (
     run_shape,
     save_checkpoint,
 )
-from trainers.ppo.experience import ExperiencePasses, build_experience, compute_advantages
+from trainers.ppo.evaluate import evaluate
+from trainers.ppo.experience import (
+    ExperiencePasses,
+    ScoreShaping,
+    build_experience,
+    compute_advantages,
+    used_scores,
+)
 from trainers.ppo.metrics import (
     critic_metrics,
     iteration_line,
@@ -67,7 +78,9 @@ from trainers.ppo.recovery import (
     with_engine_recovery,
 )
 from trainers.ppo.roles import Roles, check_resources, push_policy_weights, start_roles
-from trainers.ppo.schedule import TrainPlan, derived_seed, plan_training, take_rows
+from trainers.ppo.sampling import Sampled, sample_rollouts
+from trainers.ppo.schedule import TrainPlan, plan_training
+from trainers.ppo.scoring import RewardScorer, score_rollout
 from trainers.ppo.setup import RunData, validate_run
 from trainers.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
 from trainers.runs.outdir import prepare_output
@@ -82,84 +95,56 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
     timings[f"timing/{phase}"] = time.perf_counter() - clock
 
 
-def sample_rollouts(roles: Roles, cfg: Config, data: RunData, state: DriverState) -> Rollout:
-    """Phase 1: this iteration's prompts, split over the engines (own seed each, docs/ppo_details.md item 6),
-    n samples per prompt; returns the rollout (:func:`trainers.ppo.batch.build_rollout_batch`: cut at
-    ``data.stop_ids``, vLLM log-probs and finish reasons included). A lost engine is restarted and the phase
-    retried (:func:`with_engine_recovery`): the same seeds give the same samples and finish reasons."""
-    rows = take_rows(state.prompt_position, cfg.ppo.prompts_per_iteration, len(data.prompts), cfg.ppo.seed)
-    prompts = [data.prompts[i] for i in rows]
-    r = cfg.rollout
-    sampling = {
-        "n": cfg.ppo.samples_per_prompt,
-        "max_new_tokens": r.max_new_tokens,
-        "temperature": r.temperature,
-        "top_p": r.top_p,
-        "top_k": r.top_k,
-    }
-    engines = roles.engines()
-    bounds = contiguous_bounds(len(prompts), len(engines))
-
-    def sample() -> list[dict]:
-        refs = [
-            engine.generate.remote(prompts[lo:hi], sampling, derived_seed(cfg.ppo.seed, state.iteration, e))
-            for e, (engine, (lo, hi)) in enumerate(zip(engines, bounds))
-            if hi > lo
-        ]
-        return [s for part in ray.get(refs) for s in part]  # prompt-major, engine order = prompt order
-
-    # A lost engine: the whole phase again with the same seeds, so the samples equal an uninterrupted run's.
-    samples = with_engine_recovery(roles, f"generate of iteration {state.iteration + 1}", sample)
-    repeated = [p for p in prompts for _ in range(cfg.ppo.samples_per_prompt)]
-    return build_rollout_batch(
-        repeated,
-        [s["token_ids"] for s in samples],
-        data.pad_id,
-        data.stop_ids,
-        [s["logprobs"] for s in samples],
-        [s["finish_reason"] for s in samples],
+def score_shaping(cfg: Config) -> ScoreShaping:
+    """``reward.*`` settings of the used score (:func:`trainers.ppo.experience.used_scores`)."""
+    r = cfg.reward
+    return ScoreShaping(
+        score_clip=r.score_clip,
+        missing_eos_penalty=r.missing_eos_penalty,
+        overlong_buffer=r.overlong_buffer,
+        overlong_penalty=r.overlong_penalty,
+        max_new_tokens=cfg.rollout.max_new_tokens,
     )
 
 
-def score_rollout(roles: Roles, tokens: TokenBatch) -> ExperiencePasses:
-    """Phase 2a: old log-probs (the trained policy), reference log-probs, RM scores and values, all
-    in flight together, one ``ray.get``; returned whole-batch (padding rows of the shards dropped).
-
-    Each group gets ``tokens`` in equal shards, one per rank (ZeRO-3 lock-step); groups of the same size
-    share the shards' ``ray.put``."""
-    groups = {
-        "old_logprobs": (roles.policy, lambda a, s: a.logprobs.remote(s)),
-        "ref_logprobs": (roles.reference, lambda a, s: a.logprobs.remote(s)),
-        "scores": (roles.reward, lambda a, s: a.scores.remote(s)),
-        "values": (roles.critic, lambda a, s: a.values.remote(s)),
-    }
-    shards: dict[int, tuple[list[Shard], list[ray.ObjectRef]]] = {}
-    refs = []
-    for group, call in groups.values():
-        if len(group) not in shards:
-            split = equal_shards(len(tokens), len(group))
-            shards[len(group)] = (split, [ray.put(tokens.rows(shard.indices)) for shard in split])
-        refs += [call(actor, ref) for actor, ref in zip(group.actors, shards[len(group)][1])]
-    flat, out, pos = ray.get(refs), {}, 0
-    for name, (group, _) in groups.items():
-        out[name] = unshard(flat[pos : pos + len(group)], shards[len(group)][0])
-        pos += len(group)
-    return ExperiencePasses(**out)
+def score_sources(
+    roles: Roles, scorer: RewardScorer, data: RunData, rollout: Rollout, rows: Sequence[int], iteration: int
+) -> dict[str, torch.Tensor]:
+    """Every reward source's ``(N,)`` scores of ``rollout`` (``rows``: each row's prompt index): the text
+    sources' calls first, then the RM pass, then their answers."""
+    pending = scorer.submit(rollout.tokens, [data.records[i] for i in rows])
+    rm = score_rollout(roles, rollout.tokens, ["rm"])["rm"] if roles.reward is not None else None
+    return scorer.collect(pending, rm, iteration)
 
 
 def make_experience(
-    roles: Roles, cfg: Config, rollout: Rollout, stop_ids: tuple[int, ...], kl_coef: float
+    roles: Roles,
+    cfg: Config,
+    data: RunData,
+    sampled: Sampled,
+    scorer: RewardScorer,
+    kl_coef: float,
+    iteration: int,
 ) -> tuple[Experience, dict[str, float]]:
-    """Phase 2: the passes over the rollout (:func:`score_rollout`), then the score clip and the
-    missing-stop penalty (``reward.missing_eos_penalty`` on truncated responses, docs/ppo_details.md item
-    29) -> KL -> shaped rewards -> GAE -> whitened advantages
+    """Phase 2: the passes over the rollout (:func:`score_rollout`) with the text sources' calls in flight,
+    the sources summed (``reward.weights``) -> clip -> missing-stop penalty (docs/ppo_details.md item 29)
+    -> overlong shaping -> KL -> ``ppo.advantage``'s advantages
     (:func:`trainers.ppo.experience.compute_advantages`); returns what the training actors get and the
-    rollout and objective metrics (``objective/score`` stays the raw RM score)."""
+    rollout and objective metrics (``objective/score`` is the summed score before clip and penalties)."""
     if roles.colocated_gpu:
         ray.get([e.sleep.remote() for e in roles.engines()])
+    rollout, p = sampled.rollout, cfg.ppo
     mask = rollout.tokens.response_mask
-    passes = score_rollout(roles, rollout.tokens)
-    p = cfg.ppo
+    names = ["old_logprobs", "ref_logprobs"] + ["values"] * (roles.critic is not None)
+    pending = None
+    if sampled.scores is None:
+        pending = scorer.submit(rollout.tokens, [data.records[i] for i in sampled.rows])
+        names += ["rm"] * (roles.reward is not None)
+    out = score_rollout(roles, rollout.tokens, names)
+    sources = sampled.scores if pending is None else scorer.collect(pending, out.get("rm"), iteration)
+    passes = ExperiencePasses(
+        out["old_logprobs"], out["ref_logprobs"], scorer.combine(sources), out.get("values"), sources
+    )
     adv = compute_advantages(
         mask,
         passes,
@@ -167,33 +152,37 @@ def make_experience(
         p.kl_estimator,
         p.gamma,
         p.lam,
-        cfg.reward.score_clip,
         truncated=rollout.truncated,
-        missing_eos_penalty=cfg.reward.missing_eos_penalty,
+        estimator=p.advantage,
+        group_size=p.samples_per_prompt,
+        shaping=score_shaping(cfg),
     )
-    metrics = rollout_metrics(rollout, stop_ids, passes.old_logprobs, passes.ref_logprobs)
-    metrics |= objective_metrics(adv, passes.scores, mask, kl_coef)
-    return build_experience(rollout.tokens, passes, adv), metrics
+    metrics = rollout_metrics(rollout, data.stop_ids, passes.old_logprobs, passes.ref_logprobs)
+    metrics |= objective_metrics(adv, passes.scores, mask, kl_coef, sources) | sampled.metrics
+    return build_experience(rollout.tokens, passes, adv, with_ref=p.kl_loss_coef > 0), metrics
 
 
 def train(
     roles: Roles, experience: Experience, plan: TrainPlan
 ) -> tuple[dict[str, float], dict[str, list[bool]]]:
-    """Phase 3: policy and critic train in parallel on the same minibatches (one ``ray.get``).
+    """Phase 3: policy and (with GAE) critic train in parallel on the same minibatches (one ``ray.get``).
 
     Returns the metrics and, per role, which optimizer steps were skipped (non-finite loss or gradient
     norm)."""
     exp_ref = ray.put(experience)
     policy_refs = roles.policy.map(lambda a, r: a.train.remote(exp_ref, plan.policy[r]))
-    critic_refs = roles.critic.map(lambda a, r: a.train.remote(exp_ref, plan.critic[r]))
+    critic_refs = (
+        roles.critic.map(lambda a, r: a.train.remote(exp_ref, plan.critic[r])) if roles.critic else []
+    )
     results = ray.get(policy_refs + critic_refs)
     policy_steps = sum_over_ranks(results[: len(policy_refs)])
-    critic_steps = sum_over_ranks(results[len(policy_refs) :])
-    skipped = {
-        "policy": [bool(s.get("skipped")) for s in policy_steps],
-        "critic": [bool(s.get("skipped")) for s in critic_steps],
-    }
-    return policy_metrics(policy_steps, plan.ptx_tokens) | critic_metrics(critic_steps), skipped
+    metrics = policy_metrics(policy_steps, plan.ptx_tokens, plan.denominators)
+    skipped = {"policy": [bool(s.get("skipped")) for s in policy_steps]}
+    if critic_refs:
+        critic_steps = sum_over_ranks(results[len(policy_refs) :])
+        skipped["critic"] = [bool(s.get("skipped")) for s in critic_steps]
+        metrics |= critic_metrics(critic_steps)
+    return metrics, skipped
 
 
 def sync_weights(roles: Roles) -> dict[str, float]:
@@ -209,7 +198,13 @@ def sync_weights(roles: Roles) -> dict[str, float]:
 
 
 def run_iteration(
-    roles: Roles, cfg: Config, data: RunData, state: DriverState, kl_ctl, checkpoints: Path
+    roles: Roles,
+    cfg: Config,
+    data: RunData,
+    state: DriverState,
+    kl_ctl,
+    checkpoints: Path,
+    scorer: RewardScorer,
 ) -> dict[str, float]:
     """One PPO-ptx iteration (module docstring), phase by phase; advances ``state``; returns its metrics.
 
@@ -217,11 +212,19 @@ def run_iteration(
     ``ppo.max_nonfinite_steps`` optimizer steps in a row of the policy or the critic were skipped.
     """
     timings: dict[str, float] = {}
+    shaping, it = score_shaping(cfg), state.iteration + 1
+
+    def score(rollout: Rollout, rows: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        sources = score_sources(roles, scorer, data, rollout, rows, it)
+        used, _ = used_scores(
+            scorer.combine(sources), rollout.tokens.response_mask, shaping, rollout.truncated
+        )
+        return sources, used
+
     with timed(timings, "generate"):
-        rollout = sample_rollouts(roles, cfg, data, state)
-        state.prompt_position += cfg.ppo.prompts_per_iteration
+        sampled = sample_rollouts(roles, cfg, data, state, score)
     with timed(timings, "experience"):
-        experience, metrics = make_experience(roles, cfg, rollout, data.stop_ids, kl_ctl.value)
+        experience, metrics = make_experience(roles, cfg, data, sampled, scorer, kl_ctl.value, it)
     with timed(timings, "train"):
         plan = plan_training(
             cfg.ppo,
@@ -230,6 +233,7 @@ def run_iteration(
             data.ptx,
             state.ptx_position,
             data.pad_id,
+            cfg.rollout.max_new_tokens,
         )
         state.ptx_position += plan.ptx_rows
         announce_poisoned_steps(plan.first_step, len(plan.minibatches))
@@ -238,19 +242,33 @@ def run_iteration(
         check_nonfinite(state, skipped, cfg.ppo.max_nonfinite_steps, checkpoints)
     with timed(timings, "sync"):
         metrics |= sync_weights(roles)
-    kl_ctl.update(metrics["objective/kl"], len(rollout))
+    kl_ctl.update(metrics["objective/kl"], len(sampled.rollout))
     state.iteration += 1
     state.kl_controller = kl_ctl.state_dict()
     return metrics | timings
 
 
-def iterate(roles: Roles, cfg: Config, data: RunData, state: DriverState, kl_ctl, writer, out: Path) -> None:
-    """The remaining iterations: run, log (with ``rollout/engine_restarts``, the engines lost and recovered
-    during the iteration), print progress, checkpoint every ``ppo.checkpoint_every`` and at the end."""
+def iterate(
+    roles: Roles,
+    cfg: Config,
+    data: RunData,
+    state: DriverState,
+    kl_ctl,
+    writer,
+    out: Path,
+    scorer: RewardScorer,
+) -> None:
+    """The remaining iterations: run, evaluate every ``ppo.eval_every`` and at the end
+    (:func:`trainers.ppo.evaluate.evaluate`), log (with ``rollout/engine_restarts``, the engines lost and
+    recovered during the iteration), print progress, checkpoint every ``ppo.checkpoint_every`` and at the
+    end."""
     p = cfg.ppo
     while state.iteration < p.iterations:
         restarts = roles.engine_restarts
-        metrics = run_iteration(roles, cfg, data, state, kl_ctl, checkpoints=out / "checkpoints")
+        metrics = run_iteration(roles, cfg, data, state, kl_ctl, out / "checkpoints", scorer)
+        if p.eval_every and (state.iteration % p.eval_every == 0 or state.iteration == p.iterations):
+            with timed(metrics, "eval"):
+                metrics |= evaluate(roles, cfg, data, scorer, state.iteration)
         metrics["rollout/engine_restarts"] = float(roles.engine_restarts - restarts)
         writer.log(state.iteration, metrics)
         if cfg.logging.progress and (state.iteration % cfg.logging.log_every == 0 or state.iteration == 1):
@@ -283,6 +301,7 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
     )
     state, resumed_from = DriverState(kl_controller=kl_ctl.state_dict(), shape=run_shape(cfg)), 0
     writer = None
+    scorer = RewardScorer(cfg, roles, data.stop_ids, data.tokenizer, out / "checkpoints")
     try:
         if resume is not None:
             state = load_checkpoint(roles, resume)
@@ -292,7 +311,7 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
             print(f"ppo: resumed from {resume} (iteration {state.iteration})", flush=True)
         truncate_metrics(out / "metrics.jsonl", state.iteration)  # before the writer opens the file
         writer = MetricsWriter(out, prefix="ppo", sinks=open_sinks(out, cfg.logging, to_dict(cfg)))
-        iterate(roles, cfg, data, state, kl_ctl, writer, out)
+        iterate(roles, cfg, data, state, kl_ctl, writer, out, scorer)
         ray.get(roles.policy.map(lambda a, _r: a.save_model.remote(str(out / "model"))))
         summary = summarize(
             read_metrics(out / "metrics.jsonl"), state.iteration, time.time() - start, out, resumed_from
@@ -311,4 +330,5 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
     finally:
         if writer is not None:
             writer.close()
+        scorer.close()
         roles.shutdown()

@@ -15,6 +15,7 @@ from actors.critic import CriticWorker
 from actors.policy import PolicyWorker
 from actors.reference import ReferenceWorker
 from actors.reward import RewardWorker
+from actors.reward_function import FunctionRewardPool
 from actors.rollout import RolloutEngine
 from cluster.actor_group import ActorGroup
 from cluster.connect import connect
@@ -33,16 +34,18 @@ class Roles:
 
     policy: ActorGroup
     """:class:`actors.policy.PolicyWorker` ranks (one ZeRO world)."""
-    critic: ActorGroup
-    """:class:`actors.critic.CriticWorker` ranks."""
     reference: ActorGroup
     """:class:`actors.reference.ReferenceWorker` ranks."""
-    reward: ActorGroup
-    """:class:`actors.reward.RewardWorker` ranks."""
     rollout: ActorGroup
     """:class:`actors.rollout.RolloutEngine` actors (vLLM engines; not a torch.distributed world)."""
     placements: dict[str, RolePlacement]
     """Each role's placement group share (:func:`cluster.placement.place_roles`)."""
+    critic: ActorGroup | None = None
+    """:class:`actors.critic.CriticWorker` ranks; None in critic-free runs (``ppo.advantage`` not ``gae``)."""
+    reward: ActorGroup | None = None
+    """:class:`actors.reward.RewardWorker` ranks; None without ``reward.path``."""
+    reward_function: FunctionRewardPool | None = None
+    """The ``reward.function`` workers (CPU actors); None without a reward function."""
     colocated_gpu: bool = False
     max_engine_restarts: int = 0
     """``ppo.max_engine_restarts``: lost engines this driver recovers before it stops the run."""
@@ -56,17 +59,27 @@ class Roles:
     def training_actors(self) -> dict[tuple[str, int], ActorHandle]:
         """``(role, rank) -> handle`` of every DeepSpeed actor: ranks of torch.distributed worlds, which
         cannot be restarted one by one (a lost one stops the run)."""
+        return {
+            (role, rank): a
+            for role, group in self.training_groups().items()
+            for rank, a in enumerate(group.actors)
+        }
+
+    def training_groups(self) -> dict[str, ActorGroup]:
+        """The DeepSpeed groups this run has (critic and reward only when used), in start-up order."""
         groups = {
             "policy": self.policy,
             "critic": self.critic,
             "reference": self.reference,
             "reward": self.reward,
         }
-        return {(role, rank): a for role, group in groups.items() for rank, a in enumerate(group.actors)}
+        return {role: group for role, group in groups.items() if group is not None}
 
     def shutdown(self) -> None:
         """Kill every actor, then free the placement groups."""
-        for group in (self.rollout, self.policy, self.critic, self.reference, self.reward):
+        if self.reward_function is not None:
+            self.reward_function.shutdown()
+        for group in (self.rollout, *self.training_groups().values()):
             group.kill()
         release(self.placements)
 
@@ -77,14 +90,20 @@ def push_policy_weights(roles: Roles) -> dict:
     return ray.get(roles.policy.map(lambda a, _r: a.sync_weights.remote(engines)))[0]
 
 
-def role_classes() -> dict[str, type]:
-    """The DeepSpeed roles and their actor classes, in start-up order."""
-    return {
+def role_classes(cfg: Config) -> dict[str, type]:
+    """The DeepSpeed roles of this run and their actor classes, in start-up order: no critic in
+    critic-free runs, no reward model without ``reward.path``."""
+    classes = {
         "policy": PolicyWorker,
         "critic": CriticWorker,
         "reference": ReferenceWorker,
         "reward": RewardWorker,
     }
+    if cfg.ppo.advantage != "gae":
+        del classes["critic"]
+    if cfg.reward.path is None:
+        del classes["reward"]
+    return classes
 
 
 def start_roles(cfg: Config, device: str, run_name: str, stop_ids: Sequence[int]) -> Roles:
@@ -106,6 +125,7 @@ def start_roles(cfg: Config, device: str, run_name: str, stop_ids: Sequence[int]
     # not see variables set after Ray started, and each actor consults its own environment.
     faults = fault_env()
     started: dict[str, ActorGroup] = {}
+    started_pool: FunctionRewardPool | None = None
     try:
         started["rollout"] = ActorGroup(
             RolloutEngine,
@@ -118,7 +138,16 @@ def start_roles(cfg: Config, device: str, run_name: str, stop_ids: Sequence[int]
             env=faults,
             max_restarts=cfg.ppo.max_engine_restarts,
         )
-        classes = role_classes()
+        if cfg.reward.function is not None:
+            started_pool = FunctionRewardPool(
+                cfg.reward.function,
+                cfg.reward.function_workers,
+                options=[
+                    placements["reward_function"].actor_options(r) for r in range(cfg.reward.function_workers)
+                ],
+                name_prefix=run_name,
+            )
+        classes = role_classes(cfg)
         for role, cls in classes.items():
             started[role] = ActorGroup(
                 cls,
@@ -135,10 +164,13 @@ def start_roles(cfg: Config, device: str, run_name: str, stop_ids: Sequence[int]
     except BaseException:
         for group in started.values():  # leave no actors or reserved resources behind
             group.kill()
+        if started_pool is not None:
+            started_pool.shutdown()
         release(placements)
         raise
     return Roles(
         **started,
+        reward_function=started_pool,
         placements=placements,
         colocated_gpu=gpu and colocated,
         max_engine_restarts=cfg.ppo.max_engine_restarts,
