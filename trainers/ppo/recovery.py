@@ -80,13 +80,14 @@ def lost_actor(roles: Roles, err: BaseException) -> ActorLost | None:
     """The actor whose loss ``err`` comes from, if the run lost one (else None: an ordinary error).
 
     A lost rank of a torch.distributed world can surface as its own ``ActorDiedError`` or as a collective
-    error in a surviving rank (``RayTaskError``); the latter is resolved by probing every training actor.
+    error in a surviving rank (``RayTaskError``); the latter is resolved by probing every training actor
+    (and every reward-function worker).
     """
     if isinstance(err, ActorLost):
         return err
     if not isinstance(err, RayError):
         return None
-    actors = roles.training_actors()
+    actors = roles.training_actors() | roles.function_actors()
     actor_id = lost_actor_id(err)
     found = [key for key, handle in actors.items() if actor_id and actor_id_of(handle) == actor_id]
     dead = found or probe_dead(actors)

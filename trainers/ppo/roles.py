@@ -65,6 +65,12 @@ class Roles:
             for rank, a in enumerate(group.actors)
         }
 
+    def function_actors(self) -> dict[tuple[str, int], ActorHandle]:
+        """``("reward_function", rank) -> handle`` of the reward-function workers: not restarted either (a
+        lost one stops the run, resumable)."""
+        pool = self.reward_function
+        return {} if pool is None else {("reward_function", r): a for r, a in enumerate(pool.actors)}
+
     def training_groups(self) -> dict[str, ActorGroup]:
         """The DeepSpeed groups this run has (critic and reward only when used), in start-up order."""
         groups = {
