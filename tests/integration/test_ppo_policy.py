@@ -4,7 +4,7 @@ The ptx term (docs/ppo_details.md item 20) is tested where it can be isolated: w
 term has zero gradient, so a step without ptx must leave every weight exactly as it was, and a step with ptx
 batches must move them and lower the pretraining loss. The loss aggregation (docs/ppo_details.md item 24) is
 tested by splitting one optimizer step two ways: 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches must
-give the same gradient norm and the same weights.
+give the same gradient norm and the same weights, for every ``ppo.loss_agg`` mode.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900
 WORLD = 2
 
 
-def start_policy(ray, model_dir, world: int, grad_accum: int, name: str):
-    """``world`` PolicyWorker ranks (ZeRO-3, micro-batches of 2 rows) built from ``model_dir``."""
+def start_policy(ray, model_dir, world: int, grad_accum: int, name: str, **spec_fields):
+    """``world`` PolicyWorker ranks (ZeRO-3, micro-batches of 2 rows) built from ``model_dir``;
+    ``spec_fields`` set further :class:`actors.specs.TrainSpec` fields (loss aggregation, KL loss...)."""
     from actors.policy import PolicyWorker
     from actors.specs import TrainSpec
     from cluster.actor_group import ActorGroup
@@ -26,7 +27,12 @@ def start_policy(ray, model_dir, world: int, grad_accum: int, name: str):
 
     placements = place_roles({"policy": [{"CPU": 1.0}] * world}, colocated=False, timeout_s=120, name=name)
     spec = TrainSpec(
-        model_path=str(model_dir), micro_batch_size=2, grad_accum=grad_accum, lr=1e-3, ptx_coef=1.0
+        model_path=str(model_dir),
+        micro_batch_size=2,
+        grad_accum=grad_accum,
+        lr=1e-3,
+        ptx_coef=1.0,
+        **spec_fields,
     )
     group = ActorGroup(
         PolicyWorker, placements["policy"], run_name=name, init_kwargs={"spec": spec}, backend="gloo"
@@ -69,30 +75,40 @@ def _state(ray, group) -> dict[str, torch.Tensor]:
     return ray.get(group.map(lambda a, _r: a.gathered_state_dict.remote()))[0]  # collective; rank 0 holds it
 
 
-def _experience(batch, old_logprobs, advantages=None):
+def _experience(batch, old_logprobs, advantages=None, ref_logprobs=None):
     """The policy's view of ``batch`` (zero advantages unless given; the critic's fields are zeros)."""
     from trainers.ppo.batch import Experience
 
     zeros = torch.zeros_like(old_logprobs)
     advantages = zeros if advantages is None else advantages
-    return Experience(batch.tokens, old_logprobs, advantages, values=zeros, returns=zeros)
+    return Experience(
+        batch.tokens, old_logprobs, advantages, values=zeros, returns=zeros, ref_logprobs=ref_logprobs
+    )
 
 
-def _plans(batch, world: int, ptx_rows, pad):
-    """Each rank's plan of one optimizer step over all rows of ``batch``, split like the driver."""
+def _plans(batch, world: int, ptx_rows, pad, loss_agg: str = "token_mean"):
+    """Each rank's plan of one optimizer step over all rows of ``batch``, split like the driver (the
+    policy loss's denominator as ``plan_training`` computes it for ``loss_agg``)."""
+    from trainers.algos import agg_denominator
     from trainers.ppo.schedule import ptx_plan, rank_plans, step_token_counts
 
     steps = [torch.arange(len(batch))]
-    tokens = step_token_counts(batch.tokens.response_mask, steps)
+    mask = batch.tokens.response_mask
+    tokens = step_token_counts(mask, steps)
+    denominators = [agg_denominator(mask, loss_agg, mask.shape[1])]
     micro_steps = len(batch) // (2 * world)
     ptx = None if ptx_rows is None else [ptx_plan(ptx_rows, world, micro_steps=micro_steps, pad_id=pad)]
-    return rank_plans(steps, world, micro_batch_size=2, step_tokens=tokens, first_step=1, ptx=ptx)
+    return rank_plans(
+        steps, world, micro_batch_size=2, step_tokens=tokens, first_step=1, ptx=ptx, denominators=denominators
+    )
 
 
-def _train(ray, group, batch, old_logprobs, ptx_rows, pad, advantages=None):
+def _train(
+    ray, group, batch, old_logprobs, ptx_rows, pad, advantages=None, ref_logprobs=None, loss_agg="token_mean"
+):
     """One optimizer step over all rows of ``batch`` (zero advantages unless given), split like the driver."""
-    experience = _experience(batch, old_logprobs, advantages)
-    plans = _plans(batch, len(group), ptx_rows, pad)
+    experience = _experience(batch, old_logprobs, advantages, ref_logprobs)
+    plans = _plans(batch, len(group), ptx_rows, pad, loss_agg)
     return ray.get(group.map(lambda a, r: a.train.remote(experience, plans[r])))
 
 
@@ -130,26 +146,45 @@ def test_zero_advantages_without_ptx_leave_weights_unchanged_and_ptx_alone_moves
     assert second["ptx_sum"] < first["ptx_sum"]  # the step went down the pretraining loss
 
 
-def test_one_step_is_the_same_over_2_ranks_or_2_micro_batches(ray_local, sft_model_dir, data):
-    """docs/ppo_details.md item 24: the token mean over the whole minibatch, whatever the split. Non-zero
+@pytest.mark.parametrize(
+    ("loss_agg", "extra"),
+    [
+        ("token_mean", {}),
+        ("seq_mean_token_mean", {"kl_loss_coef": 0.5, "clip_eps_high": 0.28}),
+        ("token_sum_norm", {"kl_loss_coef": 0.5, "clip_eps_high": 0.28}),
+    ],
+)
+def test_one_step_is_the_same_over_2_ranks_or_2_micro_batches(
+    ray_local, sft_model_dir, data, loss_agg, extra
+):
+    """docs/ppo_details.md item 24: each ``ppo.loss_agg`` is the same aggregate over the whole minibatch,
+    whatever the split -- with the KL loss term and clip-higher on for the group-style modes. Non-zero
     advantages and old log-probs shifted so that some ratios are clipped; ptx on."""
     from cluster.placement import release
     from trainers.ppo.metrics import sum_over_ranks
 
     batch = data["batch"]
-    wide, wide_pg = start_policy(ray_local, sft_model_dir, world=2, grad_accum=1, name="test-agg-2x1")
-    deep, deep_pg = start_policy(ray_local, sft_model_dir, world=1, grad_accum=2, name="test-agg-1x2")
+    fields = {"loss_agg": loss_agg, **extra}
+    wide, wide_pg = start_policy(
+        ray_local, sft_model_dir, world=2, grad_accum=1, name="test-agg-2x1", **fields
+    )
+    deep, deep_pg = start_policy(
+        ray_local, sft_model_dir, world=1, grad_accum=2, name="test-agg-1x2", **fields
+    )
     try:
         g = torch.Generator().manual_seed(0)
         mask = batch.tokens.response_mask.float()
-        old = _old_logprobs(ray_local, wide, batch) + 0.3 * torch.randn(mask.shape, generator=g) * mask
+        policy_logprobs = _old_logprobs(ray_local, wide, batch)
+        old = policy_logprobs + 0.3 * torch.randn(mask.shape, generator=g) * mask
         advantages = torch.randn(mask.shape, generator=g) * mask
-        args = (batch, old, data["ptx_rows"], data["pad"], advantages)
+        ref = policy_logprobs + 0.2 * torch.randn(mask.shape, generator=g) * mask if extra else None
+        args = (batch, old, data["ptx_rows"], data["pad"], advantages, ref, loss_agg)
         wide_stats = sum_over_ranks(_train(ray_local, wide, *args))[0]
         deep_stats = sum_over_ranks(_train(ray_local, deep, *args))[0]
         assert wide_stats["max_grad_norm"] > 0
         assert wide_stats["max_grad_norm"] == pytest.approx(deep_stats["max_grad_norm"], rel=1e-5)
-        for key in ("loss_sum", "clip_sum", "ptx_sum", "tokens"):
+        keys = ("loss_sum", "clip_sum", "ptx_sum", "tokens") + ("kl_loss_sum",) * bool(extra)
+        for key in keys:
             assert wide_stats[key] == pytest.approx(deep_stats[key], rel=1e-5), key
         assert wide_stats["clip_sum"] > 0  # the clipped branch is exercised
         a, b = _state(ray_local, wide), _state(ray_local, deep)
