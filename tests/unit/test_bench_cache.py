@@ -1,6 +1,6 @@
-"""The alignment-tax bench's cache keys (tests/bench/alignment_tax.py; pure code, no Ray): a cached PPO run
-or evaluation is reused only when it was made with the same settings and the same clean commit, and
-recomputed otherwise, with one line naming what differed."""
+"""The benches' cache keys (tests/bench/_bench_runs.py, used by alignment_tax.py; pure code, no Ray): a
+cached PPO run or evaluation is reused only when it was made with the same settings and the same clean
+commit, and recomputed otherwise, with one line naming what differed."""
 
 from __future__ import annotations
 
@@ -8,24 +8,26 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 
+from tests.bench import _bench_runs as bench
 from tests.conftest import REPO
 from trainers.demo import DEFAULT_CONFIG
 
 
-def _load_bench():
-    """The bench script as a module: tests/ is no package, so it is loaded from its file."""
-    spec = importlib.util.spec_from_file_location(
-        "alignment_tax", REPO / "tests" / "bench" / "alignment_tax.py"
-    )
+def load_bench(name: str):
+    """A bench script as a module: tests/bench is no package, so it is loaded from its file (and
+    registered, as its dataclasses need)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "tests" / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-bench = _load_bench()
+atax = load_bench("alignment_tax")
 CODE = {"commit": "a" * 40, "dirty": False, "versions": {"python": "3.11.7", "torch": "2.13.0"}}
 
 
@@ -133,10 +135,10 @@ def test_a_finished_run_with_the_same_key_is_reused(tmp_path):
 @pytest.mark.parametrize("recorded", [_key(seed=1), _key(code=CODE | {"commit": "b" * 40}), None])
 def test_a_run_made_otherwise_is_removed_and_run_again(tmp_path, capsys, recorded):
     run = _run_dir(tmp_path, recorded)
-    assert bench.reuse_run(run, _key()) is None
+    assert bench.reuse_run(run, _key(), tag=atax.TAG) is None
     assert sorted(p.name for p in run.iterdir()) == [bench.RUN_KEY]  # old checkpoints and summary gone
     assert json.loads((run / bench.RUN_KEY).read_text()) == _key()
-    assert "earlier run not reused" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("alignment_tax: ptx0.5_seed0: earlier run not reused")
 
 
 def test_an_interrupted_run_with_the_same_key_keeps_its_checkpoints(tmp_path):
@@ -166,7 +168,7 @@ def demo(tmp_path):
 
 
 def _run_key(demo, coef=0.5, seed=0, iterations=None, code=CODE):
-    return bench.cache_key(bench.run_settings(bench.ppo_config(demo, coef, seed, iterations), demo), code)
+    return bench.cache_key(bench.run_settings(atax.ppo_config(demo, coef, seed, iterations), demo), code)
 
 
 def test_run_key_holds_the_resolved_config_and_the_demo_inputs(demo):
@@ -198,7 +200,7 @@ def test_eval_key_follows_the_run_and_the_reference_it_reads(demo, tmp_path):
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"ppo/wall_time_s": 100.0}))
     (out / "reference_eval.json").write_text(json.dumps({"sft_responses": ["a"]}))
-    cfg = bench.ppo_config(demo, 0.5, 0, None)
+    cfg = atax.ppo_config(demo, 0.5, 0, None)
     key = bench.run_eval_key(demo, out, run, cfg, CODE)
     assert key["settings"]["sampling"] == {"max_new_tokens": 48, "temperature": 1.0, "seed": cfg.data.seed}
     assert bench.differences(key, bench.run_eval_key(demo, out, run, cfg, CODE | {"commit": "c" * 40})) == [
