@@ -1,9 +1,11 @@
 """The benches' cache keys (tests/bench/_bench_runs.py, used by alignment_tax.py; pure code, no Ray): a
 cached PPO run or evaluation is reused only when it was made with the same settings and the same clean
-commit, and recomputed otherwise, with one line naming what differed."""
+commit, and recomputed otherwise, with one line naming what differed. And the estimators bench
+(tests/bench/estimators.py): what each variant changes, its equal budget of sequences, its aggregates."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import shutil
@@ -15,6 +17,8 @@ import pytest
 from tests.bench import _bench_runs as bench
 from tests.conftest import REPO
 from trainers.demo import DEFAULT_CONFIG
+from trainers.errors import UserError
+from trainers.evaluation.judges import wilson_interval
 
 
 def load_bench(name: str):
@@ -238,3 +242,90 @@ def test_code_identity_sees_commits_and_uncommitted_changes_to_tracked_code(tmp_
     second = bench.code_identity(tmp_path)
     assert second["dirty"] is False and second["commit"] != first["commit"]
     assert bench.code_identity(tmp_path.parent / "nowhere")["commit"] is None
+
+
+# --------------------------------------------------------------------------------------------------
+# The estimators bench (tests/bench/estimators.py): what each variant changes, and its aggregates
+# --------------------------------------------------------------------------------------------------
+
+est = load_bench("estimators")
+GROUPED = {"ppo.prompts_per_iteration": 8, "ppo.samples_per_prompt": 4}
+GRPO = {"ppo.advantage": "grpo", "ppo.kl_coef": 0.0, "ppo.kl_loss_coef": 0.1} | GROUPED
+
+
+@pytest.mark.parametrize(
+    ("variant", "changed"),
+    [
+        ("ppo_ptx", {}),
+        ("grpo_rm", GRPO),
+        ("rloo_rm", {"ppo.advantage": "rloo"} | GROUPED),
+        ("reinforce_pp_baseline_rm", {"ppo.advantage": "reinforce_pp_baseline"} | GROUPED),
+        ("grpo_gold", GRPO | {"reward.path": None, "reward.function": "trainers.data.gold:reward"}),
+    ],
+)
+def test_each_variant_changes_only_its_keys_at_the_demos_number_of_sequences(demo, variant, changed):
+    grouping = est.group_sampling(demo)
+    base = est.variant_config(demo, "ppo_ptx", 1, None, grouping)
+    cfg = est.variant_config(demo, variant, 1, None, grouping)
+    assert est.changed_settings(base, cfg) == changed
+    assert est.sequences(cfg) == est.sequences(base) == 30 * 32  # tiny.yaml: 30 iterations x 32 x 1
+    assert cfg.ppo.ptx_coef == base.ppo.ptx_coef > 0  # only the estimator (and KL placement) differs
+    assert cfg.reward.sources() == (["function"] if variant == "grpo_gold" else ["rm"])
+    assert est.sequences(est.variant_config(demo, variant, 1, 2, grouping)) == 2 * 32
+
+
+def test_group_variants_need_the_demos_rows_to_split_into_groups(demo):
+    text = (demo / "config.yaml").read_text()
+    for old, new in [
+        ("prompts_per_iteration: 32", "18"),
+        ("mini_batch_size: 16", "6"),
+        ("micro_batch_size: 8", "3"),
+    ]:
+        assert old in text
+        text = text.replace(old, f"{old.split(':')[0]}: {new}")  # a valid PPO batch of 18 rows
+    (demo / "config.yaml").write_text(text)
+    with pytest.raises(UserError, match="18 sequences per PPO iteration, not a multiple of 4"):
+        est.group_sampling(demo)
+
+
+def test_variant_list_names_unknown_variants():
+    assert est.variant_list("grpo_gold, ppo_ptx,grpo_gold") == ["grpo_gold", "ppo_ptx"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown variant.*grpo_mr"):
+        est.variant_list("ppo_ptx,grpo_mr")
+
+
+def test_pooled_win_rate_counts_every_seeds_comparisons_ties_as_half():
+    counts = [{"wins": 2, "ties": 1, "losses": 1, "n": 4}, {"wins": 1, "ties": 0, "losses": 3, "n": 4}]
+    pooled = est.pooled_win_rate(counts)
+    assert pooled["win_rate"] == 3.5 / 8 and pooled["n"] == 8
+    assert (pooled["ci_low"], pooled["ci_high"]) == wilson_interval(3.5, 8)
+
+
+def test_iteration_times_sum_the_phases_and_spread_wall_time_over_the_iterations_run():
+    records = [{"timing/generate": 1.0, "timing/train": 2.0, "loss/policy": 9.0}, {"timing/train": 5.0}]
+    summary = {"ppo/iterations": 10, "ppo/resumed_from_iteration": 5, "ppo/wall_time_s": 100.0}
+    assert est.iteration_times(records, summary) == {
+        "iteration_time_s": 4.0,
+        "wall_time_per_iteration_s": 20.0,
+    }
+
+
+def test_aggregate_gives_seed_spreads_pooled_intervals_and_the_rm_gold_gap():
+    def record(variant, seed, gold, rm):
+        counts = {"wins": 0, "ties": 0, "losses": 0, "n": 4}
+        return {m: 1.0 for m in est.METRICS} | {
+            "variant": variant,
+            "seed": seed,
+            "gold_win_rate": gold / 4,
+            "rm_win_rate": rm / 4,
+            "gold_counts": counts | {"wins": gold, "losses": 4 - gold},
+            "rm_counts": counts | {"wins": rm, "losses": 4 - rm},
+        }
+
+    agg = est.aggregate([record("ppo_ptx", 0, 3, 3), record("grpo_rm", 0, 1, 4), record("grpo_rm", 1, 2, 4)])
+    assert list(agg) == ["ppo_ptx", "grpo_rm"]
+    g = agg["grpo_rm"]
+    assert g["gold_win_rate"]["mean"] == 0.375 and g["gold_win_rate"]["n"] == 2
+    assert g["gold_win_rate_pooled"]["win_rate"] == 3 / 8 and g["rm_win_rate_pooled"]["win_rate"] == 1.0
+    assert g["rm_minus_gold_win_rate"] == 1.0 - 0.375  # the RM's preference far above gold's: hacking
+    assert agg["ppo_ptx"]["gold_win_rate"]["sd"] is None  # one seed
