@@ -423,7 +423,8 @@ class Config:
                 f"ppo.prompts_per_iteration x ppo.samples_per_prompt = {rollout_batch} is not a multiple of "
                 f"ppo.mini_batch_size={p.mini_batch_size}"
             )
-        for role, workers in (("policy", p.policy_workers), ("critic", p.critic_workers)):
+        trained = [("policy", p.policy_workers)] + [("critic", p.critic_workers)] * (p.advantage == "gae")
+        for role, workers in trained:  # critic-free runs have no critic to split batches for
             per_step = p.micro_batch_size * workers
             if p.mini_batch_size % per_step:
                 raise ConfigError(
