@@ -173,3 +173,41 @@ def test_iteration_line_and_summary():
     assert (s["ppo/iterations"], s["ppo/resumed_from_iteration"], s["ppo/wall_time_s"]) == (8, 3, 12.35)
     assert s["model_dir"] == "/o/model"
     assert metrics.summarize([], 0, 1.0, Path("/o"), 0)["ppo/iterations"] == 0
+
+
+def test_policy_loss_divides_by_the_aggregation_denominators_and_kl_loss_only_when_on():
+    """Two steps of 6 and 2 tokens; seq_mean_token_mean's denominators are their sequence counts (3, 1).
+    The token stats (entropy, ratio) stay token means."""
+    steps = [_step(6, 1.0, 1.0, kl_loss_sum=0.6), _step(2, 3.0, 1.0, kl_loss_sum=0.2)]
+    m = metrics.policy_metrics(steps, denominators=[3.0, 1.0])
+    assert m["loss/policy"] == pytest.approx((6 * 1.0 + 2 * 3.0) / (3 + 1))
+    assert m["loss/kl"] == pytest.approx(0.8 / 4)
+    assert m["policy/entropy"] == pytest.approx(2.0)  # (12 + 4) / 8 tokens
+    default = metrics.policy_metrics(steps)  # no denominators: the tokens
+    assert default["loss/policy"] == pytest.approx(12.0 / 8) and default["loss/kl"] == pytest.approx(0.1)
+    assert "loss/kl" not in metrics.policy_metrics([_step(6, 1.0, 1.0)], denominators=[3.0])
+
+
+def test_a_skipped_step_leaves_its_denominator_out():
+    steps = [_stats(4, 1.0), _stats(4, math.nan, skipped=1.0, grad=math.inf), _stats(2, 2.0)]
+    m = metrics.policy_metrics(steps, denominators=[8.0, 8.0, 8.0])
+    assert m["loss/policy"] == pytest.approx((4.0 + 4.0) / 16)
+
+
+def test_objective_metrics_without_a_critic_have_no_value_metrics_and_log_each_source():
+    mask = torch.tensor([[1, 1], [1, 0]])
+    zeros = torch.zeros(2, 2)
+    scores = torch.tensor([1.5, 0.5])
+    sources = {"rm": torch.tensor([2.0, 0.0]), "function": torch.tensor([1.0, 0.0])}
+    grpo = experience.compute_advantages(
+        mask, ExperiencePasses(zeros, zeros, scores, zeros), 0.1, estimator="grpo", group_size=2
+    )
+    m = metrics.objective_metrics(grpo, scores, mask, 0.1, sources)
+    assert not [k for k in m if k.startswith("value/")]  # absent, not zero
+    assert (m["reward/rm"], m["reward/function"]) == (1.0, 0.5)  # each source before weighting
+    assert m["objective/score"] == 1.0
+    assert "reward/url" not in m
+    gae = experience.compute_advantages(mask, ExperiencePasses(zeros, zeros, scores, zeros + 0.25), 0.1)
+    with_critic = metrics.objective_metrics(gae, scores, mask, 0.1)
+    assert with_critic["value/mean"] == pytest.approx(0.25)
+    assert "value/returns_mean" in with_critic and not [k for k in with_critic if k.startswith("reward/")]

@@ -148,3 +148,40 @@ def test_plan_training_without_ptx():
     assert plan.first_step == 1 and plan.ptx_tokens is None and plan.ptx_rows == 0
     assert all(s.ptx is None and s.ptx_tokens == 0 for p in plan.policy for s in p.steps)
     assert plan.step_tokens == [8, 8, 8, 8]
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("token_mean", None),  # each step's real tokens (checked against step_tokens below)
+        ("seq_mean_token_mean", [4.0] * 4),  # the step's sequences
+        ("token_sum_norm", [4.0 * 3] * 4),  # sequences x norm_length, whatever the lengths
+    ],
+)
+def test_plan_training_denominators_follow_the_loss_aggregation(mode, expected):
+    """docs/ppo_details.md item 24: every rank of a step divides by the same global denominator."""
+    mask = torch.tensor(
+        [[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 0, 0]]
+    )
+    plan = schedule.plan_training(_ppo(loss_agg=mode), 0, mask, [], 0, pad_id=0, norm_length=3)
+    if expected is None:
+        expected = [float(t) for t in plan.step_tokens]
+        assert expected != [expected[0]] * 4  # the lengths differ per step: the test can tell modes apart
+    assert plan.denominators == expected
+    for rank in plan.policy:
+        assert [s.denominator for s in rank.steps] == expected
+    assert [s.tokens for s in plan.policy[0].steps] == plan.step_tokens  # token stats stay token counts
+
+
+def test_token_sum_norm_needs_the_response_length_constant():
+    with pytest.raises(ValueError, match="norm_length >= 1"):
+        schedule.plan_training(_ppo(loss_agg="token_sum_norm"), 0, torch.ones(8, 2), [], 0, pad_id=0)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_plan_training_without_a_critic_plans_no_critic_ranks(estimator):
+    p = _ppo(advantage=estimator, samples_per_prompt=2)
+    plan = schedule.plan_training(p, 0, torch.ones(8, 2, dtype=torch.long), [], 0, pad_id=0)
+    assert plan.critic == []
+    assert len(plan.policy) == 2 and all(len(r.steps) == 4 for r in plan.policy)
+    assert len(schedule.plan_training(_ppo(), 0, torch.ones(8, 2), [], 0, pad_id=0).critic) == 1
