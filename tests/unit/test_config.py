@@ -176,3 +176,69 @@ def test_shipped_presets_load():
     assert configs, "no shipped config presets"
     for p in configs:
         assert isinstance(load_config(p), Config), p
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["ppo.advantage=grpo"],
+            r"ppo.advantage=grpo compares a prompt's samples: .*samples_per_prompt >= 2, got 1",
+        ),
+        (["ppo.advantage=rloo", "ppo.samples_per_prompt=1"], "ppo.advantage=rloo compares"),
+        (["ppo.advantage=reinforce_pp_baseline"], "ppo.advantage=reinforce_pp_baseline compares"),
+        (["ppo.dynamic_sampling=true"], r"ppo.dynamic_sampling .* needs ppo.samples_per_prompt >= 2, got 1"),
+        (["ppo.clip_eps_high=0.1"], r"ppo.clip_eps_high=0.1 is below ppo.clip_eps=0.2"),
+        (
+            ["reward.weights={judge: 1}"],
+            r"reward.weights names 'judge', not a reward source \(one of rm, function, url\)",
+        ),
+        (
+            ["reward.overlong_buffer=49"],
+            r"reward.overlong_buffer=49 is longer than rollout.max_new_tokens=48",
+        ),
+        (["ppo.advantage=ppo"], r"'ppo.advantage': 'ppo' is not one of 'gae', 'grpo'"),
+        (["ppo.loss_agg=sum"], r"'ppo.loss_agg': 'sum' is not one of"),
+        (["reward.weights=3"], r"'reward.weights': expected dict, got 3"),
+        (["reward.weights={rm: high}"], r"'reward.weights.rm': expected float, got 'high'"),
+    ],
+)
+def test_validate_issue_15_rules_in_one_line(overrides, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        config_from_dict({}, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_critic_free_and_dapo_settings_that_fit_validate():
+    cfg = config_from_dict(
+        {},
+        [
+            "ppo.advantage=grpo",
+            "ppo.samples_per_prompt=4",
+            "ppo.dynamic_sampling=true",
+            "ppo.clip_eps_high=0.28",
+            "reward.overlong_buffer=48",  # the whole response length is allowed
+        ],
+    )
+    assert (cfg.ppo.advantage, cfg.ppo.clip_eps_high, cfg.reward.overlong_buffer) == ("grpo", 0.28, 48)
+    assert config_from_dict({}, ["ppo.advantage=reinforce_pp"]).ppo.advantage == "reinforce_pp"  # no groups
+    assert config_from_dict({}, ["ppo.clip_eps_high=0.2"]).ppo.clip_eps_high == 0.2  # equal is symmetric
+
+
+def test_reward_weights_from_a_dotted_override_and_yaml(tmp_path):
+    cfg = config_from_dict({}, ["reward.weights={rm: 0.5, function: 2}"])
+    assert cfg.reward.weights == {"rm": 0.5, "function": 2.0}
+    assert isinstance(cfg.reward.weights["function"], float)  # ints widen like every float key
+    assert load_config(write(tmp_path, "reward:\n  weights:\n    url: 0.25\n")).reward.weights == {
+        "url": 0.25
+    }
+    assert load_config(write(tmp_path, dump_yaml(cfg, with_docs=True), "d.yaml")) == cfg  # round-trips
+    first, second = config_from_dict({}), config_from_dict({})
+    first.reward.weights["rm"] = 3.0
+    assert second.reward.weights == {}  # the default is a fresh dict per config, not a shared one
+
+
+def test_reward_sources_in_their_fixed_order():
+    cfg = config_from_dict({"reward": {"url": "http://h/", "path": "/rm", "function": "m:f"}})
+    assert cfg.reward.sources() == ["rm", "function", "url"]
+    assert config_from_dict({}).reward.sources() == []

@@ -63,3 +63,23 @@ def test_file_names_that_old_checkpoints_use():
     assert checkpoint.checkpoint_name(42) == "iter_000042"
     assert checkpoint.DRIVER_STATE_FILE == "driver_state.json"
     assert CHECKPOINT_TAG == "engine"  # DeepSpeed's tag folder of the policy and critic states
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_a_critic_free_run_shape_has_no_critic_workers(estimator):
+    cfg = config_from_dict(
+        {}, [f"ppo.advantage={estimator}", "ppo.samples_per_prompt=2", "ppo.critic_workers=2"]
+    )
+    assert checkpoint.run_shape(cfg)["critic_workers"] == 0  # critic_workers is unused without a critic
+    assert checkpoint.run_shape(config_from_dict({}, ["ppo.critic_workers=2"]))["critic_workers"] == 2
+
+
+def test_switching_a_run_between_gae_and_a_critic_free_estimator_is_refused_on_resume(tmp_path):
+    gae = config_from_dict({})
+    ckpt = tmp_path / checkpoint.checkpoint_name(2)
+    ckpt.mkdir()
+    state = checkpoint.DriverState(iteration=2, shape=checkpoint.run_shape(gae))
+    (ckpt / checkpoint.DRIVER_STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
+    grpo = config_from_dict({}, ["ppo.advantage=grpo", "ppo.samples_per_prompt=2"])
+    with pytest.raises(ConfigError, match="critic_workers"):
+        checkpoint.check_resumable(ckpt, grpo)

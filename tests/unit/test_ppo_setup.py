@@ -162,3 +162,123 @@ def test_role_requests_and_bundles_follow_the_worker_counts(inputs):
     }
     assert all(b == {"CPU": 0.5} for bundles in cpu.values() for b in bundles)
     assert setup.ppo_bundles(cfg, gpu=True)["rollout"] == [{"GPU": 4.0, "CPU": 0.5}] * 2
+
+
+# --- reward sources and critic-free roles (docs/design.md, issue 15) ----------------------------------
+
+
+def reward_cfg(inputs, reward: dict, **ppo_over):
+    """A config with only the given ``reward.*`` keys (no reward.path unless given)."""
+    raw = {
+        "data": {"dir": str(inputs["data"])},
+        "model": {"path": str(inputs["sft"]), "max_len": 64},
+        "reward": reward,
+        "rollout": {"max_new_tokens": 16},
+        "ppo": {"prompts_per_iteration": 8, "mini_batch_size": 8, "micro_batch_size": 2, **ppo_over},
+    }
+    return config_from_dict(raw)
+
+
+GRPO = {"advantage": "grpo", "samples_per_prompt": 2}
+GOLD = "trainers.data.gold:reward"
+
+
+@pytest.mark.parametrize(
+    "reward, ppo, match",
+    [
+        ({}, GRPO, r"PPO needs a reward: set reward.path, reward.function or reward.url"),
+        ({"function": GOLD}, {}, r"ppo.advantage=gae trains a critic that starts from the reward model"),
+        (
+            {"path": "RM", "weights": {"url": 0.5}},
+            {},
+            r"reward.weights names 'url' but reward.url is not set",
+        ),
+        ({"function": GOLD, "weights": {"rm": 1.0}}, GRPO, r"names 'rm' but reward.path is not set"),
+        (
+            {"function": "no_such_module_xyz:score"},
+            GRPO,
+            r"reward.function='no_such_module_xyz:score': importing no_such_module_xyz failed",
+        ),
+        (
+            {"function": "trainers.data.gold:QUANTUM"},
+            GRPO,
+            r"reward.function='trainers.data.gold:QUANTUM': QUANTUM is a float, not a callable",
+        ),
+        ({"function": "trainers.data.gold"}, GRPO, r"expected 'package.module:function'"),
+        (
+            {"url": "http://127.0.0.1:9/", "url_timeout_s": 2},
+            GRPO,
+            r"reward.url='http://127.0.0.1:9/' is unreachable",
+        ),
+    ],
+)
+def test_check_reward_sources_refuses_in_one_line(inputs, reward, ppo, match):
+    reward = {k: str(inputs["rm"]) if v == "RM" else v for k, v in reward.items()}
+    cfg = reward_cfg(inputs, reward, **ppo)
+    with pytest.raises(ConfigError, match=match) as err:
+        setup.check_reward_sources(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_check_reward_sources_accepts_each_source_alone_and_combined(inputs):
+    setup.check_reward_sources(make_cfg(inputs))  # the RM with GAE (today's run)
+    setup.check_reward_sources(reward_cfg(inputs, {"function": GOLD}, **GRPO))
+    both = reward_cfg(inputs, {"path": str(inputs["rm"]), "function": GOLD, "weights": {"function": 0.5}})
+    setup.check_reward_sources(both)  # gae with the RM and a function, weighted
+
+
+def test_a_critic_free_run_with_a_function_asks_for_no_critic_and_no_reward_model(inputs):
+    cfg = reward_cfg(inputs, {"function": GOLD, "function_workers": 3}, **GRPO)
+    assert setup.role_requests(cfg) == {
+        "policy": RoleRequest(2),
+        "reference": RoleRequest(1),
+        "reward_function": RoleRequest(3, gpus_per_rank=0),
+        "rollout": RoleRequest(1, gpus_per_rank=1),
+    }
+    specs = setup.role_specs(cfg, "cpu")
+    assert set(specs) == {"policy", "reference"}
+    gpu = setup.ppo_bundles(cfg, gpu=True)
+    assert gpu["reward_function"] == [{"CPU": 1.0}] * 3  # CPU-only actors, no GPU share
+    assert gpu["policy"] == [{"GPU": 1.0, "CPU": 1.0}] * 2
+
+
+def test_role_requests_drop_the_critic_for_critic_free_and_the_rm_without_reward_path(inputs):
+    rm = make_cfg(inputs, advantage="rloo", samples_per_prompt=2)
+    assert set(setup.role_requests(rm)) == {"policy", "reference", "reward", "rollout"}
+    assert set(setup.role_specs(rm, "cpu")) == {"policy", "reference", "reward"}
+    gae = make_cfg(inputs)
+    assert set(setup.role_requests(gae)) == {"policy", "critic", "reference", "reward", "rollout"}
+    url = reward_cfg(inputs, {"url": "http://127.0.0.1:9/"}, advantage="reinforce_pp")
+    assert set(setup.role_requests(url)) == {"policy", "reference", "rollout"}  # the endpoint is no actor
+
+
+def test_role_specs_carry_the_policy_loss_settings(inputs):
+    cfg = make_cfg(
+        inputs, clip_eps_high=0.28, kl_loss_coef=0.01, kl_loss_estimator="k2", loss_agg="seq_mean_token_mean"
+    )
+    policy = setup.role_specs(cfg, "cpu")["policy"]
+    assert (policy.clip_eps, policy.clip_eps_high) == (0.2, 0.28)
+    assert (policy.kl_loss_coef, policy.kl_loss_estimator, policy.loss_agg) == (
+        0.01,
+        "k2",
+        "seq_mean_token_mean",
+    )
+
+
+def test_validate_run_reads_held_out_prompts_and_the_records_only_with_eval_every(inputs, tmp_path):
+    write_parquet(
+        inputs["data"] / "prompts" / "valid.parquet",
+        "prompts",
+        [{"prompt": f"a held out note about {i} foxes"} for i in range(5)],
+    )
+    try:
+        cfg = make_cfg(inputs, eval_every=2, eval_prompts=3)
+        _, data = setup.validate_run(cfg, tmp_path / "out")
+        assert len(data.eval_prompts) == 3 and len(data.eval_records) == 3
+        assert data.eval_records[0]["prompt"] == "a held out note about 0 foxes"
+        assert len(data.records) == len(data.prompts) == 20 and "prompt" in data.records[0]
+        assert data.tokenizer is not None  # the driver decodes responses for text sources with it
+        _, off = setup.validate_run(make_cfg(inputs), tmp_path / "out")
+        assert off.eval_prompts == [] and off.eval_records == []
+    finally:
+        (inputs["data"] / "prompts" / "valid.parquet").unlink()

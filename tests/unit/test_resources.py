@@ -159,3 +159,37 @@ def test_use_gpu_resolution():
     assert use_gpu("cpu", gpu_cluster()) is False
     with pytest.raises(UserError, match="cluster.device=cuda"):
         use_gpu("cuda", cpu_cluster())
+
+
+# --- CPU-only roles (gpus_per_rank=0: the reward function pool) ---------------------------------------
+
+
+def with_function_pool(workers=3, critic=True) -> dict[str, RoleRequest]:
+    roles = make_roles(engines=2) | {"reward_function": RoleRequest(workers, gpus_per_rank=0)}
+    if not critic:
+        del roles["critic"]
+    return roles
+
+
+def test_dedicated_gpu_gives_a_cpu_only_role_cpu_bundles():
+    bundles = role_bundles(with_function_pool(), gpu=True, placement="dedicated", cpus_per_actor=2)
+    assert bundles["reward_function"] == [{"CPU": 2.0}] * 3
+    assert bundles["policy"] == [{"GPU": 1.0, "CPU": 2.0}] * 2  # the GPU roles unchanged
+    check_feasible(bundles, gpu_cluster(gpus_per_node=7))  # 2 + 1 + 1 + 1 + 2 GPUs: the pool needs none
+
+
+def test_colocated_shares_each_gpu_among_the_gpu_roles_only():
+    bundles = role_bundles(with_function_pool(critic=False), gpu=True, placement="colocated")
+    assert bundles["reward_function"] == [{"CPU": 1.0}] * 3
+    gpu_fractions = {b["GPU"] for role, bl in bundles.items() if role != "reward_function" for b in bl}
+    assert gpu_fractions == {0.25}  # policy, reference, reward, rollout; not 1/5
+    six = role_bundles(with_function_pool(), gpu=True, placement="colocated")
+    assert {b["GPU"] for role, bl in six.items() if role != "reward_function" for b in bl} == {0.2}
+    assert all("GPU" not in b for b in six["reward_function"])
+
+
+def test_cpu_cluster_counts_the_function_workers_like_any_actor():
+    bundles = role_bundles(with_function_pool(workers=2), gpu=False, cpus_per_actor=0.5)
+    assert bundles["reward_function"] == [{"CPU": 0.5}] * 2
+    with pytest.raises(UserError, match="needs 4.5 CPU but the cluster has 4 CPU"):  # 9 actors x 0.5
+        check_feasible(bundles, cpu_cluster(cpus=4))
