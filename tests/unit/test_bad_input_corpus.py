@@ -309,6 +309,27 @@ CASES: list[Case] = [
     _case("eval-baseline-without-prompts", "cli", "eval --policy {model} --baseline {model}", "needs both"),
     _case("eval-n-zero", "cli", "eval --policy {model} --pretrain-file {good_text} --n 0", "--n must be"),
 ]
+# Issue 15's estimators and reward sources: PPO config errors, all found before anything starts.
+ISSUE_15 = (
+    ("unknown-estimator", "ppo.advantage=ppo2", "'ppo.advantage': 'ppo2' is not one of 'gae', 'grpo'"),
+    ("group-one-sample", "ppo.advantage=grpo", "ppo.advantage=grpo compares a prompt's samples"),
+    ("function-no-import", "reward.function=no_such_module_xyz:f", "importing no_such_module_xyz failed"),
+    ("function-not-callable", "reward.function=trainers.data.gold:QUANTUM", "QUANTUM is a float, not a"),
+    ("url-unreachable", "reward.url=http://127.0.0.1:9/ reward.url_timeout_s=2", "is unreachable"),
+    ("weights-unset-source", 'reward.weights={{"url":0.5}}', "names 'url' but reward.url is not set"),
+)
+CASES += [
+    _case(id_, "config", f"ppo {PPO} {args} --out {{out}}", expect, "new") for id_, args, expect in ISSUE_15
+]
+CASES.append(
+    _case(
+        "gae-without-reward-model",
+        "config",
+        f"ppo {STAGE} reward.function=trainers.data.gold:reward --out {{out}}",
+        "ppo.advantage=gae trains a critic that starts from the reward model",
+        out="dir",
+    )
+)
 
 
 # --------------------------------------------------------------------------------------------------
