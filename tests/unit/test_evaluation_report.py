@@ -101,3 +101,60 @@ def test_write_report_without_metrics(tmp_path, capsys):
 def test_missing_metrics_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         report.write_report(tmp_path, ppo_metrics_path=tmp_path / "none.jsonl", summary={}, win_rates={})
+
+
+EVAL_RECORDS = [
+    {"step": 1, "objective/score": 0.1, "objective/kl": 0.0},
+    {"step": 2, "objective/score": 0.2, "objective/kl": 0.5, "eval/score": 0.15, "eval/kl": 0.4},
+    {"step": 3, "objective/score": 0.3, "objective/kl": 0.9},
+    {"step": 4, "objective/score": 0.5, "objective/kl": 1.2, "eval/score": 0.35, "eval/kl": 1.0},
+]
+"""Evaluation every 2 iterations (ppo.eval_every=2): eval/* on iterations 2 and 4 only."""
+
+
+def test_curve_summary_and_table_hold_the_held_out_curves_only_when_logged():
+    curves = report.curve_summary(EVAL_RECORDS)
+    assert curves["eval/score"] == {"first": 0.15, "last": 0.35, "min": 0.15, "max": 0.35, "iterations": 2}
+    assert curves["eval/kl"]["last"] == 1.0 and curves["eval/kl"]["iterations"] == 2
+    table = report.format_table({}, {}, curves)
+    assert "eval/score" in table and "0.15 -> 0.35  (2 iterations)" in table and "eval/kl" in table
+    without = report.curve_summary(
+        [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in EVAL_RECORDS]
+    )
+    assert "objective/score" in without and not [k for k in without if k.startswith("eval/")]
+
+
+def test_the_score_and_kl_panels_draw_the_held_out_curve_on_the_same_axis(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    report._plot_curve(ax, EVAL_RECORDS, "objective/score", "score", "eval/score")
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"training rollouts", "held-out prompts"}
+    assert list(lines["held-out prompts"].get_xdata()) == [2.0, 4.0]
+    assert list(lines["held-out prompts"].get_ydata()) == [0.15, 0.35]
+    assert ax.get_legend() is not None
+    fig.clear()
+    ax = fig.add_subplot()
+    report._plot_curve(ax, EVAL_RECORDS[:1], "objective/score", "score", "eval/score")
+    assert [line.get_label() for line in ax.get_lines()] == ["training rollouts"] and ax.get_legend() is None
+    plt.close(fig)
+
+    drawn = []
+    real = report._plot_curve
+    monkeypatch.setattr(
+        report,
+        "_plot_curve",
+        lambda ax, recs, key, title, held=None: drawn.append((key, held)) or real(ax, recs, key, title, held),
+    )
+    report.plot_report(tmp_path / "r.png", EVAL_RECORDS, {}, {})
+    assert drawn == [
+        ("objective/score", "eval/score"),
+        ("objective/kl", "eval/kl"),
+        ("loss/ptx", None),
+        ("rollout/response_length", None),
+    ]
+    assert (tmp_path / "r.png").read_bytes().startswith(PNG_MAGIC)

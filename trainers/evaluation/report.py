@@ -9,9 +9,10 @@ writes ``OUT/report/summary.json`` (``{"summary": ..., "win_rates": ..., "ppo": 
 min, max, iterations}}}``), ``OUT/report/report.png`` and ``OUT/report/report.txt`` (the plain-text
 table, also printed). The figure has one panel per PPO curve (:data:`CURVES`, read from the PPO
 stage's ``metrics.jsonl``: one JSON object per iteration, ``step`` = iteration; missing keys, nulls
-and a line cut short by a crash are skipped), a panel of win-rate bars with their 95% intervals
-around the 0.5 line, and a panel listing the summary numbers. matplotlib runs on the Agg backend
-(no display needed).
+and a line cut short by a crash are skipped; with ``ppo.eval_every`` the held-out curves of
+:data:`EVAL_CURVES` share the panel of their training curve), a panel of win-rate bars with their 95%
+intervals around the 0.5 line, and a panel listing the summary numbers. matplotlib runs on the Agg
+backend (no display needed).
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ CURVES: tuple[tuple[str, str], ...] = (
     ("rollout/response_length", "response length (tokens)"),
 )
 """PPO metrics drawn as curves over iterations, with their panel titles."""
+EVAL_CURVES: tuple[tuple[str, str], ...] = (
+    ("eval/score", "objective/score"),
+    ("eval/kl", "objective/kl"),
+)
+"""Evaluation-while-training metrics (``ppo.eval_every``: held-out prompts, logged every N iterations)
+and the training curve whose panel each one shares, so train and held-out read on one axis."""
 MAX_SUMMARY_LINES = 16
 """The summary panel lists at most this many numbers (the table and JSON hold all)."""
 
@@ -56,9 +63,10 @@ def curve(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def curve_summary(records: list[dict]) -> dict[str, dict]:
-    """``first``, ``last``, ``min``, ``max`` and ``iterations`` of every :data:`CURVES` metric with data."""
+    """``first``, ``last``, ``min``, ``max`` and ``iterations`` of every :data:`CURVES` and
+    :data:`EVAL_CURVES` metric with data (``iterations``: how many iterations logged it)."""
     out = {}
-    for key, _ in CURVES:
+    for key in [k for k, _ in CURVES] + [k for k, _ in EVAL_CURVES]:
         _, ys = curve(records, key)
         if ys:
             out[key] = {"first": ys[0], "last": ys[-1], "min": min(ys), "max": max(ys), "iterations": len(ys)}
@@ -93,15 +101,35 @@ def format_table(summary: Mapping, win_rates: Mapping[str, Mapping], curves: Map
     return "\n".join(lines) + "\n"
 
 
-def _plot_curve(ax, records: list[dict], key: str, title: str) -> None:
-    """One metric over PPO iterations (or a 'no data' note)."""
+def _plot_curve(ax, records: list[dict], key: str, title: str, held_out: str | None = None) -> None:
+    """One metric over PPO iterations, with its held-out counterpart ``held_out`` (an
+    :data:`EVAL_CURVES` key) on the same axis when the run logged it; a 'no data' note when neither."""
     xs, ys = curve(records, key)
+    eval_xs, eval_ys = curve(records, held_out) if held_out is not None else ([], [])
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("PPO iteration", fontsize=8)
     ax.grid(alpha=0.3)
     if ys:
-        ax.plot(xs, ys, marker="o" if len(ys) < 30 else None, markersize=3, linewidth=1.5)
-    else:
+        ax.plot(
+            xs,
+            ys,
+            marker="o" if len(ys) < 30 else None,
+            markersize=3,
+            linewidth=1.5,
+            label="training rollouts",
+        )
+    if eval_ys:  # sparse (every ppo.eval_every iterations): always marked
+        ax.plot(
+            eval_xs,
+            eval_ys,
+            marker="s",
+            markersize=4,
+            linewidth=1.5,
+            linestyle="--",
+            label="held-out prompts",
+        )
+        ax.legend(fontsize=7)
+    if not ys and not eval_ys:
         ax.text(
             0.5, 0.5, f"no '{key}' in metrics", ha="center", va="center", transform=ax.transAxes, fontsize=9
         )
@@ -138,15 +166,17 @@ def _plot_summary(ax, summary: Mapping) -> None:
 def plot_report(
     path: str | Path, records: list[dict], summary: Mapping, win_rates: Mapping[str, Mapping]
 ) -> None:
-    """Draw the 2 x 3 report figure into ``path`` (PNG): four curves, then win rates, then the summary."""
+    """Draw the 2 x 3 report figure into ``path`` (PNG): four curves (score and KL with their held-out
+    curves when logged), then win rates, then the summary."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on CPU boxes and CI
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    held_out = {train: key for key, train in EVAL_CURVES}
     for ax, (key, title) in zip(axes.flat, CURVES):
-        _plot_curve(ax, records, key, title)
+        _plot_curve(ax, records, key, title, held_out.get(key))
     _plot_win_rates(axes[1, 1], win_rates)
     _plot_summary(axes[1, 2], summary)
     fig.suptitle("ray-rlhf: PPO-ptx run report", fontsize=12)
