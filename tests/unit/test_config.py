@@ -242,3 +242,12 @@ def test_reward_sources_in_their_fixed_order():
     cfg = config_from_dict({"reward": {"url": "http://h/", "path": "/rm", "function": "m:f"}})
     assert cfg.reward.sources() == ["rm", "function", "url"]
     assert config_from_dict({}).reward.sources() == []
+
+
+def test_critic_free_runs_do_not_check_the_unused_critic_workers():
+    """No critic starts without GAE (trainers/ppo/setup.py role_requests), so ppo.critic_workers must not
+    make a grpo run's batch arithmetic fail; with GAE the same value still does."""
+    over = ["ppo.samples_per_prompt=2", "ppo.critic_workers=3"]  # 16 is not a multiple of 8 x 3
+    assert config_from_dict({}, ["ppo.advantage=grpo", *over]).ppo.critic_workers == 3
+    with pytest.raises(ConfigError, match="ppo.critic_workers = 24"):
+        config_from_dict({}, over)
