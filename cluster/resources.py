@@ -97,7 +97,7 @@ def use_gpu(device: str, cluster: ClusterResources) -> bool:
 class RoleRequest:
     """What one role asks of the cluster: its number of ranks (actors) and, on a GPU cluster, the GPUs
     each rank holds (a tensor-parallel vLLM engine holds several; 0: a CPU-only actor such as a reward
-    function worker, which gets a CPU bundle of its own in either placement)."""
+    function worker: CPU only, never a GPU share; colocated placement adds it to the shared bundle of its rank)."""
 
     ranks: int
     gpus_per_rank: int = 1

@@ -27,7 +27,7 @@ from trainers.files import atomic_write_json, atomic_write_text
 from trainers.runs.metrics import read_metrics
 
 CURVES: tuple[tuple[str, str], ...] = (
-    ("objective/score", "reward-model score"),
+    ("objective/score", "score (reward sources)"),
     ("objective/kl", "KL to SFT (per sequence, nats)"),
     ("loss/ptx", "pretraining loss (ptx term)"),
     ("rollout/response_length", "response length (tokens)"),
