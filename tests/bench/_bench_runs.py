@@ -514,3 +514,14 @@ def environment(started: float, code: Mapping) -> dict:
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
     }
+
+
+def cli_main(experiment: Callable[[argparse.Namespace], Any], args: argparse.Namespace, *, tag: str) -> int:
+    """A bench's entry point: run ``experiment(args)``; exit 0, or 2 with one ``TAG: error:`` line for a
+    user error (missing demo, bad config...)."""
+    try:
+        experiment(args)
+    except UserError as err:
+        print(f"{tag}: error: {err.lines[0]}", file=sys.stderr)
+        return 2
+    return 0

@@ -386,13 +386,7 @@ def experiment(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: exit 0, or 2 with one line for a user error (missing demo, bad config...)."""
-    args = parse_args(argv)
-    try:
-        experiment(args)
-    except UserError as err:
-        print(f"{TAG}: error: {err.lines[0]}", file=sys.stderr)
-        return 2
-    return 0
+    return bench.cli_main(experiment, parse_args(argv), tag=TAG)
 
 
 if __name__ == "__main__":  # vLLM engines start processes (spawn): the guard is required
