@@ -50,7 +50,8 @@ from trainers.evaluation.demo_report import (
     closing_lines,
     write_demo_report,
 )
-from trainers.pipeline import Layout, Runner, summary_path
+from trainers.pipeline import loop
+from trainers.pipeline.loop import Layout, Runner, summary_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 """The CPU preset the demo runs by default (shipped as package data)."""
@@ -115,7 +116,7 @@ def stage_configs(config: str | Path, overrides, out: Path) -> dict:
     paths; every one is loaded and validated here, so a bad value fails before any work."""
     from trainers.config import load_config
 
-    pipeline.check_overrides(overrides, DEMO)
+    loop.check_overrides(overrides, DEMO)
     configs = {"base": set_stage_paths(load_config(config, list(overrides)), out, "world")}
     for stage in RAY_STAGES:
         configs[stage] = set_stage_paths(load_config(config, list(overrides)), out, stage)
@@ -148,15 +149,15 @@ def run_world(configs: dict, out: Path) -> dict:
 
 def evaluate_responses(cfg, out: Path) -> dict:
     """SFT and PPO-ptx sample one response per held-out test prompt (same seed); the gold labeler
-    and the RM compare them (the RM as in :func:`trainers.pipeline.sample_and_judge`); gold scores and
+    and the RM compare them (the RM as in :func:`trainers.pipeline.loop.sample_and_judge`); gold scores and
     criteria (closing rate...) of both."""
     from trainers.evaluation import generation, judges
 
     prompts = generation.read_prompts(out / "world" / "prompts" / "test.parquet")
     dirs = model_dirs(out)
     print(f"evaluation: sampling {len(prompts)} held-out test prompts with SFT and PPO-ptx", flush=True)
-    sampling = pipeline.eval_sampling(cfg)
-    responses, rm = pipeline.sample_and_judge(
+    sampling = loop.eval_sampling(cfg)
+    responses, rm = loop.sample_and_judge(
         prompts, {"sft": dirs["sft"], "ppo_ptx": dirs["ppo_ptx"]}, out / "rm" / "model", sampling
     )
     gold = judges.win_rate(prompts, responses["ppo_ptx"], responses["sft"], judges.GoldJudge())
@@ -165,7 +166,7 @@ def evaluate_responses(cfg, out: Path) -> dict:
         "eval/win_rate_rm": rm,
         "eval/gold_scores": {name: judges.gold_scores(prompts, responses[name]) for name in responses},
         "eval/sampling": sampling,
-        "eval/examples": pipeline.examples(prompts, responses),
+        "eval/examples": loop.examples(prompts, responses),
     }
 
 
@@ -204,7 +205,7 @@ def default_runners() -> dict[str, Runner]:
     """Stage name -> runner, for every stage but the report (which always runs: it is cheap)."""
     return {
         "world": run_world,
-        **{stage: pipeline.ray_stage(stage) for stage in RAY_STAGES},
+        **{stage: loop.ray_stage(stage) for stage in RAY_STAGES},
         "eval": run_evaluation,
     }
 
@@ -217,12 +218,12 @@ def default_runners() -> dict[str, Runner]:
 def prepare(config: str | Path | None, overrides, out_dir: str | Path, fresh: bool):
     """Every user error, before any work: config (all stages), output directory, the recorded config.
     Returns ``(out, configs, changed)`` with ``changed`` as
-    :func:`trainers.pipeline.changed_since_last_run` answers."""
+    :func:`trainers.pipeline.loop.changed_since_last_run` answers."""
     from trainers.runs.outdir import check_output_dir
 
     out = check_output_dir(out_dir)
     configs = stage_configs(config or DEFAULT_CONFIG, overrides, out)
-    changed = ([], None) if fresh else pipeline.changed_since_last_run(out, configs["base"], DEMO)
+    changed = ([], None) if fresh else loop.changed_since_last_run(out, configs["base"], DEMO)
     return out, configs, changed
 
 
@@ -241,10 +242,10 @@ def run_demo(
 
     start = time.time()
     out, configs, changed = prepare(config, overrides, out_dir, fresh)
-    pipeline.start_output(out, DEMO, configs["base"], fresh, changed)
+    loop.start_output(out, DEMO, configs["base"], fresh, changed)
     runners = {**default_runners(), **(runners or {})}
-    summaries, timings, skipped = pipeline.run_stages(DEMO, configs, out, runners)
-    pipeline.report_heading(DEMO)
+    summaries, timings, skipped = loop.run_stages(DEMO, configs, out, runners)
+    loop.report_heading(DEMO)
     clock = time.time()
     summary = assemble_summary(summaries, read_metrics(out / "ppo" / "metrics.jsonl"), timings)
     summary |= {"stages_skipped": skipped, "config": str(Path(config or DEFAULT_CONFIG))}
@@ -253,7 +254,7 @@ def run_demo(
         "PPO-ptx vs SFT (RM)": summaries["eval"]["eval/win_rate_rm"],
     }
     path = write_demo_report(out, summary, win_rates)
-    written = pipeline.finish_report(path, summary, start, clock)
+    written = loop.finish_report(path, summary, start, clock)
     print(closing_lines(summary, out), flush=True)
     return written
 

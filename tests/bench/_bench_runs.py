@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:  # imported by a bench run as a plain script from 
     sys.path.insert(0, str(REPO))
 
 from trainers.errors import UserError  # noqa: E402
-from trainers.pipeline import (  # noqa: E402  (the demo's own measurement and resume rule)
+from trainers.pipeline.loop import (  # noqa: E402  (the demo's own measurement and resume rule)
     EVAL_BATCH_SIZE,
     RESULT_NEUTRAL_SECTIONS,
     eval_sampling,
