@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cluster.resources import RoleRequest
-from trainers.config import config_from_dict
+from tests.conftest import TINY_CONFIG
+from trainers.config import config_from_dict, load_config
 from trainers.data.io import write_parquet
 from trainers.data.tokenizer import train_tokenizer
 from trainers.errors import ConfigError, DataError
@@ -282,3 +283,29 @@ def test_validate_run_reads_held_out_prompts_and_the_records_only_with_eval_ever
         assert off.eval_prompts == [] and off.eval_records == []
     finally:
         (inputs["data"] / "prompts" / "valid.parquet").unlink()
+
+
+def test_objective_line_says_estimator_kl_placement_sources_and_ptx():
+    from trainers.ppo.setup import objective_line
+
+    ppo_ptx = load_config(TINY_CONFIG, ["reward.path=/rm"])
+    assert (
+        objective_line(ppo_ptx)
+        == "advantage gae (with a critic), KL in the reward x0.1, reward rm x1, ptx x0.5"
+    )
+    grpo = load_config(
+        TINY_CONFIG,
+        [
+            "reward.path=/rm",
+            "reward.function=trainers.data.gold:reward",
+            "reward.weights={rm: 0.5}",
+            "ppo.advantage=grpo",
+            "ppo.samples_per_prompt=4",
+            "ppo.kl_coef=0",
+            "ppo.kl_loss_coef=0.05",
+            "ppo.ptx_coef=0",
+        ],
+    )
+    assert (
+        objective_line(grpo) == "advantage grpo (no critic), KL as a loss x0.05, reward rm x0.5 + function x1"
+    )

@@ -81,7 +81,7 @@ from trainers.ppo.roles import Roles, check_resources, push_policy_weights, star
 from trainers.ppo.sampling import Sampled, sample_rollouts
 from trainers.ppo.schedule import TrainPlan, plan_training
 from trainers.ppo.scoring import RewardScorer, score_rollout
-from trainers.ppo.setup import RunData, validate_run
+from trainers.ppo.setup import RunData, objective_line, validate_run
 from trainers.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
 from trainers.runs.outdir import prepare_output
 from trainers.runs.sinks import open_sinks
@@ -292,6 +292,7 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
     print(
         f"ppo: {len(data.prompts)} prompts, stop ids {list(data.stop_ids)}, pad id {data.pad_id}", flush=True
     )
+    print(f"ppo: {objective_line(cfg)}", flush=True)
     p = cfg.ppo
     clock = time.perf_counter()
     roles = start_roles(cfg, device, run_name=f"ppo-{uuid.uuid4().hex[:6]}", stop_ids=data.stop_ids)

@@ -133,6 +133,19 @@ def validate_run(cfg: Config, out_dir: str | os.PathLike) -> tuple[Path, RunData
     )
 
 
+def objective_line(cfg: Config) -> str:
+    """What the run optimises, in one line: estimator (and whether a critic trains), where the KL to the
+    reference sits, the reward sources with their weights, ptx."""
+    p, r = cfg.ppo, cfg.reward
+    critic = "with a critic" if p.advantage == "gae" else "no critic"
+    kl = [f"in the reward x{p.kl_coef:g}"] * (p.kl_coef > 0) + [f"as a loss x{p.kl_loss_coef:g}"] * (
+        p.kl_loss_coef > 0
+    )
+    sources = " + ".join(f"{name} x{r.weights.get(name, 1.0):g}" for name in r.sources())
+    ptx = f", ptx x{p.ptx_coef:g}" if p.ptx_coef > 0 else ""
+    return f"advantage {p.advantage} ({critic}), KL {' and '.join(kl) or 'off'}, reward {sources}{ptx}"
+
+
 def role_specs(cfg: Config, device: str) -> dict:
     """Each DeepSpeed role's :class:`actors.specs.ModelSpec`: only what that actor needs (STYLE).
 
