@@ -47,7 +47,8 @@ def free_port() -> int:
 
 @pytest.fixture()
 def ray_head():
-    """A Ray head on this machine in a temporary directory; yields (dashboard address, env)."""
+    """A Ray head on this machine in a temporary directory, token authentication on; yields (dashboard
+    address, env with the token, GCS address ``host:port`` that ``ray.init`` joins)."""
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     token = Path(tmp) / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -60,6 +61,7 @@ def ray_head():
     )
     env.pop("RAY_ADDRESS", None)
     dash = free_port()
+    ports = {name: free_port() for name in PORT_FLAGS}
     cmd = [
         "ray",
         "start",
@@ -68,7 +70,7 @@ def ray_head():
         # Every service with a fixed default port gets a free one: the test session's own Ray holds
         # the defaults (e.g. the dashboard agent's 52365), and a clash leaves the head without a job
         # agent ("No available agent to submit job").
-        *(f"--{name}={free_port()}" for name in PORT_FLAGS),
+        *(f"--{name}={port}" for name, port in ports.items()),
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
         "--num-cpus=8",
@@ -86,7 +88,9 @@ def ray_head():
             assert head.poll() is None, (Path(tmp) / "head.log").read_text()[-2000:]
             assert time.time() < deadline, "the Ray head's job API did not come up in 180 s"
             time.sleep(2)
-        yield address, env
+        from ray._private.services import resolve_ip_for_localhost  # where the head's GCS listens
+
+        yield address, env, f"{resolve_ip_for_localhost('127.0.0.1')}:{ports['port']}"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -112,7 +116,7 @@ def job_status(address: str, env: dict, job_id: str) -> str:
 def test_ray_job_submit_runs_ppo_on_a_started_head(
     ray_head, world_dir, sft_model_dir, rm_model_dir, tmp_path
 ):
-    address, env = ray_head
+    address, env, _ = ray_head
     out = tmp_path / "ppo"
     job_id = f"rlhf-test-{secrets.token_hex(4)}"
     entrypoint = [
@@ -144,3 +148,31 @@ def test_ray_job_submit_runs_ppo_on_a_started_head(
     assert len(metrics) == 1 and "objective/score" in metrics[0]
     assert (out / "model" / "config.json").exists()
     assert list((out / "model").glob("*.safetensors"))
+
+
+def test_joining_a_token_cluster_without_its_token_names_the_cause_and_the_fix(ray_head, world_dir, tmp_path):
+    """Ray 2.60 turns token authentication on by default. A client without the token used to get only
+    "Failed to connect to Ray cluster"; now its one ``rlhf: error:`` line says why and how to give it.
+    Two clients: one that does not know the cluster uses tokens (no RAY_AUTH_MODE: Ray retries, then
+    fails without a reason) and one that does but has none."""
+    _, env, gcs = ray_head
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text()
+    home = tmp_path / "home"  # no ~/.ray/auth_token of this machine's other Ray instances
+    home.mkdir()
+    bare = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(home)}
+    for client in (bare, bare | {"RAY_AUTH_MODE": "token"}):
+        out = tmp_path / f"out-{len(client)}"
+        args = ["pretrain", "--config", "trainers/configs/tiny.yaml", f"data.dir={world_dir}",
+                f"cluster.ray_address={gcs}", "--out", str(out)]  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "trainers.cli", *args], cwd=REPO, env=client, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        ours = [line for line in result.stderr.splitlines() if line.startswith("rlhf:")]
+        assert ours == [result.stderr.strip().splitlines()[-1]], result.stderr[-2000:]
+        line = ours[0]
+        assert line.startswith(f"rlhf: error: cannot connect to Ray at '{gcs}': ")
+        assert "token" in line and "RAY_AUTH_MODE=token" in line and "RAY_AUTH_TOKEN_PATH" in line, line
+        assert token not in result.stderr + result.stdout
+        assert not out.exists()
