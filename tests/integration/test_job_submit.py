@@ -45,10 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on this machine in a temporary directory, token authentication on; yields (dashboard
-    address, env with the token, GCS address ``host:port`` that ``ray.init`` joins)."""
+    """A Ray head on this machine in a temporary directory, token authentication on, shared by this
+    module's tests (it takes ~2.5 min to take jobs on 2 busy cores); yields (dashboard address, env with
+    the token, GCS address ``host:port`` that ``ray.init`` joins)."""
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     token = Path(tmp) / "auth_token"
     token.write_text(secrets.token_hex(32))
