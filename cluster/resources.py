@@ -109,13 +109,29 @@ def role_bundles(
     gpu: bool,
     placement: str = "dedicated",
     cpus_per_actor: float = 1.0,
+    extra: Mapping[str, Bundle] | None = None,
 ) -> dict[str, list[Bundle]]:
     """One bundle per rank of every role (module docstring's table).
 
     ``placement`` 'dedicated' gives each GPU rank its own ``gpus_per_rank`` GPUs; 'colocated' puts rank r of
     every role on shared GPU r, each taking an equal fraction of it (so every rank must ask for one GPU).
-    On a CPU-only cluster every actor gets ``cpus_per_actor`` CPUs whatever the placement.
+    On a CPU-only cluster every actor gets ``cpus_per_actor`` CPUs whatever the placement. ``extra``: custom
+    resources each actor of a role also reserves (key ``'*'``: every role not named), which pins roles
+    to the nodes offering them.
     """
+    bundles = _base_bundles(roles, gpu=gpu, placement=placement, cpus_per_actor=cpus_per_actor)
+    extra = extra or {}
+    for role, role_list in bundles.items():
+        add = extra.get(role, extra.get("*", {}))
+        for bundle in role_list:
+            bundle.update({k: float(v) for k, v in add.items()})
+    return bundles
+
+
+def _base_bundles(
+    roles: Mapping[str, RoleRequest], *, gpu: bool, placement: str, cpus_per_actor: float
+) -> dict[str, list[Bundle]]:
+    """:func:`role_bundles` before the custom resources."""
     cpus = float(cpus_per_actor)
     cpu_only = {
         role: [{"CPU": cpus} for _ in range(r.ranks)] for role, r in roles.items() if r.gpus_per_rank == 0

@@ -193,3 +193,51 @@ def test_cpu_cluster_counts_the_function_workers_like_any_actor():
     assert bundles["reward_function"] == [{"CPU": 0.5}] * 2
     with pytest.raises(UserError, match="needs 4.5 CPU but the cluster has 4 CPU"):  # 9 actors x 0.5
         check_feasible(bundles, cpu_cluster(cpus=4))
+
+
+# --- cluster.role_resources: custom resources per role -----------------------------------------------
+
+
+def test_role_resources_pin_named_roles_and_star_covers_the_rest():
+    extra = {"rollout": {"inference": 1}, "*": {"train": 0.5}}
+    bundles = role_bundles(make_roles(engines=2), gpu=False, cpus_per_actor=1, extra=extra)
+    assert bundles["rollout"] == [{"CPU": 1.0, "inference": 1.0}] * 2
+    for role in ("policy", "critic", "reference", "reward"):
+        assert all(b == {"CPU": 1.0, "train": 0.5} for b in bundles[role]), role
+    gpu = role_bundles(make_roles(engines=1), gpu=True, extra={"policy": {"nvlink": 1}})
+    assert gpu["policy"] == [{"GPU": 1.0, "CPU": 1.0, "nvlink": 1.0}] * 2
+    assert gpu["critic"] == [{"GPU": 1.0, "CPU": 1.0}]  # no '*': the others unchanged
+
+
+def test_role_resources_decide_feasibility_by_the_nodes_that_offer_them():
+    bundles = role_bundles(make_roles(engines=2), gpu=False, extra={"rollout": {"inference": 1}})
+    one_engine_node = ClusterResources(
+        total={"CPU": 9.0, "inference": 1.0}, node_shapes=[{"CPU": 8.0}, {"CPU": 1.0, "inference": 1.0}]
+    )
+    with pytest.raises(UserError, match="role 'rollout' .* needs 2 inference but the cluster has 1 inference"):
+        check_feasible(bundles, one_engine_node)
+    no_such_node = ClusterResources(total={"CPU": 8.0}, node_shapes=[{"CPU": 8.0}])
+    with pytest.raises(UserError, match=r"role 'rollout' needs \{CPU: 1, inference: 1\} per actor, but no node"):
+        check_feasible(bundles, no_such_node)
+    colocated = colocated_bundles(role_bundles(make_roles(engines=2), gpu=False, extra={"*": {"t": 1}}))
+    assert colocated[0]["t"] == 5.0 and colocated[1]["t"] == 2.0  # rank 0 of 5 roles; rank 1 of policy, rollout
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"actor": {"x": 1}}, "cluster.role_resources names 'actor', not a PPO role"),
+        ({"policy": {"GPU": 1}}, "cluster.role_resources.policy asks for 'GPU': name custom resources only"),
+        ({"rollout": {"x": 0}}, r"cluster.role_resources.rollout.x must be > 0"),
+        ({"rollout": {"x": "one"}}, r"config key 'cluster.role_resources.rollout.x': expected float"),
+        ({"rollout": 1}, r"config key 'cluster.role_resources.rollout': expected dict"),
+    ],
+)
+def test_bad_role_resources_are_one_line_config_errors(value, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"cluster": {"role_resources": value}})
+
+
+def test_role_resources_from_the_command_line():
+    cfg = config_from_dict({}, ['cluster.role_resources={"*": {train: 1}, rollout: {inference: 2}}'])
+    assert cfg.cluster.role_resources == {"*": {"train": 1.0}, "rollout": {"inference": 2.0}}

@@ -82,6 +82,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is dict and isinstance(value, dict):  # reward.weights: names -> numbers, checked in validate()
         return {str(k): _coerce(f"{key}.{k}", v, float) for k, v in value.items()}
+    if origin is dict and isinstance(value, dict):  # cluster.role_resources: role -> {resource: amount}
+        inner = typing.get_args(tp)[1]
+        return {str(k): _coerce(f"{key}.{k}", v, inner) for k, v in value.items()}
     raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 

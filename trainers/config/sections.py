@@ -28,6 +28,12 @@ def opt(
     return field(default=default, metadata=meta)
 
 
+PPO_ROLES = ("policy", "critic", "reference", "reward", "reward_function", "rollout")
+"""The PPO roles, as ``cluster.role_resources`` and the placement groups name them."""
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+"""Ray's built-in resources: not for ``cluster.role_resources``."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -62,6 +68,11 @@ class ClusterConfig:
         gt=0,
     )
     cpus_per_actor: float = opt(1.0, "Logical CPUs reserved by each actor on a CPU-only cluster.", gt=0)
+    role_resources: dict[str, dict] = opt(
+        {},
+        "Custom Ray resources each PPO actor of a role also reserves, e.g. {rollout: {inference: 1}, '*': {train: 1}} "
+        "('*': every role not named): pins roles to the nodes that offer them.",
+    )
     torch_threads: int = opt(
         1, "torch intra-op threads per actor on CPU (1 avoids oversubscription on small machines).", ge=1
     )
@@ -450,6 +461,7 @@ class Config:
             )
         self._validate_estimator()
         self._validate_rewards()
+        self._validate_role_resources()
         check_wandb(self.logging.wandb_project)  # finds the package without importing it
         return self
 
@@ -471,6 +483,23 @@ class Config:
             raise ConfigError(
                 f"ppo.clip_eps_high={p.clip_eps_high:g} is below ppo.clip_eps={p.clip_eps:g} (clip-higher widens the upper side)"
             )
+
+    def _validate_role_resources(self) -> None:
+        """``cluster.role_resources`` names PPO roles (or '*') and custom resources with positive amounts:
+        CPUs and GPUs come from ``cluster.cpus_per_actor`` and each role's own needs."""
+        for role, resources in self.cluster.role_resources.items():
+            if role not in (*PPO_ROLES, "*"):
+                raise ConfigError(
+                    f"cluster.role_resources names '{role}', not a PPO role (one of {', '.join(PPO_ROLES)}, or '*')"
+                )
+            for name, amount in resources.items():
+                if name in RESERVED_RESOURCES:
+                    raise ConfigError(
+                        f"cluster.role_resources.{role} asks for '{name}': name custom resources only "
+                        "(CPUs come from cluster.cpus_per_actor, GPUs from the role's own needs)"
+                    )
+                if amount <= 0:
+                    raise ConfigError(f"cluster.role_resources.{role}.{name} must be > 0, got {amount:g}")
 
     def _validate_rewards(self) -> None:
         """``reward.weights`` names known sources (that they are configured is PPO's check,

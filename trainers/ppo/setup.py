@@ -252,4 +252,5 @@ def ppo_bundles(cfg: Config, gpu: bool) -> dict[str, list[dict]]:
         gpu=gpu,
         placement=cfg.cluster.placement,
         cpus_per_actor=cfg.cluster.cpus_per_actor,
+        extra=cfg.cluster.role_resources,
     )
