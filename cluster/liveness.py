@@ -32,25 +32,37 @@ def actor_id_of(handle: Any) -> str:
 
 
 def wait_until_alive(
-    ping: Callable[[], Any], timeout_s: float, poll_s: float = 0.5, dead_grace_s: float = 5.0
+    ping: Callable[[], Any],
+    timeout_s: float,
+    poll_s: float = 0.5,
+    dead_grace_s: float = 5.0,
+    notify: Callable[[float], None] | None = None,
+    every_s: float = 30.0,
 ) -> Any:
     """Call ``ping()`` (returns an ObjectRef of a cheap actor method) until it answers; return the answer.
 
     While Ray restarts the actor, calls fail at once with ``ActorUnavailableError``; they are retried every
     ``poll_s``. ``ActorDiedError`` means no restart is coming, but is only believed after ``dead_grace_s``
     of nothing else (the first error after a crash can race the restart). Raises :class:`ActorGone`.
+    ``notify(seconds waited)`` is called every ``every_s`` while no answer came (a restart that waits for a
+    node to come back can take minutes).
     """
     import ray
     from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
     start = time.monotonic()
     dead_since: float | None = None
+    told = start
     while True:
-        left = timeout_s - (time.monotonic() - start)
+        now = time.monotonic()
+        left = timeout_s - (now - start)
         if left <= 0:
             raise ActorGone(f"no answer within {timeout_s:.0f}s")
+        if notify is not None and now - told >= every_s:
+            told = now
+            notify(now - start)
         try:
-            return ray.get(ping(), timeout=left)
+            return ray.get(ping(), timeout=min(left, every_s) if notify is not None else left)
         except GetTimeoutError:
             continue  # the loop head reports the timeout
         except RayActorError as err:

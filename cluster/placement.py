@@ -145,3 +145,29 @@ def release(placements: Mapping[str, RolePlacement]) -> None:
         if placement.group.id not in seen:
             seen.add(placement.group.id)
             remove_placement_group(placement.group)
+
+
+def bundle_nodes(placement: RolePlacement) -> list[str]:
+    """Hex id of the node each rank's bundle was placed on ('' while a bundle is unplaced)."""
+    table = ray.util.placement_group_table(placement.group)
+    where = table.get("bundles_to_node_id", {})
+    return [where.get(index, "") or "" for index in placement.bundle_indices]
+
+
+def node_names() -> dict[str, str]:
+    """Node hex id -> ``'<id prefix> (<ip>)'``: how start-up and recovery lines name a node."""
+    return {n["NodeID"]: f"{n['NodeID'][:12]} ({n['NodeManagerAddress']})" for n in ray.nodes()}
+
+
+def placement_lines(placements: Mapping[str, RolePlacement]) -> list[str]:
+    """One line per role saying which node holds each rank, e.g. ``policy: rank 0 -> 1a2b3c4d5e6f
+    (10.0.0.5), rank 1 -> ...``: on a multi-node cluster, where to look when a node goes."""
+    names = node_names()
+    lines = []
+    for role, placement in placements.items():
+        ranks = ", ".join(
+            f"rank {rank} -> {names.get(node, node[:12] or 'unplaced')}"
+            for rank, node in enumerate(bundle_nodes(placement))
+        )
+        lines.append(f"{role}: {ranks}")
+    return lines

@@ -40,6 +40,7 @@ from pathlib import Path
 import ray
 import torch
 
+from cluster.placement import placement_lines
 from trainers import algos
 from trainers.config import Config, dump_yaml, to_dict
 from trainers.errors import RunStopped
@@ -297,6 +298,8 @@ def run_ppo(cfg: Config, out_dir: str | os.PathLike, fresh: bool = False) -> dic
     clock = time.perf_counter()
     roles = start_roles(cfg, device, run_name=f"ppo-{uuid.uuid4().hex[:6]}", stop_ids=data.stop_ids)
     print(f"ppo: actors ready in {time.perf_counter() - clock:.1f}s", flush=True)
+    for line in placement_lines(roles.placements):
+        print(f"ppo: placed {line}", flush=True)
     kl_ctl = algos.make_kl_controller(
         "adaptive" if p.adaptive_kl else "fixed", p.kl_coef, p.kl_target, p.kl_horizon
     )

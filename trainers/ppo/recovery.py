@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ray.exceptions import RayActorError, RayError
 
 from cluster.faults import NONFINITE_ENV, injector
 from cluster.liveness import ActorGone, actor_id_of, lost_actor_id, probe_dead, wait_until_alive
+from cluster.placement import bundle_nodes, node_names
+from cluster.resources import format_resources
 from trainers.errors import RunStopped
 from trainers.ppo.checkpoint import DriverState, newest_checkpoint
 from trainers.ppo.roles import Roles, push_policy_weights
@@ -70,10 +73,27 @@ def recover_engine(roles: Roles, rank: int, phase: str) -> None:
         flush=True,
     )
     engine = roles.engines()[rank]
+    placement = roles.placements["rollout"]
+    start = time.monotonic()
+
+    def still_waiting(waited: float) -> None:
+        print(
+            f"ppo: still waiting for rollout engine {rank} ({waited:.0f}s of {ENGINE_RESTART_TIMEOUT_S:.0f}s): "
+            f"Ray restarts it once a node has {format_resources(placement.resources[rank])} for its "
+            "placement bundle (a lost node's bundle moves to spare capacity or to a node the autoscaler adds)",
+            flush=True,
+        )
+
     try:
-        wait_until_alive(lambda: engine.health.remote(), ENGINE_RESTART_TIMEOUT_S)
+        wait_until_alive(lambda: engine.health.remote(), ENGINE_RESTART_TIMEOUT_S, notify=still_waiting)
     except ActorGone as err:
         raise ActorLost("rollout", rank, f"was lost during {phase} and did not come back: {err}") from None
+    node = bundle_nodes(placement)[rank]
+    print(
+        f"ppo: rollout engine {rank} is back after {time.monotonic() - start:.1f}s on node "
+        f"{node_names().get(node, node[:12])}",
+        flush=True,
+    )
 
 
 def lost_actor(roles: Roles, err: BaseException) -> ActorLost | None:
