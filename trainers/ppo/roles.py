@@ -124,7 +124,11 @@ def start_roles(cfg: Config, device: str, run_name: str, stop_ids: Sequence[int]
     gpu = device == "cuda"
     colocated = cfg.cluster.placement == "colocated"
     placements = place_roles(
-        ppo_bundles(cfg, gpu), colocated=colocated, timeout_s=cfg.cluster.placement_timeout_s, name=run_name
+        ppo_bundles(cfg, gpu),
+        colocated=colocated,
+        timeout_s=cfg.cluster.placement_timeout_s,
+        name=run_name,
+        cluster=detect_resources(assume_autoscaling=cfg.cluster.autoscaling),
     )
     threads, specs = cfg.cluster.torch_threads, role_specs(cfg, device)
     # RLHF_FAULT_* (test fault injection, cluster/faults.py; empty otherwise) to every actor: Ray workers do
@@ -187,7 +191,7 @@ def check_resources(cfg: Config) -> str:
     """Connect to Ray and fail with one line naming the role if the request can never be met;
     returns the device (``'cpu'``/``'cuda'``)."""
     connect(cfg.cluster.ray_address, cfg.cluster.num_cpus, cfg.cluster.torch_threads)
-    resources = detect_resources()
+    resources = detect_resources(assume_autoscaling=cfg.cluster.autoscaling)
     gpu = use_gpu(cfg.cluster.device, resources)
     check_feasible(ppo_bundles(cfg, gpu), resources, colocated=cfg.cluster.placement == "colocated")
     return "cuda" if gpu else "cpu"
