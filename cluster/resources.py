@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Iterable, Mapping
 
 from trainers.errors import UserError
@@ -171,8 +172,22 @@ def colocated_bundles(bundles: Mapping[str, list[Bundle]]) -> list[Bundle]:
 
 
 def format_resources(resources: Mapping[str, float]) -> str:
-    """``{CPU: 2, GPU: 1}``: a resource dict for one-line messages."""
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+    """``{CPU: 2, GPU: 1}``: a resource dict for one-line messages, without Ray's bookkeeping resources
+    (memory, object store, ``node:<ip>`` markers, placement groups' own copies), which no role asks for."""
+    shown = {k: v for k, v in resources.items() if not _bookkeeping(k)}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+
+
+_GROUP_RESOURCE = re.compile(r"_group_(\d+_)?[0-9a-f]{32,}$")
+"""Ray's per-placement-group copies of a resource (``CPU_group_<pg id>``, ``CPU_group_<index>_<pg id>``)."""
+
+
+def _bookkeeping(resource: str) -> bool:
+    return (
+        resource in ("memory", "object_store_memory")
+        or resource.startswith("node:")
+        or _GROUP_RESOURCE.search(resource) is not None
+    )
 
 
 def sum_bundles(bundles: Iterable[Bundle]) -> Bundle:

@@ -214,13 +214,19 @@ def test_role_resources_decide_feasibility_by_the_nodes_that_offer_them():
     one_engine_node = ClusterResources(
         total={"CPU": 9.0, "inference": 1.0}, node_shapes=[{"CPU": 8.0}, {"CPU": 1.0, "inference": 1.0}]
     )
-    with pytest.raises(UserError, match="role 'rollout' .* needs 2 inference but the cluster has 1 inference"):
+    with pytest.raises(
+        UserError, match="role 'rollout' .* needs 2 inference but the cluster has 1 inference"
+    ):
         check_feasible(bundles, one_engine_node)
     no_such_node = ClusterResources(total={"CPU": 8.0}, node_shapes=[{"CPU": 8.0}])
-    with pytest.raises(UserError, match=r"role 'rollout' needs \{CPU: 1, inference: 1\} per actor, but no node"):
+    with pytest.raises(
+        UserError, match=r"role 'rollout' needs \{CPU: 1, inference: 1\} per actor, but no node"
+    ):
         check_feasible(bundles, no_such_node)
     colocated = colocated_bundles(role_bundles(make_roles(engines=2), gpu=False, extra={"*": {"t": 1}}))
-    assert colocated[0]["t"] == 5.0 and colocated[1]["t"] == 2.0  # rank 0 of 5 roles; rank 1 of policy, rollout
+    assert (
+        colocated[0]["t"] == 5.0 and colocated[1]["t"] == 2.0
+    )  # rank 0 of 5 roles; rank 1 of policy, rollout
 
 
 @pytest.mark.parametrize(
@@ -241,3 +247,19 @@ def test_bad_role_resources_are_one_line_config_errors(value, message):
 def test_role_resources_from_the_command_line():
     cfg = config_from_dict({}, ['cluster.role_resources={"*": {train: 1}, rollout: {inference: 2}}'])
     assert cfg.cluster.role_resources == {"*": {"train": 1.0}, "rollout": {"inference": 2.0}}
+
+
+def test_messages_leave_out_rays_bookkeeping_resources():
+    from cluster.resources import format_resources
+
+    node = {"CPU": 3.0, "memory": 2.4e10, "object_store_memory": 1.5e8, "node:10.0.0.5": 1.0, "aux": 3.0}
+    assert format_resources(node) == "{CPU: 3, aux: 3}"
+    groups = {
+        "CPU_group_0_0b0841a3e705c005d374f24f015704000000": 1.0,
+        "CPU_group_1bf19321ef5910913798fb6cad1604000000": 1.0,
+    }
+    assert format_resources(node | groups) == "{CPU: 3, aux: 3}"  # placement groups' own copies
+    with pytest.raises(UserError, match=r"no node has that much \(nodes: \{CPU: 3, aux: 3\}\)$"):
+        check_feasible(
+            {"rollout": [{"CPU": 1.0, "engine": 1.0}]}, ClusterResources(total=node, node_shapes=[node])
+        )
