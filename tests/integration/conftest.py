@@ -78,6 +78,9 @@ METRIC_NEUTRAL_KEYS = (
     "ppo.checkpoint_every",
     "ppo.keep_checkpoints",
     "ppo.max_engine_restarts",
+    "cluster.ray_address",
+    "cluster.role_resources",
+    "cluster.placement_timeout_s",
 )
 """Settings a run may change against :data:`PPO_REFERENCE_OVERRIDES` and still be compared with its metrics."""
 STAGE_CACHE = os.environ.get("RLHF_TEST_STAGE_CACHE")
