@@ -57,7 +57,6 @@ from trainers.ppo.checkpoint import (
 from trainers.ppo.evaluate import evaluate
 from trainers.ppo.experience import (
     ExperiencePasses,
-    ScoreShaping,
     build_experience,
     compute_advantages,
     used_scores,
@@ -94,18 +93,6 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
     clock = time.perf_counter()
     yield
     timings[f"timing/{phase}"] = time.perf_counter() - clock
-
-
-def score_shaping(cfg: Config) -> ScoreShaping:
-    """``reward.*`` settings of the used score (:func:`trainers.ppo.experience.used_scores`)."""
-    r = cfg.reward
-    return ScoreShaping(
-        score_clip=r.score_clip,
-        missing_eos_penalty=r.missing_eos_penalty,
-        overlong_buffer=r.overlong_buffer,
-        overlong_penalty=r.overlong_penalty,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-    )
 
 
 def score_sources(
@@ -156,7 +143,7 @@ def make_experience(
         truncated=rollout.truncated,
         estimator=p.advantage,
         group_size=p.samples_per_prompt,
-        shaping=score_shaping(cfg),
+        shaping=scorer.shaping,
     )
     metrics = rollout_metrics(rollout, data.stop_ids, passes.old_logprobs, passes.ref_logprobs)
     metrics |= objective_metrics(adv, passes.scores, mask, kl_coef, sources) | sampled.metrics
@@ -213,12 +200,12 @@ def run_iteration(
     ``ppo.max_nonfinite_steps`` optimizer steps in a row of the policy or the critic were skipped.
     """
     timings: dict[str, float] = {}
-    shaping, it = score_shaping(cfg), state.iteration + 1
+    it = state.iteration + 1
 
     def score(rollout: Rollout, rows: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         sources = score_sources(roles, scorer, data, rollout, rows, it)
         used, _ = used_scores(
-            scorer.combine(sources), rollout.tokens.response_mask, shaping, rollout.truncated
+            scorer.combine(sources), rollout.tokens.response_mask, scorer.shaping, rollout.truncated
         )
         return sources, used
 

@@ -25,6 +25,7 @@ from trainers.data.sharding import Shard, equal_shards, unshard
 from trainers.errors import RunStopped
 from trainers.ppo.batch import TokenBatch
 from trainers.ppo.checkpoint import newest_checkpoint
+from trainers.ppo.experience import ScoreShaping
 from trainers.ppo.roles import Roles
 from trainers.rewards import RewardSourceError
 from trainers.rewards.http import HttpReward
@@ -92,8 +93,16 @@ class RewardScorer:
 
     def __init__(self, cfg: Config, roles: Roles, stop_ids: Sequence[int], tokenizer, checkpoints: Path):
         r = cfg.reward
-        self.sources = r.sources()
         self.weights = dict(r.weights)
+        self.shaping = ScoreShaping(
+            score_clip=r.score_clip,
+            missing_eos_penalty=r.missing_eos_penalty,
+            overlong_buffer=r.overlong_buffer,
+            overlong_penalty=r.overlong_penalty,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
+        """``reward.*`` settings that turn the summed score into the used one
+        (:func:`trainers.ppo.experience.used_scores`)."""
         self.pool = roles.reward_function
         self.stop_ids, self.tokenizer, self.checkpoints = tuple(stop_ids), tokenizer, checkpoints
         self.http = HttpReward(r.url, r.url_timeout_s, r.url_retries) if r.url is not None else None
@@ -106,11 +115,11 @@ class RewardScorer:
             return pending
         prompts = [row["prompt"] for row in rows]
         responses = response_texts(tokens, self.stop_ids, self.tokenizer)
-        rows = [dict(row) for row in rows]
+        # The records leave this process serialised (actor calls, JSON): no source can change ours.
         if self.pool is not None:
-            pending.function = self.pool.submit(prompts, responses, rows)
+            pending.function = self.pool.submit(prompts, responses, pending.rows)
         if self.http is not None:
-            pending.url = self._thread.submit(self.http.scores, prompts, responses, rows)
+            pending.url = self._thread.submit(self.http.scores, prompts, responses, pending.rows)
         return pending
 
     def collect(
