@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainers.data.schema import column_values, output_schema
+from trainers.data.columns import column_values, output_schema
 from trainers.data.sources import DATASET_DICT_JSON, STATE_JSON, dataset_dict_splits, find_split
 from trainers.errors import ConfigError
 
@@ -232,7 +232,7 @@ def iter_arrow(path: str | os.PathLike, columns: list[str]) -> Iterator[tuple[in
 def records_to_table(kind: str, records: list[dict], schema: pa.Schema | None = None) -> pa.Table:
     """Validated records of ``kind`` as an Arrow table.
 
-    ``schema`` defaults to :func:`~trainers.data.schema.output_schema` of these records; pass one
+    ``schema`` defaults to :func:`~trainers.data.columns.output_schema` of these records; pass one
     to give several tables (the splits of one data set) the same columns.
     """
     if schema is None:

@@ -29,8 +29,9 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from trainers.data.columns import output_schema
 from trainers.data.io import records_to_table, write_tables_atomic
-from trainers.data.schema import key_text, output_schema
+from trainers.data.schema import key_text
 from trainers.data.validate import check_kind, read_records
 from trainers.errors import UserError
 

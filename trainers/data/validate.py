@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from trainers.data.columns import check_column_type
 from trainers.data.io import (
     FileProblem,
     arrow_schema,
@@ -46,7 +47,6 @@ from trainers.data.schema import (
     KINDS,
     Format,
     all_fields,
-    check_column_type,
     check_record,
     clean_record,
     detect_format,
@@ -294,7 +294,7 @@ def read_formatted(
 def read_table(
     kind: str, paths: Sequence[str | os.PathLike], *, max_problems: int = MAX_PROBLEMS
 ) -> pa.Table:
-    """:func:`read_records` as one Arrow table (columns in schema order, see ``output_schema``)."""
+    """:func:`read_records` as one Arrow table (columns in schema order, see :func:`trainers.data.columns.output_schema`)."""
     return records_to_table(kind, read_records(kind, paths, max_problems=max_problems))
 
 
