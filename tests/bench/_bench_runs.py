@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -514,6 +515,43 @@ def environment(started: float, code: Mapping) -> dict:
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Prelude:
+    """What every bench's experiment sets up before its runs (:func:`prelude`)."""
+
+    started: float
+    code: dict
+    """:func:`code_identity`, taken once: every cache entry of the invocation is keyed on the same code."""
+    env: dict
+    """:func:`environment`, read before the runs add to the load average."""
+    out: Path
+    json_path: Path
+    demo: Path
+
+
+def prelude(args: argparse.Namespace, *, tag: str) -> Prelude:
+    """Check ``args.out`` and the results path (before any work), find or build the demo's inputs."""
+    from trainers.runs.outdir import check_output_dir
+
+    started = time.time()
+    code = code_identity()
+    env = environment(started, code)
+    out = check_output_dir(args.out)
+    json_path = check_output_dir(Path(args.json).parent) / Path(args.json).name
+    return Prelude(started, code, env, out, json_path, demo_input(args.demo, out, tag=tag))
+
+
+def write_results(start: Prelude, results: dict, table_text: str, *, tag: str) -> dict:
+    """Add this invocation's wall time (reused runs cost ~0), write the results JSON, print the table."""
+    from trainers.files import atomic_write_json
+
+    results["wall_time_s"] = round(time.time() - start.started, 1)
+    atomic_write_json(start.json_path, results)
+    print(table_text, flush=True)
+    print(f"{tag}: results in {start.json_path} ({results['wall_time_s']:.0f} s)", flush=True)
+    return results
 
 
 def cli_main(experiment: Callable[[argparse.Namespace], Any], args: argparse.Namespace, *, tag: str) -> int:

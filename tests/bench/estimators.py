@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,28 +359,16 @@ def results_document(args, demo: Path, ref: Mapping, records: Sequence[Mapping],
 
 def experiment(args: argparse.Namespace) -> dict:
     """Run the sweep and the evaluation; the results written to ``args.json`` (and returned)."""
-    from trainers.files import atomic_write_json
-    from trainers.runs.outdir import check_output_dir
-
-    started = time.time()
-    code = bench.code_identity()  # once: every cache entry of this invocation is keyed on the same code
-    env = bench.environment(started, code)  # load average before the runs add to it
-    out = check_output_dir(args.out)
-    json_path = check_output_dir(Path(args.json).parent) / Path(args.json).name  # before any work
-    demo = bench.demo_input(args.demo, out, tag=TAG)
-    runs = run_all(demo, out, args, code)
-    ref, evals = bench.evaluate_all(demo, out, runs, code, tag=TAG)
+    start = bench.prelude(args, tag=TAG)
+    runs = run_all(start.demo, start.out, args, start.code)
+    ref, evals = bench.evaluate_all(start.demo, start.out, runs, start.code, tag=TAG)
     variant_of = {run_name(v, seed): v for seed in args.seeds for v in args.variants}
     records = [
-        run_record(name, variant_of[name], cfg, summary, evals[name], out / "runs" / name)
+        run_record(name, variant_of[name], cfg, summary, evals[name], start.out / "runs" / name)
         for name, (cfg, summary) in runs.items()
     ]
-    results = results_document(args, demo, ref, records, runs, env)
-    results["wall_time_s"] = round(time.time() - started, 1)  # this invocation (reused runs cost ~0)
-    atomic_write_json(json_path, results)
-    print(table(ref, records, results["by_variant"]), flush=True)
-    print(f"{TAG}: results in {json_path} ({results['wall_time_s']:.0f} s)", flush=True)
-    return results
+    results = results_document(args, start.demo, ref, records, runs, start.env)
+    return bench.write_results(start, results, table(ref, records, results["by_variant"]), tag=TAG)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
