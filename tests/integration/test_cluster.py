@@ -143,3 +143,24 @@ def test_busy_cluster_waits_visibly_then_times_out(ray_local):
         assert countdown == sorted(countdown, reverse=True) and countdown[0] < 2.5, messages
     finally:
         remove_placement_group(hog)
+
+
+def test_waiting_for_an_actor_that_does_not_answer_says_so_and_gives_up(ray_local):
+    """``wait_until_alive`` (a lost engine's wait for its restart, which may need a node to come back)
+    reports every ``every_s`` while nothing answers and stops at its timeout; an answer ends it."""
+    import time
+
+    from cluster.liveness import ActorGone, wait_until_alive
+
+    @ray.remote(num_cpus=0)
+    def answer(delay: float) -> str:
+        time.sleep(delay)
+        return "ok"
+
+    waited: list[float] = []
+    start = time.monotonic()
+    with pytest.raises(ActorGone, match="no answer within 3s"):
+        wait_until_alive(lambda: answer.remote(30.0), timeout_s=3.0, notify=waited.append, every_s=1.0)
+    assert 2.9 <= time.monotonic() - start < 30  # gave up at its timeout, before the answer came
+    assert len(waited) >= 2 and waited == sorted(waited) and waited[0] >= 1.0
+    assert wait_until_alive(lambda: answer.remote(0.0), timeout_s=30.0, notify=waited.append) == "ok"
