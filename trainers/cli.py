@@ -4,6 +4,7 @@
     rlhf data synth --out /tmp/world
     rlhf demo
     rlhf pipeline --config my.yaml --out runs/mine model.path=/models/my-instruct data.dir=/data/mine
+    rlhf upload-size .      # what `ray job submit --working-dir .` would upload
 
 Each command module exposes ``register(subparsers)``; a leaf command sets ``func(args) -> int``. The
 modules are imported here, at the top, and import nothing heavy themselves (torch, Ray and the models
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cluster import upload
 from trainers import demo, pipeline
 from trainers.config import add_config_args, dump_yaml, load_config
 from trainers.data import cli as data_cli
@@ -28,7 +30,8 @@ from trainers.redact import redact_text
 from trainers.stages import cli as stage_cli
 
 COMMAND_MODULES = (demo, pipeline, data_cli, stage_cli, ppo_cli, eval_cli)
-"""Modules whose ``register(subparsers)`` adds their commands, in help order (``config`` is added last)."""
+"""Modules whose ``register(subparsers)`` adds their commands, in help order (``upload-size`` and ``config``
+are added last)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,12 +58,38 @@ def register_config(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(func=_config_show)
 
 
+def _upload_size(args: argparse.Namespace) -> int:
+    """Print what Ray would upload from ``args.dir``; a :class:`UserError` (exit 2) if Ray would refuse it."""
+    measured = upload.measure_upload(args.dir, tuple(args.exclude))
+    print("\n".join(upload.report(measured, args.largest)))
+    upload.check_upload(measured)
+    return 0
+
+
+def register_upload_size(sub: argparse._SubParsersAction) -> None:
+    """``rlhf upload-size [DIR]``: what ``ray job submit --working-dir DIR`` would upload, by Ray's own rules."""
+    size = sub.add_parser(
+        "upload-size",
+        help="what `ray job submit --working-dir DIR` would upload (Ray's rules); exit 2 over Ray's limit",
+    )
+    size.add_argument("dir", nargs="?", default=".", help="the working directory to measure (default: .)")
+    size.add_argument(
+        "--exclude", action="append", default=[], metavar="PATTERN",
+        help="a runtime_env 'excludes' pattern the submit will pass (repeatable)",
+    )  # fmt: skip
+    size.add_argument(
+        "--largest", type=int, default=5, metavar="N", help="list the N largest files (default 5)"
+    )
+    size.set_defaults(func=_upload_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlhf", description="InstructGPT-style RLHF (SFT, reward model, PPO-ptx) on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for module in COMMAND_MODULES:
         module.register(sub)
+    register_upload_size(sub)
     register_config(sub)
     return parser
 
