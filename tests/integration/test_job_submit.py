@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.upload import measure_upload
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -114,27 +117,78 @@ def job_status(address: str, env: dict, job_id: str) -> str:
     return "RUNNING" if f"Status for job '{job_id}'" in text else "UNKNOWN"
 
 
+JUNK_MIB = {
+    ".venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so": 60,
+    "runs/demo/sft/model/model.safetensors": 60,
+    "myexp/checkpoints/iter_000001/policy/mp_rank_00_model_states.pt": 30,
+    "trainers/__pycache__/cli.cpython-311.pyc": 1,
+    ".git/objects/pack/pack-0.pack": 30,
+}
+"""What a user's checkout holds and a job must not carry (sparse files: sizes without disk): an
+environment, run outputs in runs/ and in a ``--out`` made inside the repository, caches, history. Two of
+them together are over Ray's 100 MiB job-upload limit, so a broken exclude also fails the submit."""
+
+
+def working_copy(dest: Path) -> set[str]:
+    """This checkout's files (tracked, or untracked and not ignored) copied to ``dest`` with the junk of
+    :data:`JUNK_MIB` added; returns the copied files' relative paths (what the job should receive)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True,
+        text=True, check=True,
+    )  # fmt: skip
+    files = {name for name in listed.stdout.splitlines() if (REPO / name).is_file()}
+    for name in files:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
+    for name, size in JUNK_MIB.items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        with open(dest / name, "wb") as f:
+            f.truncate(size * 1024**2)
+    return files
+
+
+def submit(address: str, env: dict, job_id: str, working_dir: Path, entrypoint: list[str]):
+    """``ray job submit --no-wait``, retried while the head's job agent is not yet up."""
+    cmd = ["ray", "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+           "--working-dir", str(working_dir), "--", *entrypoint]  # fmt: skip
+    for _ in range(30):  # the job API answers before its agent can take jobs ("No available agent")
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if "No available agent" not in result.stderr + result.stdout:
+            return result
+        time.sleep(3)
+    return result
+
+
 def test_ray_job_submit_runs_ppo_on_a_started_head(
     ray_head, world_dir, sft_model_dir, rm_model_dir, tmp_path
 ):
+    """`ray job submit --working-dir` of a checkout that holds an environment, checkpoints and caches:
+    the job's working directory on the head holds exactly the checkout's own files (what `rlhf
+    upload-size` predicted), and `rlhf ppo` in it joins the cluster and reads its absolute data paths."""
     address, env, _ = ray_head
-    out = tmp_path / "ppo"
+    work = tmp_path / "repo"
+    source = working_copy(work)
+    predicted = measure_upload(work)
+    assert {name for name, _ in predicted.entries} == source
+    out, manifest = tmp_path / "ppo", tmp_path / "uploaded.txt"
     job_id = f"rlhf-test-{secrets.token_hex(4)}"
-    entrypoint = [
+    ppo = [
         "rlhf", "ppo", "--config", "trainers/configs/tiny.yaml", "--out", str(out),
         f"data.dir={world_dir}", f"model.path={sft_model_dir}", f"reward.path={rm_model_dir}",
         "ppo.iterations=1", "ppo.prompts_per_iteration=8", "ppo.samples_per_prompt=1", "ppo.ppo_epochs=1",
         "ppo.mini_batch_size=8", "ppo.micro_batch_size=4", "ppo.policy_workers=1", "ppo.checkpoint_every=0",
         "rollout.max_new_tokens=16",
     ]  # fmt: skip
-    cmd = ["ray", "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
-           "--working-dir", str(REPO), "--", *entrypoint]  # fmt: skip
-    for _ in range(30):  # the job API answers before its agent can take jobs ("No available agent")
-        submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        if "No available agent" not in submit.stderr + submit.stdout:
-            break
-        time.sleep(3)
-    assert submit.returncode == 0, submit.stdout + submit.stderr
+    # `ray job submit` shell-quotes each word (shlex.join), so the listing of the directory the job runs
+    # in (the unpacked upload) and of the code it imports is one `sh -c` script, before training.
+    script = (
+        f"find . -type f > {manifest} && pwd >> {manifest} && "
+        f"python -c 'import trainers; print(trainers.__file__)' >> {manifest} && exec {shlex.join(ppo)}"
+    )
+    entrypoint = ["sh", "-c", script]
+    result = submit(address, env, job_id, work, entrypoint)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "is very large" not in result.stdout + result.stderr  # Ray's warning for a file of 10 MiB or more
 
     deadline, status = time.time() + 600, "PENDING"
     while status in ("PENDING", "RUNNING", "UNKNOWN") and time.time() < deadline:
@@ -145,10 +199,41 @@ def test_ray_job_submit_runs_ppo_on_a_started_head(
     )
     assert status == "SUCCEEDED", logs.stdout[-4000:]
 
+    *listing, cwd, imported = manifest.read_text().splitlines()
+    uploaded = {line.removeprefix("./") for line in listing}
+    assert uploaded == source, (sorted(uploaded - source)[:10], sorted(source - uploaded)[:10])
+    assert Path(cwd) != work and "runtime_resources" in cwd, cwd  # Ray's unpacked copy on the head
+    assert imported == f"{cwd}/trainers/__init__.py"  # the job runs the uploaded code (first on PYTHONPATH)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and "objective/score" in metrics[0]
     assert (out / "model" / "config.json").exists()
     assert list((out / "model").glob("*.safetensors"))
+
+
+def test_an_upload_over_the_limit_is_refused_by_ray_and_foretold_by_upload_size(ray_head, tmp_path):
+    """The 100 MiB is the head's: Ray's job API (its dashboard's request limit) refuses a 101 MiB
+    package, far below the GCS's 512 MiB; `rlhf upload-size` says so first, in one line."""
+    address, env, _ = ray_head
+    work = tmp_path / "big"
+    (work / "data").mkdir(parents=True)
+    with open(work / "data" / "shard-0.parquet", "wb") as f:
+        f.truncate(101 * 1024**2)
+    (work / "main.py").write_text("print('never runs')\n")
+    size = subprocess.run(
+        [sys.executable, "-m", "trainers.cli", "upload-size", str(work)], cwd=REPO, env=env,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert size.returncode == 2, size.stderr
+    assert size.stderr.startswith("rlhf: error: ") and len(size.stderr.strip().splitlines()) == 1
+    assert "data/shard-0.parquet (101.0 MiB)" in size.stderr and "100.0 MiB" in size.stderr
+
+    result = submit(address, env, f"rlhf-big-{secrets.token_hex(4)}", work, ["python", "main.py"])
+    said = result.stdout + result.stderr
+    assert result.returncode != 0, said
+    # Ray's client zips and sends it all; the head's answer arrives as a traceback ending in this line.
+    assert "Request failed with status code 413: Maximum request body size 104857600 exceeded" in said, said[
+        -3000:
+    ]
 
 
 def test_joining_a_token_cluster_without_its_token_names_the_cause_and_the_fix(ray_head, world_dir, tmp_path):
