@@ -7,12 +7,20 @@ repository root, which is therefore on ``sys.path``.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 """The repository root (the working directory of every subprocess a test starts)."""
 TINY_CONFIG = REPO / "trainers" / "configs" / "tiny.yaml"
 """The CPU preset every test run starts from."""
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now, for a Ray service a test starts next to the session's own Ray."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def subprocess_env(*, own_ray: bool = False, no_faults: bool = False, **extra: str) -> dict[str, str]:

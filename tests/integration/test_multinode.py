@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_CONFIG, subprocess_env
+from tests.conftest import REPO, TINY_CONFIG, free_port, subprocess_env
 from tests.integration.conftest import ppo_inputs, reference_variant
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -53,12 +52,6 @@ RUN_TIMEOUT_S = 600
 REL, ABS = 1e-6, 1e-9
 PLACED_RE = re.compile(r"^ppo: placed (\w+): (.*)$", re.M)
 RANK_RE = re.compile(r"rank (\d+) -> ([0-9a-f]+) ")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def own_ports() -> dict[str, int]:
