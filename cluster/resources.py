@@ -53,19 +53,25 @@ class ClusterResources:
         return max(source.get(resource, 0.0), self.total.get(resource, 0.0))
 
 
-def detect_resources(assume_autoscaling: bool = False) -> ClusterResources:
-    """Read the connected Ray cluster: live nodes, and the autoscaler's node types if it published them.
+def detect_resources(assume_autoscaling: bool = False, autoscaler_config: str = "") -> ClusterResources:
+    """Read the connected Ray cluster: live nodes, and the node types an autoscaler may add.
 
-    An autoscaler that publishes its cluster config to the GCS (Ray Train reads the same record for
-    the same check) gives known limits. ``assume_autoscaling`` covers one that does not: limits are
-    then unknown and only the placement timeout bounds a request. Otherwise ``max_total = None``.
+    The types come from the cluster config an autoscaler published to the GCS (Ray Train reads the same
+    record for the same check), else from the autoscaler's cluster YAML (``autoscaler_config``, as
+    ``cluster.autoscaler_config``: cluster/node_types.py), either giving known limits.
+    ``assume_autoscaling`` covers an autoscaler known by neither: limits are then unknown and only the
+    placement timeout bounds a request. Otherwise ``max_total = None``.
     """
     import ray
     from ray._private.state import state
 
-    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    from cluster.node_types import addable_limits, find_autoscaler_config, load_cluster_yaml
+
+    live = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [dict(n["Resources"]) for n in live]
     max_total = None
     config = state.get_cluster_config()
+    yaml_path = find_autoscaler_config(autoscaler_config)
     if config is not None and config.node_group_configs:
         max_total = {k: float(v) for k, v in (state.get_max_resources_from_cluster_config() or {}).items()}
         nodes += [
@@ -73,6 +79,11 @@ def detect_resources(assume_autoscaling: bool = False) -> ClusterResources:
             for g in config.node_group_configs
             if g.max_count != 0
         ]
+    elif yaml_path is not None and (limits := addable_limits(load_cluster_yaml(yaml_path))) is not None:
+        shapes, most = limits
+        head = next((dict(n["Resources"]) for n in live if "node:__internal_head__" in n["Resources"]), {})
+        max_total = {k: head.get(k, 0.0) + most.get(k, 0.0) for k in {*head, *most}}
+        nodes += shapes
     return ClusterResources(
         total=dict(ray.cluster_resources()),
         node_shapes=nodes,

@@ -26,6 +26,7 @@ def test_schema_check_can_fail():
 def test_gpu_workers_autoscale_and_dashboard_stays_local():
     gpu = CFG["available_node_types"]["gpu_worker"]
     assert gpu["min_workers"] < gpu["max_workers"]
+    assert gpu["resources"]["GPU"] > 0 and gpu["resources"]["CPU"] > 0  # stated: drivers read the limits
     assert any("'.[gpu]'" in c for c in CFG["setup_commands"])
     head_cmd = " ".join(CFG["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmd  # reachable only through `ray dashboard` (SSH tunnel)

@@ -62,6 +62,11 @@ class ClusterConfig:
     autoscaling: bool = opt(
         False, "The cluster has an autoscaler: a request larger than today's nodes waits instead of failing."
     )
+    autoscaler_config: str = opt(
+        "auto",
+        "The autoscaler's cluster YAML, read for what its node types can ever add (a request beyond it fails at "
+        "once): 'auto' is ~/ray_bootstrap_config.yaml if present (ray up leaves it on the head), '' none.",
+    )
     placement_timeout_s: float = opt(
         600.0,
         "Seconds to wait for placement groups (e.g. while an autoscaler adds nodes) before giving up.",

@@ -128,7 +128,7 @@ def start_roles(cfg: Config, device: str, run_name: str, stop_ids: Sequence[int]
         colocated=colocated,
         timeout_s=cfg.cluster.placement_timeout_s,
         name=run_name,
-        cluster=detect_resources(assume_autoscaling=cfg.cluster.autoscaling),
+        cluster=detect_resources(cfg.cluster.autoscaling, cfg.cluster.autoscaler_config),
     )
     threads, specs = cfg.cluster.torch_threads, role_specs(cfg, device)
     # RLHF_FAULT_* (test fault injection, cluster/faults.py; empty otherwise) to every actor: Ray workers do
@@ -191,7 +191,7 @@ def check_resources(cfg: Config) -> str:
     """Connect to Ray and fail with one line naming the role if the request can never be met;
     returns the device (``'cpu'``/``'cuda'``)."""
     connect(cfg.cluster.ray_address, cfg.cluster.num_cpus, cfg.cluster.torch_threads)
-    resources = detect_resources(assume_autoscaling=cfg.cluster.autoscaling)
+    resources = detect_resources(cfg.cluster.autoscaling, cfg.cluster.autoscaler_config)
     gpu = use_gpu(cfg.cluster.device, resources)
     check_feasible(ppo_bundles(cfg, gpu), resources, colocated=cfg.cluster.placement == "colocated")
     return "cuda" if gpu else "cpu"
