@@ -35,6 +35,9 @@ from cluster.resources import (
 from trainers.errors import UserError
 
 NOTIFY_EVERY_S = 10.0
+FIRST_NOTICE_S = 2.0
+"""A group not placed this soon is waiting for something (busy nodes, an autoscaler's launch): say so
+then, not only after the first ``NOTIFY_EVERY_S``."""
 
 
 @dataclasses.dataclass
@@ -76,17 +79,20 @@ def wait_ready(
     notify: Callable[[str], None] = _stderr,
     every_s: float = NOTIFY_EVERY_S,
 ) -> None:
-    """Block until every group is placed; say what is missing every ``every_s`` seconds.
+    """Block until every group is placed; say what is missing after :data:`FIRST_NOTICE_S`, then every
+    ``every_s`` seconds.
 
     On timeout, removes the groups and raises a one-line UserError naming the roles still waiting.
     """
     pending = {role: group.ready() for role, group in groups.items()}
     deadline = time.monotonic() + timeout_s
+    wait_s = min(FIRST_NOTICE_S, every_s)
     while pending:
         left = deadline - time.monotonic()
         ready, _ = ray.wait(
-            list(pending.values()), num_returns=len(pending), timeout=max(0.0, min(every_s, left))
+            list(pending.values()), num_returns=len(pending), timeout=max(0.0, min(wait_s, left))
         )
+        wait_s = every_s
         pending = {role: ref for role, ref in pending.items() if ref not in ready}
         if not pending:
             return
@@ -155,8 +161,13 @@ def bundle_nodes(placement: RolePlacement) -> list[str]:
 
 
 def node_names() -> dict[str, str]:
-    """Node hex id -> ``'<id prefix> (<ip>)'``: how start-up and recovery lines name a node."""
-    return {n["NodeID"]: f"{n['NodeID'][:12]} ({n['NodeManagerAddress']})" for n in ray.nodes()}
+    """Node hex id -> ``'<id prefix> (<ip>)'``: how start-up and recovery lines name a node. The prefix is
+    12 hex digits, longer where that would not tell two nodes apart (Ray's fake multi-node provider
+    numbers its nodes ``fff...f00001``, ``fff...f00002``)."""
+    nodes = ray.nodes()
+    ids = [n["NodeID"] for n in nodes]
+    width = next((w for w in range(12, 57) if len({i[:w] for i in ids}) == len(set(ids))), 56)
+    return {n["NodeID"]: f"{n['NodeID'][:width]} ({n['NodeManagerAddress']})" for n in nodes}
 
 
 def placement_lines(placements: Mapping[str, RolePlacement]) -> list[str]:
