@@ -25,9 +25,7 @@ defaults: 3 s and 5), so a lost node is noticed in seconds rather than tens of s
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_CONFIG, free_port, subprocess_env
+from tests.conftest import TINY_CONFIG, free_port
+from tests.integration.cluster_runs import (
+    assert_same_metrics,
+    finish,
+    our_line,
+    own_ports,
+    placed,
+    rows,
+    start,
+    wait_for,
+)
 from tests.integration.conftest import ppo_inputs, reference_variant
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -48,21 +56,6 @@ NODE_TYPES = {
 }
 ROLE_RESOURCES = '{policy: {rlhf_policy: 1}, rollout: {rlhf_engine: 1}, "*": {rlhf_aux: 1}}'
 """``cluster.role_resources`` for :data:`NODE_TYPES`: policy, engines, and everything else on ``aux``."""
-RUN_TIMEOUT_S = 600
-REL, ABS = 1e-6, 1e-9
-PLACED_RE = re.compile(r"^ppo: placed (\w+): (.*)$", re.M)
-RANK_RE = re.compile(r"rank (\d+) -> ([0-9a-f]+) ")
-
-
-def own_ports() -> dict[str, int]:
-    """Free ports for the per-node services whose defaults the session's own Ray already holds."""
-    names = (
-        "dashboard_agent_listen_port",
-        "metrics_agent_port",
-        "metrics_export_port",
-        "runtime_env_agent_port",
-    )
-    return {name: free_port() for name in names}
 
 
 class LocalCluster:
@@ -149,63 +142,6 @@ def ppo_command(out: Path, inputs: list[str], address: str, *extra: str) -> list
     )  # fmt: skip
     return [sys.executable, "-m", "trainers.cli", "ppo", "--config", str(TINY_CONFIG), "--out", str(out),
             *inputs, *overrides]  # fmt: skip
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    """``cmd`` from the repository, joining the cluster by address only (no ``RAY_ADDRESS``), output to ``log``."""
-    sink = open(log, "w")  # noqa: SIM115 - the child holds it; closed with the process
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=subprocess_env(own_ray=True, no_faults=True), stdout=sink, stderr=subprocess.STDOUT
-    )
-    sink.close()
-    return proc
-
-
-def wait_for(proc: subprocess.Popen, log: Path, ready, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
-    deadline = time.time() + timeout_s
-    while not ready():
-        assert proc.poll() is None, f"run ended before {what}: {log.read_text()[-3000:]}"
-        assert time.time() < deadline, f"no {what} within {timeout_s:.0f} s"
-        time.sleep(0.2)
-
-
-def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
-    try:
-        code = proc.wait(RUN_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return code, log.read_text()
-
-
-def our_line(text: str) -> str:
-    """The run's one ``rlhf:`` line (asserted to be the only one). Not simply the last line: the driver
-    also prints what Ray's log monitor forwards (e.g. the GCS failing to free a dead node's bundles),
-    and that can arrive after our line."""
-    ours = [line for line in text.splitlines() if line.startswith("rlhf:")]
-    assert len(ours) == 1, text[-3000:]
-    return ours[0]
-
-
-def rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    text = path.read_text() if path.is_file() else ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def placed(text: str) -> dict[str, list[str]]:
-    """The start-up lines ``ppo: placed ROLE: rank R -> NODE (ip), ...`` as role -> node id prefix per rank."""
-    return {
-        role: [node for _, node in sorted((int(r), n) for r, n in RANK_RE.findall(ranks + " "))]
-        for role, ranks in PLACED_RE.findall(text)
-    }
-
-
-def assert_same_metrics(records: list[dict], reference: list[dict]) -> None:
-    assert [r["step"] for r in records] == [r["step"] for r in reference]
-    for row, ref in zip(records, reference):
-        for key in (k for k in ref if not k.startswith("timing/") and k != "rollout/engine_restarts"):
-            assert row[key] == pytest.approx(ref[key], rel=REL, abs=ABS), (row["step"], key)
 
 
 def test_roles_spread_over_nodes_and_a_lost_engine_node_moves_to_the_spare(
