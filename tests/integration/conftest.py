@@ -81,6 +81,8 @@ METRIC_NEUTRAL_KEYS = (
     "cluster.ray_address",
     "cluster.role_resources",
     "cluster.placement_timeout_s",
+    "cluster.autoscaling",
+    "cluster.autoscaler_config",
 )
 """Settings a run may change against :data:`PPO_REFERENCE_OVERRIDES` and still be compared with its metrics."""
 STAGE_CACHE = os.environ.get("RLHF_TEST_STAGE_CACHE")
