@@ -117,7 +117,10 @@ class ModelWorker(DistributedWorker):
         logits = forward_logits(self.model, mb.sequences, mb.attention_mask)  # (m, L, V)
         resp_logits = response_slice(logits, r_len)  # (m, R, V)
         labels = mb.sequences[:, -r_len:]  # (m, R)
-        return logprobs_from_logits(resp_logits, labels, self.spec.temperature), resp_logits
+        logp = logprobs_from_logits(
+            resp_logits, labels, self.spec.temperature, chunk_size=self.spec.logprob_chunk_size
+        )
+        return logp, resp_logits
 
     def logprobs(self, shard: TokenBatch) -> torch.Tensor:
         """``(n, R)`` log-probs of the response tokens, no grad, 0 on padding (docs/ppo_details.md item 3,

@@ -60,7 +60,9 @@ class PolicyWorker(TrainableWorker):
         """LM loss on a pretraining micro-batch as ``sum / num_tokens`` (temperature 1: data likelihood)."""
         ptx = ptx.to(self.device)
         logits = forward_logits(self.model, ptx.input_ids, ptx.attention_mask)  # (b, T, V)
-        return lm_loss(*shift_for_lm(logits, ptx.labels), num_tokens=num_tokens)
+        return lm_loss(
+            *shift_for_lm(logits, ptx.labels), num_tokens=num_tokens, chunk_size=self.spec.logprob_chunk_size
+        )
 
     def _micro_step(
         self,
@@ -107,7 +109,9 @@ class PolicyWorker(TrainableWorker):
             log_ratio = torch.where(
                 mask.bool(), logp.detach() - mb.old_logprobs, torch.zeros((), device=logp.device)
             )
-            entropy = entropy_from_logits(resp_logits.detach(), self.spec.temperature)  # (m, R)
+            entropy = entropy_from_logits(
+                resp_logits.detach(), spec.temperature, chunk_size=spec.logprob_chunk_size
+            )  # (m, R)
             acc["tokens"] += n
             acc["loss_sum"] += float(loss.detach()) * norm
             acc["clip_sum"] += float(st["clipfrac"]) * n

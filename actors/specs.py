@@ -30,6 +30,9 @@ class ModelSpec:
     """torch seed of this actor (nothing random runs in it with dropout off; set for completeness)."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint."""
+    logprob_chunk_size: int = 1024
+    """Positions of a row whose float32 log-softmax exists at once in log-prob and entropy passes
+    (``trainers.algos.logprobs``; 0: whole rows)."""
 
 
 @dataclasses.dataclass

@@ -242,6 +242,8 @@ def lm_loss(
     labels: torch.Tensor,
     ignore_index: int = -100,
     num_tokens: float | torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Token-mean cross-entropy (SFT, pretraining, and the ptx term of item 20).
 
@@ -249,11 +251,12 @@ def lm_loss(
     shift, e.g. with :func:`shift_for_lm`); labels equal to ``ignore_index`` are excluded. Temperature is
     1: this is the likelihood of data, not of samples. ``num_tokens`` as in the module docstring; for
     ptx it is the global count of non-ignored *pretraining* labels, so ``L_ppo + gamma * L_lm`` mixes two
-    token means.
+    token means. ``chunk_size`` as in :func:`logprobs_from_logits` (the PPO policy's ptx term passes
+    ``ppo.logprob_chunk_size``).
     """
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} must match logits[:2] {tuple(logits.shape[:2])}")
     valid = labels != ignore_index  # (B, T)
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    nll = -logprobs_from_logits(logits, safe_labels)  # (B, T)
+    nll = -logprobs_from_logits(logits, safe_labels, chunk_size=chunk_size)  # (B, T)
     return aggregate(nll, valid, num_tokens)

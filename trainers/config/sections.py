@@ -318,6 +318,9 @@ class PPOConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay (policy and critic).", ge=0)
     grad_clip: float = opt(1.0, "Global gradient-norm clip (0: off).", ge=0)
     zero_stage: int = opt(3, "DeepSpeed ZeRO stage for policy, critic and reference.", choices=(0, 1, 2, 3))
+    logprob_chunk_size: int = opt(
+        1024, "Positions per float32 log-softmax slice in the actors' log-prob passes (0: whole rows).", ge=0
+    )
     kl_coef: float = opt(0.02, "KL penalty coefficient beta (InstructGPT: 0.02).", ge=0)
     kl_estimator: str = opt(
         "k1", "Per-token KL estimator for the reward penalty.", choices=("k1", "k2", "k3")

@@ -162,6 +162,7 @@ def role_specs(cfg: Config, device: str) -> dict:
         "torch_threads": cfg.cluster.torch_threads,
         "seed": p.seed,
         "trust_remote_code": cfg.model.trust_remote_code,
+        "logprob_chunk_size": p.logprob_chunk_size,
     }
     sft = str(Path(cfg.model.path).resolve())
     rm = str(Path(cfg.reward.path).resolve()) if cfg.reward.path is not None else None
