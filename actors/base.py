@@ -60,7 +60,9 @@ class ModelWorker(DistributedWorker):
 
     # --- construction ---------------------------------------------------------------------------
 
-    def _ds_config(self, grad_accum: int = 1, grad_clip: float = 0.0) -> dict:
+    def _ds_config(
+        self, grad_accum: int = 1, grad_clip: float = 0.0, offload_optimizer: bool = False
+    ) -> dict:
         return ds_config(
             self.spec.zero_stage,
             self.spec.dtype,
@@ -68,6 +70,9 @@ class ModelWorker(DistributedWorker):
             grad_accum,
             self.world_size,
             grad_clip,
+            offload_params=self.spec.offload_params,
+            offload_optimizer=offload_optimizer,
+            pin_memory=self.device.type == "cuda",
         )
 
     def _load_model(self) -> torch.nn.Module:
@@ -173,7 +178,8 @@ class TrainableWorker(ModelWorker):
     """The role's name in ``RLHF_FAULT_NONFINITE_STEPS`` (``policy``, ``critic``)."""
 
     def _role_ds_config(self) -> dict:
-        return self._ds_config(grad_accum=self.spec.grad_accum, grad_clip=self.spec.grad_clip)
+        spec = self.spec
+        return self._ds_config(spec.grad_accum, spec.grad_clip, offload_optimizer=spec.offload_optimizer)
 
     def _wrap_model(self, model: torch.nn.Module, config: dict):
         # PPO runs at a constant learning rate (min_lr_ratio 1, no warm-up), as InstructGPT's PPO did

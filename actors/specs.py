@@ -30,6 +30,8 @@ class ModelSpec:
     """torch seed of this actor (nothing random runs in it with dropout off; set for completeness)."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint."""
+    offload_params: bool = False
+    """ZeRO-3 parameter partitions in CPU memory (``trainers.runtime.zero.ds_config``)."""
     logprob_chunk_size: int = 1024
     """Positions of a row whose float32 log-softmax exists at once in log-prob and entropy passes
     (``trainers.algos.logprobs``; 0: whole rows)."""
@@ -62,3 +64,5 @@ class TrainSpec(ModelSpec):
     """Policy loss aggregation (``trainers.algos.agg_weights``; docs/ppo_details.md item 24)."""
     tokenizer_path: str | None = None
     """Tokenizer saved next to the final model (policy only)."""
+    offload_optimizer: bool = False
+    """fp32 master weights and AdamW state in CPU memory, the step run there (ZeRO-Offload)."""

@@ -65,3 +65,10 @@ def test_console_script_installed():
         [str(exe), "config", "show", "ppo.kl_coef=0.3"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and yaml.safe_load(out.stdout)["ppo"]["kl_coef"] == 0.3
+
+
+def test_parameter_offload_below_zero_3_exits_2_one_line():
+    out = rlhf("config", "show", "--config", str(TINY_CONFIG), "ppo.offload_params=true", "ppo.zero_stage=2")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ppo.offload_params" in lines[0] and "zero_stage=3" in lines[0], out.stderr

@@ -251,3 +251,21 @@ def test_critic_free_runs_do_not_check_the_unused_critic_workers():
     assert config_from_dict({}, ["ppo.advantage=grpo", *over]).ppo.critic_workers == 3
     with pytest.raises(ConfigError, match="ppo.critic_workers = 24"):
         config_from_dict({}, over)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ppo.offload_params=true", "ppo.zero_stage=2"], "ppo.offload_params needs ppo.zero_stage=3"),
+        (
+            ["ppo.offload_optimizer=true", "ppo.zero_stage=0"],
+            "ppo.offload_optimizer needs ppo.zero_stage 1, 2 or 3",
+        ),
+    ],
+)
+def test_offload_the_zero_stage_cannot_do_is_a_config_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    ok = load_config(None, ["ppo.offload_params=true", "ppo.offload_optimizer=true", "ppo.zero_stage=3"])
+    assert ok.ppo.offload_params and ok.ppo.offload_optimizer
+    assert load_config(None, ["ppo.offload_optimizer=true", "ppo.zero_stage=1"]).ppo.offload_optimizer

@@ -72,3 +72,30 @@ def test_param_groups_decay_matrices_only():
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert decay == {id(model[0].weight)}
     assert len(groups[1]["params"]) == 3  # linear bias, norm weight, norm bias
+
+
+def test_ds_config_offload_keys():
+    """docs/design.md "Memory (issue 17)": offload to the CPU, pinned buffers only when asked (CUDA)."""
+    plain = ds_config(3, "fp32", 2, 1, 1, 1.0)
+    assert "offload_param" not in plain["zero_optimization"]
+    assert "offload_optimizer" not in plain["zero_optimization"]
+    both = ds_config(3, "bf16", 2, 1, 1, 1.0, offload_params=True, offload_optimizer=True, pin_memory=True)
+    zero = both["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert both["zero_force_ds_cpu_optimizer"] is False  # torch AdamW runs the offloaded step
+    cpu = ds_config(2, "fp32", 2, 1, 1, 1.0, offload_optimizer=True)
+    assert cpu["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert "offload_param" not in cpu["zero_optimization"]
+
+
+@pytest.mark.parametrize(
+    ("stage", "flags", "message"),
+    [
+        (2, {"offload_params": True}, "parameter offload needs ZeRO stage 3"),
+        (0, {"offload_optimizer": True}, "optimizer offload needs ZeRO stage 1, 2 or 3"),
+    ],
+)
+def test_ds_config_refuses_offload_its_stage_would_ignore(stage, flags, message):
+    with pytest.raises(ValueError, match=message):
+        ds_config(stage, "fp32", 2, 1, 1, 1.0, **flags)

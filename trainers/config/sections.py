@@ -318,6 +318,12 @@ class PPOConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay (policy and critic).", ge=0)
     grad_clip: float = opt(1.0, "Global gradient-norm clip (0: off).", ge=0)
     zero_stage: int = opt(3, "DeepSpeed ZeRO stage for policy, critic and reference.", choices=(0, 1, 2, 3))
+    offload_params: bool = opt(
+        False, "Keep ZeRO-3 parameter partitions in CPU memory (needs ppo.zero_stage=3)."
+    )
+    offload_optimizer: bool = opt(
+        False, "Keep policy/critic AdamW state and master weights in CPU memory, step there (ZeRO-Offload)."
+    )
     logprob_chunk_size: int = opt(
         1024, "Positions per float32 log-softmax slice in the actors' log-prob passes (0: whole rows).", ge=0
     )
@@ -468,6 +474,7 @@ class Config:
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be below model.max_len={self.model.max_len}"
             )
         self._validate_estimator()
+        self._validate_offload()
         self._validate_rewards()
         self._validate_role_resources()
         check_wandb(self.logging.wandb_project)  # finds the package without importing it
@@ -491,6 +498,16 @@ class Config:
             raise ConfigError(
                 f"ppo.clip_eps_high={p.clip_eps_high:g} is below ppo.clip_eps={p.clip_eps:g} (clip-higher widens the upper side)"
             )
+
+    def _validate_offload(self) -> None:
+        """DeepSpeed silently ignores offload its ZeRO stage cannot do (docs/design.md, "Memory (issue 17)")."""
+        p = self.ppo
+        if p.offload_params and p.zero_stage != 3:
+            raise ConfigError(
+                f"ppo.offload_params needs ppo.zero_stage=3 (parameter partitions), got {p.zero_stage}"
+            )
+        if p.offload_optimizer and p.zero_stage == 0:
+            raise ConfigError("ppo.offload_optimizer needs ppo.zero_stage 1, 2 or 3 (ZeRO-Offload), got 0")
 
     def _validate_role_resources(self) -> None:
         """``cluster.role_resources`` names PPO roles (or '*') and custom resources with positive amounts:

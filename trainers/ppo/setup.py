@@ -163,10 +163,15 @@ def role_specs(cfg: Config, device: str) -> dict:
         "seed": p.seed,
         "trust_remote_code": cfg.model.trust_remote_code,
         "logprob_chunk_size": p.logprob_chunk_size,
+        "offload_params": p.offload_params,
     }
     sft = str(Path(cfg.model.path).resolve())
     rm = str(Path(cfg.reward.path).resolve()) if cfg.reward.path is not None else None
-    train = {"weight_decay": p.weight_decay, "grad_clip": p.grad_clip}
+    train = {
+        "weight_decay": p.weight_decay,
+        "grad_clip": p.grad_clip,
+        "offload_optimizer": p.offload_optimizer,
+    }
     specs = {
         "policy": TrainSpec(
             model_path=sft,

@@ -49,16 +49,37 @@ def ds_config(
     grad_accum: int,
     world_size: int,
     grad_clip: float,
+    *,
+    offload_params: bool = False,
+    offload_optimizer: bool = False,
+    pin_memory: bool = False,
 ) -> dict:
     """The DeepSpeed config dict of one engine.
 
     ``train_batch_size = micro x accumulation x world``. Gradient clipping 0 means off. ZeRO-3
     gathers a full copy of the 16-bit weights on save only on request (we gather ourselves, see
     :func:`gathered_state_dict`), and never prints its own progress.
+
+    Offload (docs/design.md, "Memory (issue 17)"): ``offload_params`` keeps ZeRO-3's parameter partitions
+    in CPU memory, ``offload_optimizer`` the fp32 master weights and AdamW state (and runs the step there);
+    ``pin_memory`` (page-locked buffers, faster copies) only makes sense with CUDA. DeepSpeed silently
+    ignores parameter offload below stage 3 and optimizer offload at stage 0, so both are refused here
+    (the config gives users the same rule as one line). The optimizer stays torch's ``AdamW`` on every
+    machine: ``zero_force_ds_cpu_optimizer`` off lets ZeRO-Offload run it instead of DeepSpeed's compiled
+    CPU Adam.
     """
+    if offload_params and zero_stage != 3:
+        raise ValueError(f"parameter offload needs ZeRO stage 3, got {zero_stage}")
+    if offload_optimizer and zero_stage == 0:
+        raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3, got 0")
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         zero |= {"stage3_gather_16bit_weights_on_model_save": False}
+    offload = {"device": "cpu", "pin_memory": bool(pin_memory)}
+    if offload_params:
+        zero["offload_param"] = dict(offload)
+    if offload_optimizer:
+        zero["offload_optimizer"] = dict(offload)
     return {
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -66,6 +87,7 @@ def ds_config(
         "gradient_clipping": float(grad_clip),
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": False},
         "steps_per_print": 2**31 - 1,
