@@ -7,15 +7,16 @@ vLLM sampled from (item 3: divide the logits by T everywhere).
 Memory (docs/design.md, "Memory (issue 17)"): logits are ``(B, T, V)`` with V up to ~150k, in bf16 on a
 GPU. Without ``chunk_size`` both functions work one row at a time in float32 and, under autograd, keep
 each row's float32 log-softmax for backward: a float32 ``(B, T, V)`` copy in all (twice the bf16 logits).
-With ``chunk_size`` they work on ``(chunk, V)`` slices of a row and a custom autograd function keeps only
-the logits themselves (which the caller holds anyway) and recomputes each slice's softmax in backward, so
-at most one float32 ``(chunk, V)`` slice (and its gradient) exists at a time, with or without grad. Both
-paths do the same float32 operations per position; the chunked one equals the plain one to float32
-rounding (tests/unit/test_algos_logprobs.py).
+With ``chunk_size`` they work on ``(chunk, V)`` slices of a row through one autograd function that keeps
+only the logits themselves (which the caller holds anyway) and, in backward, recomputes one slice at a
+time with autograd, so at most one float32 ``(chunk, V)`` slice and its intermediates exist at a time,
+with or without grad. Both paths run the same operations per position: values and gradients are equal
+(bit for bit on the CPU; tests/unit/test_algos_logprobs.py).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -57,18 +58,33 @@ def _out(logits: torch.Tensor) -> torch.Tensor:
     return torch.empty(logits.shape[:2], dtype=dtype, device=logits.device)
 
 
-class _ChunkedLogprobs(torch.autograd.Function):
-    """``log softmax(logits / t)`` at ``labels``, slice by slice; backward recomputes each slice's softmax:
-    ``d logp / dz = onehot(label) - softmax(z)``, divided by ``t``."""
+def _row_logprobs(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(n,)`` log-probs of ``labels`` under logits ``z (n, V)``: the plain path's operations."""
+    logp = torch.log_softmax(_scaled(z, temperature), dim=-1)  # (n, V)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _row_entropy(z: torch.Tensor, _labels: None, temperature: float) -> torch.Tensor:
+    """``(n,)`` entropies under logits ``z (n, V)``: the plain path's operations."""
+    p, safe_logp = _probs(torch.log_softmax(_scaled(z, temperature), dim=-1))  # (n, V) each
+    return -(p * safe_logp).sum(-1)
+
+
+class _Sliced(torch.autograd.Function):
+    """``fn`` over ``(chunk, V)`` slices of every row of the logits, saving only the logits for backward.
+
+    Backward recomputes each slice with autograd on and back-propagates through it alone: the very
+    operations (and kernels) of the plain path on fewer positions, so the gradients are the plain path's
+    bit for bit, while at most one slice's float32 intermediates exist at a time.
+    """
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, chunk):
+    def forward(ctx, logits, labels, fn, chunk):
         out = _out(logits)
         for b, pos in _spans(logits, chunk):
-            logp = torch.log_softmax(_scaled(logits[b, pos], temperature), dim=-1)  # (c, V)
-            out[b, pos] = logp.gather(-1, labels[b, pos].unsqueeze(-1)).squeeze(-1)
+            out[b, pos] = fn(logits[b, pos], None if labels is None else labels[b, pos])
         ctx.save_for_backward(logits, labels)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.fn, ctx.chunk = fn, chunk
         return out
 
     @staticmethod
@@ -76,39 +92,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
         logits, labels = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for b, pos in _spans(logits, ctx.chunk):
-            p = torch.log_softmax(_scaled(logits[b, pos], ctx.temperature), dim=-1).exp()  # (c, V)
-            g = grad_out[b, pos].unsqueeze(-1).to(p.dtype)  # (c, 1)
-            gz = (-p * g).scatter_add_(-1, labels[b, pos].unsqueeze(-1), g)
-            grad[b, pos] = (gz if ctx.temperature == 1.0 else gz / ctx.temperature).to(grad.dtype)
+            with torch.enable_grad():
+                z = logits[b, pos].detach().requires_grad_(True)
+                out = ctx.fn(z, None if labels is None else labels[b, pos])
+                (grad[b, pos],) = torch.autograd.grad(out, z, grad_out[b, pos])
         return grad, None, None, None
-
-
-class _ChunkedEntropy(torch.autograd.Function):
-    """Entropy of ``softmax(logits / t)``, slice by slice; backward recomputes each slice's softmax:
-    ``dH / dz_j = -p_j (log p_j + H)``, divided by ``t`` (0 where ``p_j`` is 0)."""
-
-    @staticmethod
-    def forward(ctx, logits, temperature, chunk):
-        out = _out(logits)
-        for b, pos in _spans(logits, chunk):
-            logp = torch.log_softmax(_scaled(logits[b, pos], temperature), dim=-1)  # (c, V)
-            p, safe_logp = _probs(logp)
-            out[b, pos] = -(p * safe_logp).sum(-1)
-        ctx.save_for_backward(logits, out)
-        ctx.temperature, ctx.chunk = temperature, chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, entropy = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for b, pos in _spans(logits, ctx.chunk):
-            logp = torch.log_softmax(_scaled(logits[b, pos], ctx.temperature), dim=-1)  # (c, V)
-            p, safe_logp = _probs(logp)
-            gz = -p * (safe_logp + entropy[b, pos].unsqueeze(-1))
-            gz = gz * grad_out[b, pos].unsqueeze(-1).to(gz.dtype)
-            grad[b, pos] = (gz if ctx.temperature == 1.0 else gz / ctx.temperature).to(grad.dtype)
-        return grad, None, None
 
 
 def _chunk(chunk_size: int | None) -> int | None:
@@ -130,11 +118,9 @@ def logprobs_from_logits(
         raise ValueError(f"labels {tuple(labels.shape)} must match logits[:2] {tuple(logits.shape[:2])}")
     chunk = _chunk(chunk_size)
     if chunk is not None:
-        return _ChunkedLogprobs.apply(logits, labels.long(), float(temperature), chunk)
-    rows = []
-    for row, row_labels in zip(logits, labels):  # (T, V), (T,)
-        logp = torch.log_softmax(_scaled(row, temperature), dim=-1)  # (T, V)
-        rows.append(logp.gather(-1, row_labels.long().unsqueeze(-1)).squeeze(-1))  # (T,)
+        fn = functools.partial(_row_logprobs, temperature=float(temperature))
+        return _Sliced.apply(logits, labels.long(), fn, chunk)
+    rows = [_row_logprobs(row, lab, temperature) for row, lab in zip(logits, labels.long())]  # (T,) each
     return torch.stack(rows)  # (B, T)
 
 
@@ -149,11 +135,9 @@ def entropy_from_logits(
     _check(logits, temperature)
     chunk = _chunk(chunk_size)
     if chunk is not None:
-        return _ChunkedEntropy.apply(logits, float(temperature), chunk)
-    rows = []
-    for row in logits:  # (T, V)
-        p, safe_logp = _probs(torch.log_softmax(_scaled(row, temperature), dim=-1))  # (T, V) each
-        rows.append(-(p * safe_logp).sum(-1))  # (T,)
+        fn = functools.partial(_row_entropy, temperature=float(temperature))
+        return _Sliced.apply(logits, None, fn, chunk)
+    rows = [_row_entropy(row, None, temperature) for row in logits]  # (T,) each
     return torch.stack(rows)  # (B, T)
 
 
