@@ -15,7 +15,9 @@ Conventions every actor follows:
   :class:`trainers.ppo.schedule.RankPlan`.
 - ZeRO-3 ranks forward in lock-step; the driver gives every rank the same number of rows, and each
   rank cuts them into the same number of micro-batches.
-- Dropout is off and every module stays in eval mode for the whole run (docs/ppo_details.md item 22).
+- Dropout is off and every module stays in eval mode for the whole run (docs/ppo_details.md item 22), except
+  that with ``model.gradient_checkpointing`` the checkpointing layers (not their submodules) are marked
+  training so transformers recomputes them (``trainers.runtime.models.prepare_for_training``).
 - Results go back as CPU tensors; all maths on them happens in the driver (``trainers.algos``).
 """
 
@@ -32,7 +34,7 @@ from cluster.faults import injector
 from trainers.algos import logprobs_from_logits
 from trainers.ppo.batch import TokenBatch
 from trainers.runtime.dist import init_distributed
-from trainers.runtime.models import forward_logits
+from trainers.runtime.models import forward_logits, prepare_for_training
 from trainers.runtime.step_guard import StepGuard
 from trainers.runtime.zero import CHECKPOINT_TAG, ds_config, gathered, hf_deepspeed_context, init_deepspeed
 
@@ -98,11 +100,21 @@ class ModelWorker(DistributedWorker):
         if self.spec.zero_stage == 3:
             self._hf_ds = hf_deepspeed_context(config)
         model = self._load_model()
-        model.eval()  # dropout off (docs/ppo_details.md item 22); stays so: nothing calls train()
+        # Eval mode (dropout off, docs/ppo_details.md item 22), the checkpointing layers excepted; it stays
+        # so: nothing calls train() or eval() again (DeepSpeed's wrapping does not either).
+        checkpointed = prepare_for_training(model, self._gradient_checkpointing(), eval_mode=True)
         self.model = self._wrap_model(model, config)
-        self.model.module.eval()
         trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
-        return {"rank": self.rank, "world_size": self.world_size, "parameters": trainable}
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "parameters": trainable,
+            "checkpointed_modules": checkpointed,
+        }
+
+    def _gradient_checkpointing(self) -> bool:
+        """Frozen roles never run backward: nothing to recompute."""
+        return False
 
     # --- passes ---------------------------------------------------------------------------------
 
@@ -176,6 +188,9 @@ class TrainableWorker(ModelWorker):
     spec: TrainSpec
     fault_role = ""
     """The role's name in ``RLHF_FAULT_NONFINITE_STEPS`` (``policy``, ``critic``)."""
+
+    def _gradient_checkpointing(self) -> bool:
+        return self.spec.gradient_checkpointing
 
     def _role_ds_config(self) -> dict:
         spec = self.spec

@@ -64,5 +64,7 @@ class TrainSpec(ModelSpec):
     """Policy loss aggregation (``trainers.algos.agg_weights``; docs/ppo_details.md item 24)."""
     tokenizer_path: str | None = None
     """Tokenizer saved next to the final model (policy only)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (``model.gradient_checkpointing``)."""
     offload_optimizer: bool = False
     """fp32 master weights and AdamW state in CPU memory, the step run there (ZeRO-Offload)."""

@@ -19,7 +19,8 @@ WORLD = 2
 
 def start_policy(ray, model_dir, world: int, grad_accum: int, name: str, **spec_fields):
     """``world`` PolicyWorker ranks (ZeRO-3, micro-batches of 2 rows) built from ``model_dir``;
-    ``spec_fields`` set further :class:`actors.specs.TrainSpec` fields (loss aggregation, KL loss...)."""
+    ``spec_fields`` set further :class:`actors.specs.TrainSpec` fields (loss aggregation, KL loss...).
+    The group's ``build_facts`` are what each rank's ``build`` returned."""
     from actors.policy import PolicyWorker
     from actors.specs import TrainSpec
     from cluster.actor_group import ActorGroup
@@ -37,7 +38,7 @@ def start_policy(ray, model_dir, world: int, grad_accum: int, name: str, **spec_
     group = ActorGroup(
         PolicyWorker, placements["policy"], run_name=name, init_kwargs={"spec": spec}, backend="gloo"
     )
-    ray.get(group.map(lambda a, _r: a.build.remote()))
+    group.build_facts = ray.get(group.map(lambda a, _r: a.build.remote()))
     return group, placements
 
 
@@ -193,6 +194,48 @@ def test_one_step_is_the_same_over_2_ranks_or_2_micro_batches(
         for group, pg in ((wide, wide_pg), (deep, deep_pg)):
             group.kill()
             release(pg)
+
+
+def test_checkpointing_offload_and_chunked_logprobs_give_the_plain_step(ray_local, sft_model_dir, data):
+    """docs/design.md "Memory (issue 17)": one optimizer step (1 rank x 2 micro-batches, ptx and clipping
+    on) with gradient checkpointing, or with ZeRO-3 parameter + optimizer offload (real DeepSpeed on the
+    CPU), or with log-probs in chunks of 3 positions, gives the plain step's log-probs, losses, gradient
+    norm and weights. The plain step uses whole-row log-probs (``logprob_chunk_size=0``)."""
+    from cluster.placement import release
+    from trainers.ppo.metrics import sum_over_ranks
+
+    batch = data["batch"]
+    variants = {
+        "plain": {"logprob_chunk_size": 0},
+        "checkpointing": {"gradient_checkpointing": True, "logprob_chunk_size": 0},
+        "offload": {"offload_params": True, "offload_optimizer": True, "logprob_chunk_size": 0},
+        "chunked": {"logprob_chunk_size": 3},
+    }
+    results = {}
+    for label, fields in variants.items():
+        group, pg = start_policy(
+            ray_local, sft_model_dir, world=1, grad_accum=2, name=f"test-mem-{label}", **fields
+        )
+        try:
+            policy_logprobs = _old_logprobs(ray_local, group, batch)
+            g = torch.Generator().manual_seed(0)
+            mask = batch.tokens.response_mask.float()
+            old = policy_logprobs + 0.3 * torch.randn(mask.shape, generator=g) * mask
+            advantages = torch.randn(mask.shape, generator=g) * mask
+            args = (batch, old, data["ptx_rows"], data["pad"], advantages)
+            stats = sum_over_ranks(_train(ray_local, group, *args))[0]
+            results[label] = (group.build_facts[0], policy_logprobs, stats, _state(ray_local, group))
+        finally:
+            group.kill()
+            release(pg)
+    facts, logprobs, stats, state = results.pop("plain")
+    assert facts["checkpointed_modules"] == 0 and stats["max_grad_norm"] > 0 and stats["clip_sum"] > 0
+    assert results["checkpointing"][0]["checkpointed_modules"] >= 2  # the tiny model's decoder layers
+    for label, (_facts, other_logprobs, other_stats, other_state) in results.items():
+        torch.testing.assert_close(other_logprobs, logprobs, rtol=0, atol=1e-6, msg=label)
+        for key in ("loss_sum", "clip_sum", "ptx_sum", "entropy_sum", "max_grad_norm"):
+            assert other_stats[key] == pytest.approx(stats[key], rel=1e-5, abs=1e-7), (label, key)
+        assert all(torch.allclose(other_state[k], state[k], atol=1e-6) for k in state), label
 
 
 def test_typed_batches_and_plans_cross_ray_unchanged(ray_local, data):

@@ -309,3 +309,18 @@ def test_objective_line_says_estimator_kl_placement_sources_and_ptx():
     assert (
         objective_line(grpo) == "advantage grpo (no critic), KL as a loss x0.05, reward rm x0.5 + function x1"
     )
+
+
+def test_role_specs_carry_the_memory_settings(inputs):
+    """docs/design.md "Memory (issue 17)": checkpointing and optimizer offload for the trained roles,
+    parameter offload and the log-prob chunk for every DeepSpeed role."""
+    cfg = make_cfg(inputs, offload_params=True, offload_optimizer=True, logprob_chunk_size=64)
+    cfg.model.gradient_checkpointing = True
+    specs = setup.role_specs(cfg, "cpu")
+    for role in ("policy", "critic"):
+        assert specs[role].gradient_checkpointing and specs[role].offload_optimizer, role
+    assert all(s.offload_params and s.logprob_chunk_size == 64 for s in specs.values())
+    assert not hasattr(specs["reference"], "offload_optimizer")
+    default = setup.role_specs(make_cfg(inputs), "cpu")
+    assert all(s.logprob_chunk_size == 1024 and not s.offload_params for s in default.values())
+    assert not default["policy"].gradient_checkpointing and not default["policy"].offload_optimizer

@@ -20,6 +20,7 @@ from trainers.runtime.models import (
     check_model_dir,
     forward_logits,
     no_dropout_updates,
+    prepare_for_training,
     reward_scores,
     set_dropout,
     token_scores,
@@ -214,3 +215,53 @@ def test_critic_starts_with_the_rm_bias_its_last_token_value_is_the_score(tmp_pa
     torch.testing.assert_close(values, raw + 1.25)
     # the head alone would be off by the bias (what the critic started from before item 30)
     torch.testing.assert_close(scores - raw[torch.arange(3), last], torch.full((3,), 1.25))
+
+
+def _step_with_layer_calls(model, ids, mask):
+    """Loss, parameter gradients and decoder-layer calls of one forward + backward. Pre-hooks count the
+    calls: torch's checkpoint stops a recomputation once it has what backward needs, before any
+    forward hook would run."""
+    calls = []
+    hooks = [layer.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in model.model.layers]
+    try:
+        logits = forward_logits(model, ids, mask)  # (B, T, V)
+        loss = torch.log_softmax(logits.float(), -1)[..., 5].mean()
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+
+def test_checkpointing_recomputes_layers_in_eval_mode_with_dropout_off(tokenizer):
+    """docs/design.md "Memory (issue 17)": the PPO actors' set-up (eval mode) still recomputes every
+    decoder layer in backward, gives the plain step's loss and gradients, and keeps dropout off (the
+    model is built with attention dropout 0.5, which would make two passes differ)."""
+    ids = torch.tensor([[0, 0, 11, 12, 13, 14], [21, 22, 23, 24, 25, 26]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    plain = build_causal_lm(preset="tiny", tokenizer=tokenizer, seed=3, dropout=0.5)
+    ckpt = build_causal_lm(preset="tiny", tokenizer=tokenizer, seed=3, dropout=0.5)
+    assert prepare_for_training(plain, False, eval_mode=True) == 0
+    n_layers = len(ckpt.model.layers)
+    assert prepare_for_training(ckpt, True, eval_mode=True) >= n_layers
+    assert all(layer.training for layer in ckpt.model.layers)
+    assert not any(layer.self_attn.training or layer.mlp.training for layer in ckpt.model.layers)
+    assert not ckpt.training and not plain.training
+
+    loss_p, grads_p, calls_p = _step_with_layer_calls(plain, ids, mask)
+    loss_c, grads_c, calls_c = _step_with_layer_calls(ckpt, ids, mask)
+    assert calls_p == n_layers and calls_c == 2 * n_layers  # each layer run again in backward
+    assert loss_c == pytest.approx(loss_p, abs=1e-6)
+    for name, grad in grads_p.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    again, *_ = _step_with_layer_calls(ckpt, ids, mask)
+    assert again == loss_c  # dropout off: the same pass gives the same loss
+
+
+def test_checkpointing_in_train_mode_for_the_stages(tokenizer):
+    """The stages' use (train mode, dropout as configured): layers are recomputed as well."""
+    model = build_causal_lm(preset="tiny", tokenizer=tokenizer, seed=3).train()
+    assert prepare_for_training(model, True) >= len(model.model.layers)
+    ids = torch.tensor([[11, 12, 13, 14]])
+    *_, calls = _step_with_layer_calls(model, ids, torch.ones_like(ids))
+    assert calls == 2 * len(model.model.layers)

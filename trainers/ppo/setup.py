@@ -171,6 +171,7 @@ def role_specs(cfg: Config, device: str) -> dict:
         "weight_decay": p.weight_decay,
         "grad_clip": p.grad_clip,
         "offload_optimizer": p.offload_optimizer,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
     }
     specs = {
         "policy": TrainSpec(

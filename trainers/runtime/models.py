@@ -218,6 +218,31 @@ def build_value_model(
     )
 
 
+def prepare_for_training(module, gradient_checkpointing: bool, *, eval_mode: bool = False) -> int:
+    """Set up activation checkpointing (``model.gradient_checkpointing``) on a transformers model before it
+    is wrapped by DeepSpeed; returns how many modules checkpoint (0 when off).
+
+    The stages train in train mode. The PPO actors keep every module in eval mode (``eval_mode``; dropout
+    off, docs/ppo_details.md item 22), but transformers recomputes a layer only when that layer's own
+    ``gradient_checkpointing`` *and* ``training`` are true (``GradientCheckpointingLayer.__call__``; older
+    versions tested the decoder stack's flags the same way). So in eval mode exactly the modules that
+    carry ``gradient_checkpointing=True`` get ``training=True`` and nothing below them does: the attention
+    and dropout modules inside a layer read their own flags and stay in eval mode. Nothing may call
+    ``train()``/``eval()`` on the model afterwards, or the flags are reset (docs/design.md, "Memory (issue
+    17)"). Non-reentrant ``torch.utils.checkpoint``: it works with DeepSpeed's ZeRO-3 parameter hooks and
+    with inputs that do not require grad.
+    """
+    if gradient_checkpointing:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if eval_mode:
+        module.eval()
+    holders = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if eval_mode:
+        for m in holders:
+            m.training = True
+    return len(holders)
+
+
 # --------------------------------------------------------------------------------------------------
 # Forward passes
 # --------------------------------------------------------------------------------------------------

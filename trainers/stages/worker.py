@@ -57,7 +57,7 @@ from trainers.runs.sinks import open_sinks
 from trainers.runtime.device import disable_cudnn_attention, torch_dtype
 from trainers.runtime.dist import all_reduce_sum, init_distributed
 from trainers.runtime.export import save_hf
-from trainers.runtime.models import no_dropout_updates
+from trainers.runtime.models import no_dropout_updates, prepare_for_training
 from trainers.runtime.nonfinite import update_streak
 from trainers.runtime.step_guard import StepGuard
 from trainers.runtime.zero import ds_config, grad_accum_steps, hf_deepspeed_context, init_deepspeed, unwrap
@@ -112,8 +112,7 @@ def build_ds_model(task: Task, plan: StagePlan, config: dict):
     st = plan.stage_cfg
     module = task.build_model(torch_dtype(plan.dtype))
     module.config.use_cache = False
-    if plan.model.gradient_checkpointing:
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_for_training(module, plan.model.gradient_checkpointing)
     return init_deepspeed(
         module,
         config,
