@@ -33,6 +33,7 @@ from cluster.actor_group import DistributedWorker
 from cluster.faults import injector
 from trainers.algos import logprobs_from_logits
 from trainers.ppo.batch import TokenBatch
+from trainers.runtime.device import disable_cudnn_attention
 from trainers.runtime.dist import init_distributed
 from trainers.runtime.models import forward_logits, prepare_for_training
 from trainers.runtime.step_guard import StepGuard
@@ -95,6 +96,7 @@ class ModelWorker(DistributedWorker):
         """Load the model and wrap it in DeepSpeed; returns facts for the driver's log."""
         if self.device.type == "cuda":
             torch.cuda.set_device(0)
+            disable_cudnn_attention()  # non-finite gradients with left padding (see its docstring)
         init_distributed(self.spec.device)
         config = self._role_ds_config()
         if self.spec.zero_stage == 3:
