@@ -63,15 +63,18 @@ def load_cluster_yaml(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def worker_types(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The node types an autoscaler may launch: every type but the head's, with ``max_workers`` > 0."""
+def worker_types(cfg: Mapping[str, Any]) -> dict[str, tuple[dict[str, Any], int]]:
+    """The node types an autoscaler may launch, each with the most nodes of it that can run at once: every
+    type but the head's, its ``max_workers`` (Ray's default: the cluster-wide one) capped by the
+    cluster-wide ``max_workers``, types that come to 0 left out."""
     head = cfg.get("head_node_type")
     cap = int(cfg.get("max_workers", 2**31))
-    return {
-        name: spec
+    counts = {
+        name: (spec, min(int(spec.get("max_workers", cap)), cap))
         for name, spec in cfg["available_node_types"].items()
-        if name != head and min(int(spec.get("max_workers", cap)), cap) > 0
+        if name != head
     }
+    return {name: (spec, count) for name, (spec, count) in counts.items() if count > 0}
 
 
 def addable_limits(cfg: Mapping[str, Any]) -> tuple[list[dict[str, float]], dict[str, float]] | None:
@@ -82,16 +85,15 @@ def addable_limits(cfg: Mapping[str, Any]) -> tuple[list[dict[str, float]], dict
     The most of a resource takes the types richest in it first, each up to its own ``max_workers``, until
     the cluster-wide ``max_workers`` is used up: an upper bound no mix of launched nodes exceeds.
     """
-    types = worker_types(cfg)
     shapes: list[dict[str, float]] = []
     counts: list[int] = []
-    cap = int(cfg.get("max_workers", 2**31))
-    for spec in types.values():
+    for spec, count in worker_types(cfg).values():
         res = {k: float(v) for k, v in (spec.get("resources") or {}).items() if k not in _NOT_RESOURCES}
         if not res:
             return None
         shapes.append(res)
-        counts.append(min(int(spec.get("max_workers", cap)), cap))
+        counts.append(count)
+    cap = int(cfg.get("max_workers", 2**31))
     most: dict[str, float] = {}
     for resource in {k for shape in shapes for k in shape}:
         left, total = cap, 0.0
@@ -110,14 +112,14 @@ def fake_node_types(
 ) -> dict[str, dict[str, Any]]:
     """The cluster YAML's launchable node types for Ray's fake multi-node provider on a CPU machine.
 
-    Each keeps its name, ``min_workers`` and ``max_workers`` and its custom resources; its GPUs become
-    ``gpu_resource`` (a role asks for that instead of GPU, e.g. ``cluster.role_resources='{"*":
-    {gpu_standin: 1}}'``), and its CPUs become ``cpus_per_node`` (one machine cannot offer a p5's 192).
-    Every launchable type must state its resources: the fake provider has no instance catalogue to
-    fill them in from.
+    Each keeps its name, ``min_workers`` and ``max_workers`` (as :func:`worker_types` counts it) and its
+    custom resources; its GPUs become ``gpu_resource`` (a role asks for that instead of GPU, e.g.
+    ``cluster.role_resources='{"*": {gpu_standin: 1}}'``), and its CPUs become ``cpus_per_node`` (one
+    machine cannot offer a p5's 192). Every launchable type must state its resources: the fake provider
+    has no instance catalogue to fill them in from.
     """
     out: dict[str, dict[str, Any]] = {}
-    for name, spec in worker_types(cfg).items():
+    for name, (spec, count) in worker_types(cfg).items():
         res = dict(spec.get("resources") or {})
         if "GPU" not in res and "CPU" not in res:
             raise ValueError(f"node type '{name}' states no CPU or GPU resources")
@@ -131,7 +133,7 @@ def fake_node_types(
             "resources": fake,
             "node_config": {},
             "min_workers": int(spec.get("min_workers", 0)),
-            "max_workers": int(spec.get("max_workers", cfg.get("max_workers", 0))),
+            "max_workers": count,
         }
     return out
 

@@ -111,3 +111,12 @@ def test_a_file_that_is_not_a_cluster_yaml_is_one_line(tmp_path, text, message):
     with pytest.raises(UserError, match=message) as err:
         load_cluster_yaml(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_type_without_max_workers_counts_the_cluster_cap_in_limits_and_fake_types_alike():
+    cfg = two_types(cap=3)
+    del cfg["available_node_types"]["small"]["max_workers"]
+    _, most = addable_limits(cfg)
+    assert most["CPU"] == 3 * 32  # Ray's default for a type: the cluster-wide max_workers
+    fake = fake_node_types(cfg, cpus_per_node=2)
+    assert fake["small"]["max_workers"] == 3 and fake["big"]["max_workers"] == 2
