@@ -7,6 +7,11 @@ group themselves (``cluster.actor_group.DistributedWorker``) before calling it.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+from pathlib import Path
+
 import torch
 
 
@@ -23,7 +28,29 @@ def init_distributed(device: str) -> None:
     """
     import deepspeed
 
+    os.environ["PATH"] = path_for_jit(os.environ.get("PATH", ""), Path(sys.executable).parent)
     deepspeed.init_distributed(dist_backend=backend_for(device))
+
+
+def path_for_jit(path: str, interpreter_dir: Path) -> str:
+    """``PATH`` with the interpreter's own directory first when that directory holds a ``ninja``.
+
+    DeepSpeed compiles its CPU shared-memory collective (``deepspeed_shm_comm``) on first use, through
+    torch's JIT builder, which runs whichever ``ninja`` comes first on ``PATH`` in one build folder per
+    user. Environments carry two: the system's (1.11 here) and the ``ninja`` wheel in the virtual
+    environment (1.13). From 1.13 ninja hashes commands differently in its build log, so each
+    switch between the two reads as a changed command and rebuilds the op from scratch (~1 min on 2
+    cores, while every rank waits on the build lock). Which one a worker finds depended on how its
+    process was started (an activated environment, ``ray start`` from the venv's ``bin``, or not).
+    Pinning the one next to the interpreter makes every worker of one environment agree; without a
+    ``ninja`` there, ``PATH`` is left as it is."""
+    first = str(interpreter_dir)
+    if not (interpreter_dir / "ninja").is_file():
+        return path
+    if shutil.which("ninja", path=path) == str(interpreter_dir / "ninja"):
+        return path
+    rest = [entry for entry in path.split(os.pathsep) if entry and entry != first]
+    return os.pathsep.join([first, *rest])
 
 
 def rank() -> int:
