@@ -89,11 +89,12 @@ def ray_head():
 
         yield address, env, f"{resolve_ip_for_localhost('127.0.0.1')}:{ports['port']}"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` takes ~35 s over it; SIGKILL after 5
         try:
-            head.wait(60)
+            head.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(30)
         log.close()
 
 
