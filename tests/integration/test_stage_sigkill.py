@@ -184,23 +184,48 @@ def kill_and_resume(stage: str, units: str, out: Path, cmd: list[str], reference
     return text
 
 
-def test_sft_driver_sigkill_resume_and_fresh(sft_run, base_model_dir, world_dir, tmp_path):
-    out = tmp_path / "sft"
+def sft_kill_resume_fresh(sft_run, base_model_dir: Path, world_dir: Path, tmp: Path) -> None:
+    out = tmp / "sft"
     reference = reference_records(sft_run)
     kill_and_resume(
         "sft", "target_tokens", out, stage_command("sft", out, world_dir, base_model_dir), reference
     )
 
-    text = run_to_end(
-        stage_command("sft", out, world_dir, base_model_dir, fresh=True), tmp_path / "fresh.log"
-    )
+    text = run_to_end(stage_command("sft", out, world_dir, base_model_dir, fresh=True), tmp / "fresh.log")
     assert "resuming" not in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sft/resumed_from_step"] is None and summary["sft/steps"] == MAX_STEPS
     assert_same_as_reference(out, reference, "target_tokens")  # started over: every step again
 
 
-def test_rm_driver_sigkill_resume(rm_run, sft_model_dir, world_dir, tmp_path):
-    out = tmp_path / "rm"
+def rm_kill_resume(rm_run, sft_model_dir: Path, world_dir: Path, tmp: Path) -> None:
+    out = tmp / "rm"
     cmd = stage_command("rm", out, world_dir, sft_model_dir)
     kill_and_resume("rm", "prompts", out, cmd, reference_records(rm_run))
+
+
+@pytest.fixture(scope="module")
+def chains(sft_run, rm_run, base_model_dir, sft_model_dir, world_dir, tmp_path_factory):
+    """Both stages' kill-and-rerun chains, side by side (a thread each; every run is a process group of
+    its own, and each chain finds its processes by its driver's session id). One chain alone keeps the
+    2 cores ~60 % busy (process and Ray start-up, the 60 s fate-share watch, checkpoint writes). Each test
+    takes its own chain's outcome: ``result()`` re-raises that chain's failed assertion."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = tmp_path_factory.mktemp("stage_sigkill")
+    with ThreadPoolExecutor(2) as pool:
+        futures = {
+            "sft": pool.submit(sft_kill_resume_fresh, sft_run, base_model_dir, world_dir, tmp),
+            "rm": pool.submit(rm_kill_resume, rm_run, sft_model_dir, world_dir, tmp),
+        }
+        for future in futures.values():
+            future.exception()  # wait for both before either test reads its own
+    return futures
+
+
+def test_sft_driver_sigkill_resume_and_fresh(chains):
+    chains["sft"].result()
+
+
+def test_rm_driver_sigkill_resume(chains):
+    chains["rm"].result()
