@@ -13,6 +13,7 @@ reward sources other than the RM, DAPO's dynamic sampling and evaluation while t
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -195,8 +196,10 @@ def test_resumed_critic_free_run_matches_the_uninterrupted_one(
 
     url, _ = gold_server
     out = tmp_path / "run"
-    first = ["ppo.iterations=2", "ppo.checkpoint_every=2"]
-    run_ppo(critic_free_config(world_dir, sft_model_dir, function_file, url, first), out)
+    # The uninterrupted run as it stood after iteration 2: its copy without the iteration-4 checkpoint
+    # (the rerun cuts metrics.jsonl back to the checkpoint it resumes from).
+    shutil.copytree(critic_free["out"], out)
+    shutil.rmtree(out / "checkpoints" / "iter_000004")
     second = ["ppo.iterations=4", "ppo.checkpoint_every=2"]
     summary = run_ppo(critic_free_config(world_dir, sft_model_dir, function_file, url, second), out)
     assert summary["ppo/resumed_from_iteration"] == 2
