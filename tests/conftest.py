@@ -16,11 +16,35 @@ TINY_CONFIG = REPO / "trainers" / "configs" / "tiny.yaml"
 """The CPU preset every test run starts from."""
 
 
+_GIVEN_PORTS: set[int] = set()
+"""Every port :func:`free_ports` handed out in this session (a service may bind its port seconds later)."""
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on the loopback now, none handed out before in this session, for the
+    services of Ray processes a test starts next to the session's own Ray. The sockets stay bound until all
+    ``n`` are chosen: the kernel may give a just-closed port again (a node once got the same port for its
+    metrics agent and its metrics export, which Ray refuses)."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            sock = socket.socket()
+            held.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in _GIVEN_PORTS:
+                _GIVEN_PORTS.add(port)
+                ports.append(port)
+    finally:
+        for sock in held:
+            sock.close()
+    return ports
+
+
 def free_port() -> int:
-    """A TCP port free on the loopback now, for a Ray service a test starts next to the session's own Ray."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """One port of :func:`free_ports`."""
+    return free_ports(1)[0]
 
 
 def subprocess_env(*, own_ray: bool = False, no_faults: bool = False, **extra: str) -> dict[str, str]:

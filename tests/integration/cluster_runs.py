@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, subprocess_env
+from tests.conftest import REPO, free_ports, subprocess_env
 
 RUN_TIMEOUT_S = 600
 REL, ABS = 1e-6, 1e-9
@@ -27,7 +27,7 @@ def own_ports() -> dict[str, int]:
         "metrics_export_port",
         "runtime_env_agent_port",
     )
-    return {name: free_port() for name in names}
+    return dict(zip(names, free_ports(len(names)), strict=True))
 
 
 def start(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:

@@ -33,7 +33,7 @@ import yaml
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
 from cluster.node_types import FAKE_HEAD_TYPE, fake_cluster_config
-from tests.conftest import REPO, TINY_CONFIG, free_port
+from tests.conftest import REPO, TINY_CONFIG, free_ports
 from tests.integration.cluster_runs import assert_same_metrics, finish, our_line, placed, rows, start
 from tests.integration.conftest import ppo_inputs, reference_variant
 
@@ -64,7 +64,7 @@ class AutoscalingHead:
 
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         self._current, self._saved = current, current.read_text() if current.is_file() else None
-        port = free_port()
+        port, *service_ports = free_ports(1 + len(HEAD_PORT_FLAGS))
         self.address = f"{resolve_ip_for_localhost('127.0.0.1')}:{port}"
         real = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
         config = fake_cluster_config(
@@ -85,7 +85,7 @@ class AutoscalingHead:
         self.env.pop("RAY_ADDRESS", None)
         cmd = ["ray", "start", "--head", "--block", f"--port={port}", f"--autoscaling-config={self.config_path}",
                "--num-cpus=0", "--include-dashboard=false", f"--temp-dir={tmp}", "--disable-usage-stats",
-               *(f"--{flag}={free_port()}" for flag in HEAD_PORT_FLAGS)]  # fmt: skip
+               *(f"--{flag}={p}" for flag, p in zip(HEAD_PORT_FLAGS, service_ports, strict=True))]  # fmt: skip
         self.log = tmp / "head.log"
         with open(self.log, "w") as sink:
             self.proc = subprocess.Popen(

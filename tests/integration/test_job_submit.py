@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from cluster.upload import measure_upload
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -57,8 +57,8 @@ def ray_head():
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     )
     env.pop("RAY_ADDRESS", None)
-    dash = free_port()
-    ports = {name: free_port() for name in PORT_FLAGS}
+    dash, *chosen = free_ports(1 + len(PORT_FLAGS))
+    ports = dict(zip(PORT_FLAGS, chosen, strict=True))
     cmd = [
         "ray",
         "start",
