@@ -4,7 +4,7 @@ like Qwen2.5-Instruct and Llama-3-Instruct (tests/chat_models.py) and TRL-style 
 For each family of :data:`tests.chat_models.FAMILIES` one module-scoped fixture builds the model directory
 (random ``tiny`` weights, the family's tokenizer and chat template), writes the session's synthetic world
 (``world_dir``) as ``messages`` / ``prompt``-``chosen``-``rejected`` JSONL (no pretraining kind:
-``ppo.ptx_coef=0``), and runs the three stages once as subprocesses, each with its own local Ray. The tests
+``ppo.ptx_coef=0``), and runs the three stages once as subprocesses, each a driver joining the session's Ray. The tests
 then read the outputs with plain transformers:
 
 - the SFT model learned the replies in its *own* template: their mean NLL under the model's
@@ -85,12 +85,13 @@ class OwnModelRun:
     """What `rlhf ppo` printed (its start-up lines name the stop ids)."""
 
 
-def run_cli(stage: str, out: Path, *overrides: str) -> str:
-    """``python -m trainers.cli STAGE --config tiny.yaml OVERRIDES --out OUT`` with its own local Ray;
-    its stdout. A failed stage fails the test with the end of its stderr."""
+def run_cli(stage: str, out: Path, address: str, *overrides: str) -> str:
+    """``python -m trainers.cli STAGE --config tiny.yaml OVERRIDES --out OUT`` joining the Ray at ``address``
+    (``cluster.ray_address``, as a user's driver joins a running cluster); its stdout. A failed stage fails
+    the test with the end of its stderr."""
     args = [sys.executable, "-m", "trainers.cli", stage, "--config", str(TINY_CONFIG), *overrides]
     proc = subprocess.run(
-        [*args, "--out", str(out)],
+        [*args, f"cluster.ray_address={address}", "--out", str(out)],
         env=subprocess_env(own_ray=True),
         cwd=REPO,
         capture_output=True,
@@ -109,18 +110,19 @@ def trl_data(world_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def own_run(request, trl_data, tmp_path_factory) -> OwnModelRun:
-    """One family's model built, then SFT -> RM -> PPO on ``trl_data`` through the CLI."""
+def own_run(request, ray_local, trl_data, tmp_path_factory) -> OwnModelRun:
+    """One family's model built, then SFT -> RM -> PPO on ``trl_data`` through the CLI, each command a
+    driver of the session's Ray (a Ray of its own per command cost ~10 s of start-up and idle workers)."""
+    address = ray_local.get_runtime_context().gcs_address
     family = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(family.name.replace(".", "_"))
     base = family.build(root / "base", world_texts())
     data = f"data.dir={trl_data}"
     sft, rm, ppo = root / "sft", root / "rm", root / "ppo"
-    run_cli("sft", sft, data, f"model.path={base}", *SFT_OVERRIDES)
-    run_cli("rm", rm, data, f"model.path={sft / 'model'}", *RM_OVERRIDES)
-    stdout = run_cli(
-        "ppo", ppo, data, f"model.path={sft / 'model'}", f"reward.path={rm / 'model'}", *PPO_OVERRIDES
-    )
+    run_cli("sft", sft, address, data, f"model.path={base}", *SFT_OVERRIDES)
+    run_cli("rm", rm, address, data, f"model.path={sft / 'model'}", *RM_OVERRIDES)
+    models = [f"model.path={sft / 'model'}", f"reward.path={rm / 'model'}"]
+    stdout = run_cli("ppo", ppo, address, data, *models, *PPO_OVERRIDES)
     return OwnModelRun(family, base, trl_data, sft, rm, ppo, stdout)
 
 
