@@ -249,30 +249,34 @@ def reward(prompts, responses, rows):
 
 
 def test_raising_reward_function_stops_with_one_line_and_the_rerun_resumes(
-    world_dir, sft_model_dir, tmp_path
+    ray_local, world_dir, sft_model_dir, tmp_path
 ):
+    """The function raises in iteration 2 (its second call): one ``rlhf: stopped:`` line naming the
+    function, the row and the iteration-1 checkpoint, exit 3; the rerun resumes there and finishes. Both
+    commands are drivers of the session's Ray."""
     trigger, counter = tmp_path / "fail", tmp_path / "calls"
     fn = tmp_path / "flaky.py"
-    fn.write_text(RAISING_FILE.format(counter=str(counter), trigger=str(trigger), fail_at=2))
+    fn.write_text(RAISING_FILE.format(counter=str(counter), trigger=str(trigger), fail_at=1))
     trigger.write_text("")
     out = tmp_path / "run"
     args = [
         sys.executable, "-m", "trainers.cli", "ppo", "--config", str(TINY_CONFIG), "--out", str(out),
         f"data.dir={world_dir}", f"model.path={sft_model_dir}", f"reward.function={fn}:reward",
-        *GROUP_OVERRIDES, "ppo.iterations=3", "ppo.checkpoint_every=1", "logging.progress=true",
+        *GROUP_OVERRIDES, "ppo.iterations=2", "ppo.checkpoint_every=1", "logging.progress=true",
+        f"cluster.ray_address={ray_local.get_runtime_context().gcs_address}",
     ]  # fmt: skip
-    env = subprocess_env()
+    env = subprocess_env(own_ray=True)
     first = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert first.returncode == 3, first.stderr[-3000:]
     stopped = [line for line in first.stderr.splitlines() if line.startswith("rlhf: stopped:")]
     assert len(stopped) == 1, first.stderr[-3000:]
     line = stopped[0]
-    assert "ppo iteration 3" in line and f"reward.function='{fn}:reward'" in line
+    assert "ppo iteration 2" in line and f"reward.function='{fn}:reward'" in line
     assert "ValueError: verifier crashed" in line and "row 0" in line
-    assert "iter_000002" in line  # the newest checkpoint a rerun resumes from
+    assert "iter_000001" in line  # the newest checkpoint a rerun resumes from
     trigger.unlink()
     second = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "(iteration 2)" in second.stdout
+    assert "resumed from" in second.stdout and "(iteration 1)" in second.stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    assert steps == [1, 2]
