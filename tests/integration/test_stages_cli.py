@@ -5,6 +5,7 @@ No Ray is needed: every case fails in validation, and the output directory must 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,14 +19,15 @@ from tests.conftest import REPO, TINY_CONFIG
 pytestmark = pytest.mark.integration
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """``python -m trainers.stages.cli ARGS`` from the repository root."""
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m trainers.stages.cli ARGS`` from the repository root (``env``: its whole environment)."""
     return subprocess.run(
         [sys.executable, "-m", "trainers.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
 
 
@@ -92,8 +94,9 @@ def test_sft_without_a_safetensors_model_exits_2(world_dir, tmp_path):
 @pytest.mark.slow
 def test_unreachable_ray_address_exits_2_before_writing_and_hides_the_password(world_dir, tmp_path):
     """Connecting comes before the output directory is touched; Ray Client's own warning and log line are
-    silenced so the error stays one line; the URL's password never reaches the terminal (~35 s: Ray
-    Client's connection timeout)."""
+    silenced so the error stays one line; the URL's password never reaches the terminal. Ray Client tries
+    3 times, waiting 5, 10 and 20 s; the test starts it at 1 s (``RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S``,
+    read by ray/util/client/worker.py), the same failure in 7 s."""
     out = tmp_path / "out"
     result = run_cli(
         "pretrain",
@@ -103,6 +106,7 @@ def test_unreachable_ray_address_exits_2_before_writing_and_hides_the_password(w
         "cluster.ray_address=ray://someone:hunter2hunter2@127.0.0.1:1",
         "--out",
         str(out),
+        env=dict(os.environ, RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S="1"),
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
