@@ -4,7 +4,9 @@ its log and metrics, the start-up placement lines, and the metric comparison wit
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -60,6 +62,18 @@ def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
         if proc.poll() is None:
             proc.kill()
     return code, log.read_text()
+
+
+def stop_head(proc: subprocess.Popen) -> None:
+    """End a ``ray start --head --block`` started in its own process group: SIGTERM, then SIGKILL of the
+    group after 5 s. On SIGTERM ``ray start --block`` spends ~35 s stopping its children; the group's
+    SIGKILL ends the same processes (the workers, in groups of their own, follow their raylet)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
 
 
 def our_line(text: str) -> str:

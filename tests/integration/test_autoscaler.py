@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,15 @@ from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE
 
 from cluster.node_types import FAKE_HEAD_TYPE, fake_cluster_config
 from tests.conftest import REPO, TINY_CONFIG, free_ports
-from tests.integration.cluster_runs import assert_same_metrics, finish, our_line, placed, rows, start
+from tests.integration.cluster_runs import (
+    assert_same_metrics,
+    finish,
+    our_line,
+    placed,
+    rows,
+    start,
+    stop_head,
+)
 from tests.integration.conftest import ppo_inputs, reference_variant
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -135,14 +142,7 @@ class AutoscalingHead:
             time.sleep(1)
 
     def shutdown(self) -> None:
-        # `ray start --block` spends ~35 s stopping its children on SIGTERM; the group's SIGKILL after a
-        # few seconds ends the same processes (the workers, in groups of their own, follow their raylet).
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
+        stop_head(self.proc)
         if self._saved is None:
             self._current.unlink(missing_ok=True)
         else:

@@ -16,7 +16,6 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import pytest
 
 from cluster.upload import measure_upload
 from tests.conftest import REPO, free_ports
+from tests.integration.cluster_runs import stop_head
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -89,12 +89,7 @@ def ray_head():
 
         yield address, env, f"{resolve_ip_for_localhost('127.0.0.1')}:{ports['port']}"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` takes ~35 s over it; SIGKILL after 5
-        try:
-            head.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(30)
+        stop_head(head)
         log.close()
 
 
