@@ -4,8 +4,8 @@ like Qwen2.5-Instruct and Llama-3-Instruct (tests/chat_models.py) and TRL-style 
 For each family of :data:`tests.chat_models.FAMILIES` one module-scoped fixture builds the model directory
 (random ``tiny`` weights, the family's tokenizer and chat template), writes the session's synthetic world
 (``world_dir``) as ``messages`` / ``prompt``-``chosen``-``rejected`` JSONL (no pretraining kind:
-``ppo.ptx_coef=0``), and runs the three stages once as subprocesses, each a driver joining the session's Ray. The tests
-then read the outputs with plain transformers:
+``ppo.ptx_coef=0``), and runs the three stages once as subprocesses, each a driver joining the session's
+Ray. The tests then read the outputs with plain transformers:
 
 - the SFT model learned the replies in its *own* template: their mean NLL under the model's
   :class:`trainers.data.chat.ChatFormat` is below the NLL of the same replies in the world's

@@ -44,11 +44,10 @@ def path_for_jit(path: str, interpreter_dir: Path) -> str:
     process was started (an activated environment, ``ray start`` from the venv's ``bin``, or not).
     Pinning the one next to the interpreter makes every worker of one environment agree; without a
     ``ninja`` there, ``PATH`` is left as it is."""
+    ninja = interpreter_dir / "ninja"
+    if not ninja.is_file() or shutil.which("ninja", path=path) == str(ninja):
+        return path
     first = str(interpreter_dir)
-    if not (interpreter_dir / "ninja").is_file():
-        return path
-    if shutil.which("ninja", path=path) == str(interpreter_dir / "ninja"):
-        return path
     rest = [entry for entry in path.split(os.pathsep) if entry and entry != first]
     return os.pathsep.join([first, *rest])
 
