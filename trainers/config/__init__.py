@@ -5,8 +5,9 @@
 
 Errors are :class:`trainers.errors.ConfigError` (exit code 2, one line): an unknown key names the
 closest valid key, a wrong type or out-of-range value names the key, the value and what is allowed.
-The sections live in :mod:`~trainers.config.sections`, loading and printing in
-:mod:`~trainers.config.loading`; this package re-exports both (it stays light: no torch, no Ray).
+The sections live in :mod:`~trainers.config.sections`, the whole run and its checks in
+:mod:`~trainers.config.run`, loading and printing in :mod:`~trainers.config.loading`; this package
+re-exports all three (it stays light: no torch, no Ray).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from trainers.config.loading import (
     to_dict,
     tokenizer_dir,
 )
+from trainers.config.run import Config
 from trainers.config.sections import (
     ClusterConfig,
-    Config,
     DataConfig,
     LoggingConfig,
     ModelConfig,

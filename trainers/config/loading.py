@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from trainers.config.sections import Config
+from trainers.config.run import Config
 from trainers.errors import ConfigError
 from trainers.redact import redact
 
