@@ -18,14 +18,16 @@ One iteration (docs/design.md, "PPO-ptx data flow" and issue 15):
               (PPO clip + KL loss term + ptx_coef x LM loss on pretraining text, aggregated by
               ``ppo.loss_agg``) and, with GAE, critic (clipped value loss) in parallel;
 4. sync       (:func:`sync_weights`) gathered policy weights -> every vLLM engine;
+   with colocated GPU placement the engines sleep through 2 and 3 and wake around 4
+   (:mod:`trainers.ppo.colocation`);
 5. KL controller update, evaluation every ``ppo.eval_every`` (:mod:`trainers.ppo.evaluate`), metrics,
    checkpoint.
 
 The package, one file per seam: ``schedule`` (seeds, rows, permutations, rank plans), ``batch`` (rollout
 batches), ``sampling`` (the generate phase), ``scoring`` (the no-grad passes, the reward sources),
 ``experience`` (advantages), ``evaluate``, ``metrics``, ``checkpoint``, ``setup`` (validation, what each
-role is given), ``roles`` (the actor groups), ``recovery`` (lost actors, non-finite streaks) and this
-module: the phases and the loop.
+role is given), ``roles`` (the actor groups), ``recovery`` (lost actors, non-finite streaks), ``colocation``
+(the engines' sleep and wake) and this module: the phases and the loop.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from trainers.ppo.checkpoint import (
     run_shape,
     save_checkpoint,
 )
+from trainers.ppo.colocation import EngineMemory
 from trainers.ppo.evaluate import evaluate
 from trainers.ppo.experience import (
     ExperiencePasses,
@@ -119,8 +122,6 @@ def make_experience(
     -> overlong shaping -> KL -> ``ppo.advantage``'s advantages
     (:func:`trainers.ppo.experience.compute_advantages`); returns what the training actors get and the
     rollout and objective metrics (``objective/score`` is the summed score before clip and penalties)."""
-    if roles.colocated_gpu:
-        ray.get([e.sleep.remote() for e in roles.engines()])
     rollout, p = sampled.rollout, cfg.ppo
     mask = rollout.tokens.response_mask
     names = ["old_logprobs", "ref_logprobs"] + ["values"] * (roles.critic is not None)
@@ -173,16 +174,22 @@ def train(
     return metrics, skipped
 
 
-def sync_weights(roles: Roles) -> dict[str, float]:
+def sync_weights(roles: Roles, memory: EngineMemory | None = None) -> dict[str, float]:
     """Phase 4: gathered policy weights into every vLLM engine (collective over the policy ranks); an
-    engine lost on the way is restarted and the push repeated (:func:`with_engine_recovery`)."""
-    engines = roles.engines()
-    if roles.colocated_gpu:
-        ray.get([e.wake_up.remote(["weights"]) for e in engines])
+    engine lost on the way is restarted and the push repeated (:func:`with_engine_recovery`).
+
+    ``memory``: the engines' sleep state; asleep (colocated GPU placement) they get their weights back
+    first and their KV cache after the push. None: they are awake (the start-up sync of a resumed run)."""
+    memory = memory or engine_memory(roles)
+    memory.wake_weights()
     stats = with_engine_recovery(roles, "weight sync", lambda: push_policy_weights(roles), push_first=False)
-    if roles.colocated_gpu:
-        ray.get([e.wake_up.remote(["kv_cache"]) for e in engines])
+    memory.wake_kv_cache()
     return {"sync/bytes": float(stats["bytes"]), "sync/buckets": float(stats["buckets"])}
+
+
+def engine_memory(roles: Roles) -> EngineMemory:
+    """The engines' sleep state, awake; it moves only with colocated GPU placement."""
+    return EngineMemory(roles.engines, roles.colocated_gpu)
 
 
 def run_iteration(
@@ -193,14 +200,17 @@ def run_iteration(
     kl_ctl,
     checkpoints: Path,
     scorer: RewardScorer,
+    memory: EngineMemory | None = None,
 ) -> dict[str, float]:
     """One PPO-ptx iteration (module docstring), phase by phase; advances ``state``; returns its metrics.
 
+    ``memory``: the engines' sleep state (awake on entry and on return; :mod:`trainers.ppo.colocation`).
     Raises :class:`RunStopped` (naming the newest complete checkpoint under ``checkpoints``) when
     ``ppo.max_nonfinite_steps`` optimizer steps in a row of the policy or the critic were skipped.
     """
     timings: dict[str, float] = {}
     it = state.iteration + 1
+    memory = memory or engine_memory(roles)
 
     def score(rollout: Rollout, rows: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         sources = score_sources(roles, scorer, data, rollout, rows, it)
@@ -210,8 +220,10 @@ def run_iteration(
         return sources, used
 
     with timed(timings, "generate"):
+        memory.require_awake("generation")
         sampled = sample_rollouts(roles, cfg, data, state, score)
     with timed(timings, "experience"):
+        memory.sleep()
         experience, metrics = make_experience(roles, cfg, data, sampled, scorer, kl_ctl.value, it)
     with timed(timings, "train"):
         plan = plan_training(
@@ -229,7 +241,7 @@ def run_iteration(
         metrics |= train_metrics
         check_nonfinite(state, skipped, cfg.ppo.max_nonfinite_steps, checkpoints)
     with timed(timings, "sync"):
-        metrics |= sync_weights(roles)
+        metrics |= sync_weights(roles, memory)
     kl_ctl.update(metrics["objective/kl"], len(sampled.rollout))
     state.iteration += 1
     state.kl_controller = kl_ctl.state_dict()
@@ -251,11 +263,13 @@ def iterate(
     recovered during the iteration), print progress, checkpoint every ``ppo.checkpoint_every`` and at the
     end."""
     p = cfg.ppo
+    memory = engine_memory(roles)
     while state.iteration < p.iterations:
         restarts = roles.engine_restarts
-        metrics = run_iteration(roles, cfg, data, state, kl_ctl, out / "checkpoints", scorer)
+        metrics = run_iteration(roles, cfg, data, state, kl_ctl, out / "checkpoints", scorer, memory)
         if p.eval_every and (state.iteration % p.eval_every == 0 or state.iteration == p.iterations):
             with timed(metrics, "eval"):
+                memory.require_awake("evaluation")
                 metrics |= evaluate(roles, cfg, data, scorer, state.iteration)
         metrics["rollout/engine_restarts"] = float(roles.engine_restarts - restarts)
         writer.log(state.iteration, metrics)
