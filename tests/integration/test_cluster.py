@@ -164,3 +164,57 @@ def test_waiting_for_an_actor_that_does_not_answer_says_so_and_gives_up(ray_loca
     assert 2.9 <= time.monotonic() - start < 30  # gave up at its timeout, before the answer came
     assert len(waited) >= 2 and waited == sorted(waited) and waited[0] >= 1.0
     assert wait_until_alive(lambda: answer.remote(0.0), timeout_s=30.0, notify=waited.append) == "ok"
+
+
+COLOCATED_PROBE = """
+import json, ray
+from cluster.placement import place_roles, release
+from tests.unit.test_resources import colocated_config
+from trainers.ppo.setup import ppo_bundles
+
+ray.init(num_cpus=6, num_gpus=2, include_dashboard=False, log_to_driver=False)
+
+@ray.remote
+class Probe:
+    def gpus(self):
+        return [str(g) for g in ray.get_gpu_ids()]
+
+placements = place_roles(ppo_bundles(colocated_config(2), gpu=True), colocated=True, timeout_s=60, name="c")
+probes = {
+    (role, rank): Probe.options(**p.actor_options(rank)).remote()
+    for role, p in placements.items() for rank in range(p.num_ranks)
+}
+gpus = dict(zip(probes, ray.get([a.gpus.remote() for a in probes.values()])))
+groups = {p.group.id.hex() for p in placements.values()}
+print(json.dumps({"groups": len(groups), "gpus": {f"{r}:{k}": g for (r, k), g in gpus.items()}}))
+release(placements)
+"""
+"""A driver with its own local Ray declaring 2 logical GPUs on this CPU machine: the colocated plan of a GAE
+run with an RM (2 ranks of each role, 2 engines), one probe actor per rank placed as the PPO roles are."""
+
+
+def test_colocated_roles_land_one_rank_of_each_and_one_engine_per_gpu():
+    """Ray itself assigns the (logical) GPUs: rank r of policy, critic, reference, reward and engine r all
+    get GPU r of one placement group, and the two ranks get different GPUs. No vLLM or DeepSpeed starts."""
+    import json
+    import subprocess
+
+    from tests.conftest import REPO, subprocess_env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", COLOCATED_PROBE],
+        env=subprocess_env(own_ray=True),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["groups"] == 1
+    gpus = found["gpus"]
+    roles = ("policy", "critic", "reference", "reward", "rollout")
+    assert sorted(gpus) == sorted(f"{role}:{rank}" for role in roles for rank in (0, 1))
+    assert all(len(ids) == 1 for ids in gpus.values())  # a share of one GPU each
+    by_rank = [{gpus[f"{role}:{rank}"][0] for role in roles} for rank in (0, 1)]
+    assert [len(ids) for ids in by_rank] == [1, 1] and by_rank[0] != by_rank[1]

@@ -263,3 +263,35 @@ def test_messages_leave_out_rays_bookkeeping_resources():
         check_feasible(
             {"rollout": [{"CPU": 1.0, "engine": 1.0}]}, ClusterResources(total=node, node_shapes=[node])
         )
+
+
+def colocated_config(gpus: int):
+    """A GAE run with an RM on ``gpus`` shared GPUs: ``gpus`` ranks of every role and ``gpus`` engines."""
+    workers = {f"{role}_workers": gpus for role in ("policy", "critic", "reference", "reward")}
+    return config_from_dict(
+        {
+            "cluster": {"placement": "colocated", "cpus_per_actor": 0.5},
+            "ppo": {**workers, "advantage": "gae", "mini_batch_size": 8 * gpus, "micro_batch_size": 2},
+            "rollout": {"num_engines": gpus},
+            "reward": {"path": "rm"},
+        }
+    )
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_colocated_plan_puts_one_engine_and_one_rank_of_every_role_on_each_gpu(gpus):
+    """What ``place_roles(colocated=True)`` asks Ray for: bundle r is GPU r, holding engine r and rank r of
+    the policy, critic, reference and reward; the five GPU shares fit in one GPU."""
+    from trainers.ppo.setup import ppo_bundles
+
+    bundles = ppo_bundles(colocated_config(gpus), gpu=True)
+    assert sorted(bundles) == ["critic", "policy", "reference", "reward", "rollout"]
+    assert all(len(ranks) == gpus for ranks in bundles.values())
+    shared = colocated_bundles(bundles)
+    assert shared == [{"GPU": 1.0, "CPU": 2.5}] * gpus  # 5 actors x 0.5 CPU on each GPU
+    for r in range(gpus):
+        assert sum(role[r]["GPU"] for role in bundles.values()) <= 1.0
+    check_feasible(bundles, gpu_cluster(gpus_per_node=gpus, cpus=32), colocated=True)
+    if gpus > 1:  # one GPU fewer than ranks: the shared bundles do not fit
+        with pytest.raises(UserError, match=f"needs {gpus} GPU but the cluster has {gpus - 1} GPU"):
+            check_feasible(bundles, gpu_cluster(gpus_per_node=gpus - 1, cpus=32), colocated=True)
