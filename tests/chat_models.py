@@ -173,20 +173,30 @@ def _padded_vocab(n: int) -> int:
     return (n // VOCAB_MULTIPLE + 1) * VOCAB_MULTIPLE
 
 
-def _save_model(out: Path, tok, architecture: str, seed: int, generation: dict, **config_fields) -> None:
-    """Save a random ``tiny``-shaped ``architecture`` model (config + model.safetensors) for the saved
+def _save_model(
+    out: Path,
+    tok,
+    architecture: str,
+    seed: int,
+    generation: dict,
+    preset: str = "tiny",
+    vocab_size: int | None = None,
+    **config_fields,
+) -> None:
+    """Save a random ``preset``-shaped ``architecture`` model (config + model.safetensors) for the saved
     tokenizer ``tok`` and ``generation_config.json`` into ``out``; ``config_fields`` override the config's
-    token ids and tying."""
+    token ids and tying. ``vocab_size`` None: ``len(tok)`` padded (:func:`_padded_vocab`). The weights are
+    float32, or bfloat16 for a GPU preset (``trainers.runtime.presets``)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from trainers.runtime.presets import build_config
+    from trainers.runtime.presets import build_config, get_preset
 
-    config = build_config(
-        "tiny", tok, architecture=architecture, vocab_size=_padded_vocab(len(tok)), **config_fields
-    )
+    vocab = vocab_size or _padded_vocab(len(tok))
+    config = build_config(preset, tok, architecture=architecture, vocab_size=vocab, **config_fields)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).float()
+    dtype = getattr(torch, get_preset(preset).dtype)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(str(out))
     # Written whole: save_pretrained's own generation_config.json would only copy config.json's ids.
     GenerationConfig(**generation).save_pretrained(str(out))
@@ -198,10 +208,18 @@ def _set_tokenizer_class(out: Path, name: str) -> None:
     path.write_text(json.dumps(json.loads(path.read_text()) | {"tokenizer_class": name}, indent=2) + "\n")
 
 
-def build_qwen_like(out_dir: str | Path, texts: Sequence[str], seed: int = 0) -> Path:
+def build_qwen_like(
+    out_dir: str | Path,
+    texts: Sequence[str],
+    seed: int = 0,
+    preset: str = "tiny",
+    vocab_size: int | None = None,
+) -> Path:
     """A Qwen2.5-Instruct-like model directory in ``out_dir`` (see the module docstring); returns it.
 
-    Same ``texts`` and ``seed`` -> the same tokenizer and weights.
+    Same ``texts`` and ``seed`` -> the same tokenizer and weights. ``preset``/``vocab_size``: another shape,
+    e.g. ``qwen2.5-0.5b`` with Qwen's 151,936 rows for the GPU tests (bfloat16, rows past the tokenizer's
+    unused).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -235,6 +253,8 @@ def build_qwen_like(out_dir: str | Path, texts: Sequence[str], seed: int = 0) ->
         "qwen2",
         seed,
         generation,
+        preset=preset,
+        vocab_size=vocab_size,
         bos_token_id=end_of_text,
         eos_token_id=im_end,
         pad_token_id=None,

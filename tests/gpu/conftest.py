@@ -1,4 +1,11 @@
-"""GPU tests: collected everywhere, skipped where CUDA is absent (CI and the CPU dev machines)."""
+"""GPU tests: collected everywhere, skipped where CUDA is absent (CI and the CPU dev machines).
+
+Session fixtures (built only when a test that needs them runs, i.e. on a GPU machine):
+
+- ``gpu_ray``: one local Ray for the session, with the machine's GPUs;
+- ``policy_dir`` / ``reward_dir``: a Qwen2.5-0.5B-shaped chat model and an RM on its trunk
+  (:mod:`tests.gpu.gpu_models`), built in a few seconds, nothing downloaded.
+"""
 
 import pytest
 import torch
@@ -11,3 +18,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/gpu/" in str(item.fspath):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gpu_ray():
+    """A local Ray with this machine's GPUs (vLLM engines and trainers are its actors); shut down at the end."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tmp_path_factory):
+    from tests.gpu.gpu_models import build_policy_dir
+
+    return build_policy_dir(tmp_path_factory.mktemp("qwen05") / "policy")
+
+
+@pytest.fixture(scope="session")
+def reward_dir(policy_dir, tmp_path_factory):
+    from tests.gpu.gpu_models import build_reward_dir
+
+    return build_reward_dir(policy_dir, tmp_path_factory.mktemp("qwen05") / "rm")

@@ -118,7 +118,8 @@ def start_roles(cfg: Config, device: str, run_name: str, stop_ids: Sequence[int]
     ``stop_ids``: the run's stop set, given to every vLLM engine (:func:`trainers.ppo.setup.rollout_kwargs`).
 
     The vLLM engines start first (the slowest to come up) and load in the background while the
-    DeepSpeed ranks build; one ``ray.get`` waits for everything. A failed start kills what it started
+    DeepSpeed ranks build (except on shared GPUs: colocated placement waits for the engines first);
+    one ``ray.get`` waits for everything. A failed start kills what it started
     and frees the placement groups before re-raising.
     """
     gpu = device == "cuda"
@@ -148,6 +149,10 @@ def start_roles(cfg: Config, device: str, run_name: str, stop_ids: Sequence[int]
             env=faults,
             max_restarts=cfg.ppo.max_engine_restarts,
         )
+        if gpu and colocated:
+            # vLLM sizes its KV cache from the GPU's free memory while it starts, assuming no other process
+            # changes its usage meanwhile; on a shared GPU the DeepSpeed ranks build only after that.
+            ray.get([a.health.remote() for a in started["rollout"].actors])
         if cfg.reward.function is not None:
             started_pool = FunctionRewardPool(
                 cfg.reward.function,
