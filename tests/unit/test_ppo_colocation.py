@@ -142,7 +142,9 @@ def run_two_iterations(monkeypatch, tmp_path, colocated_gpu: bool) -> list:
     kl_ctl = algos.make_kl_controller("fixed", 0.1)
     state = DriverState(kl_controller=kl_ctl.state_dict())
     writer = SimpleNamespace(log=lambda iteration, metrics: log.append(("driver", f"log {iteration}")))
-    driver.iterate(roles, cfg, SimpleNamespace(ptx=[], pad_id=0), state, kl_ctl, writer, tmp_path, scorer=None)
+    driver.iterate(
+        roles, cfg, SimpleNamespace(ptx=[], pad_id=0), state, kl_ctl, writer, tmp_path, scorer=None
+    )
     assert state.iteration == 2
     return log
 
@@ -195,7 +197,9 @@ def test_dedicated_iteration_never_sleeps_the_engines(monkeypatch, tmp_path):
     kl_ctl = algos.make_kl_controller("fixed", 0.1)
     state = DriverState(kl_controller=kl_ctl.state_dict())
     writer = SimpleNamespace(log=lambda iteration, metrics: None)
-    driver.iterate(roles, cfg, SimpleNamespace(ptx=[], pad_id=0), state, kl_ctl, writer, tmp_path, scorer=None)
+    driver.iterate(
+        roles, cfg, SimpleNamespace(ptx=[], pad_id=0), state, kl_ctl, writer, tmp_path, scorer=None
+    )
     assert per_engine(log, 0) == ["generate", "push weights"]
 
 
