@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import REPO, subprocess_env
 from tests.gpu.gpu_models import record, write_prompts
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 CONFIG = REPO / "trainers" / "configs" / "qwen2.5-0.5b-1gpu.yaml"
 ITERATIONS = 2
