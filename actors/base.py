@@ -32,9 +32,10 @@ from actors.specs import ModelSpec, TrainSpec
 from cluster.actor_group import DistributedWorker
 from cluster.faults import injector
 from trainers.algos import logprobs_from_logits
-from trainers.ppo.batch import TokenBatch
+from trainers.data.packing import pack, split_to
+from trainers.ppo.batch import Experience, TokenBatch
 from trainers.runtime.device import disable_cudnn_attention
-from trainers.runtime.dist import init_distributed
+from trainers.runtime.dist import all_reduce_max, all_reduce_sum, init_distributed
 from trainers.runtime.models import forward_logits, prepare_for_training
 from trainers.runtime.step_guard import StepGuard
 from trainers.runtime.zero import CHECKPOINT_TAG, ds_config, gathered, hf_deepspeed_context, init_deepspeed
@@ -123,11 +124,33 @@ class ModelWorker(DistributedWorker):
     @torch.no_grad()
     def _map_micro(self, shard: TokenBatch, fn: Callable[[TokenBatch], torch.Tensor]) -> torch.Tensor:
         """``fn`` over micro-batches of ``shard`` (on this actor's device) without grad; results
-        concatenated on the CPU."""
+        concatenated on the CPU. With ``micro_batch_tokens``: :meth:`_map_packed`."""
+        if self.spec.micro_batch_tokens > 0:
+            return self._map_packed(shard, fn)
         outs = [
             fn(mb.to(self.device)).float().cpu() for mb in shard.micro_batches(self.spec.micro_batch_size)
         ]
         return torch.cat(outs, dim=0)
+
+    def _map_packed(self, shard: TokenBatch, fn: Callable[[TokenBatch], torch.Tensor]) -> torch.Tensor:
+        """``fn`` over ``shard`` packed by the token budget, each micro-batch cut to its real columns
+        (``TokenBatch.trimmed``); as many micro-batches as the rank of this group that packed to the
+        most (one all-reduce: ZeRO-3's forward gathers are collectives). Results ``(n,)`` or ``(n, R)``
+        in the shard's row order, 0 in the cut columns (padding, which ``fn`` zeroes anyway)."""
+        lengths = shard.row_lengths()
+        groups = pack(lengths, self.spec.micro_batch_tokens)
+        count = int(all_reduce_max([float(len(groups))])[0])
+        out: torch.Tensor | None = None
+        for group in split_to(groups, count, lengths):
+            idx = torch.tensor(group, dtype=torch.long)
+            result = fn(shard.rows(idx).trimmed().to(self.device)).float().cpu()  # (m,) or (m, R')
+            if out is None:
+                out = torch.zeros((len(shard), *((shard.response_len,) if result.dim() == 2 else ())))
+            if result.dim() == 2:
+                out[idx, : result.shape[1]] = result
+            else:
+                out[idx] = result
+        return out
 
     def _response_logprobs(self, mb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logprobs (m, R), response logits (m, R, V))`` of the response tokens at the sampling temperature
@@ -212,11 +235,30 @@ class TrainableWorker(ModelWorker):
 
     def _check_plan(self, micros: list[torch.Tensor]) -> None:
         """The driver's plan must match DeepSpeed's accumulation steps, or DeepSpeed would step at the
-        wrong micro-batch."""
+        wrong micro-batch. With ``micro_batch_tokens`` the count varies by step and the actor marks the
+        boundary itself (:meth:`_micro_batch`); then every rank must have the same count, at least 1, or
+        ZeRO-3's gathers would hang: checked with one all-reduce (count and its square summed: equal
+        counts iff ``W x sum(n^2) == sum(n)^2``), so every rank fails alike."""
+        if self.spec.micro_batch_tokens > 0:
+            n = len(micros)
+            total, squares = all_reduce_sum([float(n), float(n * n)])
+            if self.world_size * squares != total * total or n < 1:
+                raise ValueError(f"rank {self.rank} has {n} micro-batches, ranks hold {total:g} in all")
+            return
         if len(micros) != self.spec.grad_accum:
             raise ValueError(
                 f"plan has {len(micros)} micro-batches per step, DeepSpeed expects {self.spec.grad_accum}"
             )
+
+    def _micro_batch(self, experience: Experience, idx: torch.Tensor, last: bool) -> Experience:
+        """The rows ``idx`` of ``experience`` on this actor's device; with ``micro_batch_tokens`` cut to
+        their real columns (``Experience.trimmed``), and ``last`` made DeepSpeed's accumulation boundary
+        (set before the forward, as DeepSpeed asks)."""
+        mb = experience.rows(idx)
+        if self.spec.micro_batch_tokens > 0:
+            mb = mb.trimmed()
+            self.model.set_gradient_accumulation_boundary(last)
+        return mb.to(self.device)
 
     def _grad_norm(self) -> float:
         """Global gradient norm of the last optimizer step, before clipping (0.0 if unknown; inf for a

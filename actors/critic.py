@@ -70,7 +70,7 @@ class CriticWorker(TrainableWorker):
             acc: dict[str, float] = defaultdict(float)
             guard = self._step_guard()
             for i, idx in enumerate(micros):
-                mb = experience.rows(idx).to(self.device)
+                mb = self._micro_batch(experience, idx, last=i == len(micros) - 1)
                 loss, st = value_loss(
                     self._values(mb.tokens),
                     mb.values,

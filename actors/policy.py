@@ -143,7 +143,7 @@ class PolicyWorker(TrainableWorker):
             guard = self._step_guard()
             for i, (idx, slot) in enumerate(zip(micros, slots, strict=True)):
                 last, poison = i == len(micros) - 1, i == 0 and self._fault_at(plan.first_step + step)
-                mb = experience.rows(idx).to(self.device)
+                mb = self._micro_batch(experience, idx, last)
                 self._micro_step(mb, slot, norm, ptx_norm, acc, guard, last, poison)
             acc["skipped"] = 0.0 if guard.applied else 1.0  # the same on every rank
             acc["max_grad_norm"] = self._grad_norm()  # the same on every rank

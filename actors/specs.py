@@ -22,6 +22,10 @@ class ModelSpec:
     """DeepSpeed ZeRO stage."""
     micro_batch_size: int = 8
     """Rows per forward (and per backward when training)."""
+    micro_batch_tokens: int = 0
+    """Token budget per forward instead of ``micro_batch_size`` (0: off): no-grad passes pack their shard
+    by it with as many micro-batches on every rank; training takes the driver's plan (its count varies
+    by step)."""
     temperature: float = 1.0
     """Sampling temperature: every log-prob divides logits by it (docs/ppo_details.md item 3)."""
     torch_threads: int = 1
@@ -48,7 +52,8 @@ class TrainSpec(ModelSpec):
     grad_clip: float = 1.0
     """Global gradient-norm clip (0: off)."""
     grad_accum: int = 1
-    """Micro-batches per rank per optimizer step (the plan the driver sends has exactly this many)."""
+    """Micro-batches per rank per optimizer step (the plan the driver sends has exactly this many; with
+    ``micro_batch_tokens`` DeepSpeed's configured count only, the plan's varies by step)."""
     clip_eps: float = 0.2
     """PPO ratio clip (policy) or value clip around the old values (critic)."""
     ptx_coef: float = 0.0

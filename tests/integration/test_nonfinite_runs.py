@@ -4,7 +4,7 @@
   only, and an inf gradient with a finite loss on rank 1 only, are both skipped on *both* ranks, and
   the weights and LR afterwards are bit-identical to a run that never saw those steps.
 - PPO (fault injection through ``RLHF_FAULT_NONFINITE_STEPS``, trainers/runtime/nonfinite.py): (a) a 2-iteration
-  run with 3 poisoned steps finishes, counts them in ``policy/skipped_steps``/``value/skipped_steps``,
+  run (micro-batches by a token budget) with 3 poisoned steps finishes, counts them in ``policy/skipped_steps``/``value/skipped_steps``,
   saves finite weights and the critic's streak in its checkpoint; (b) ``rlhf ppo`` continuing it to 4
   iterations with two more poisoned critic steps stops (exit 3, one line) because the streak carried
   over from the checkpoint reaches 3, naming that checkpoint, which is untouched (same hashes).
@@ -143,7 +143,16 @@ def test_step_guard_skips_on_every_rank_and_leaves_no_trace():
 # PPO
 # --------------------------------------------------------------------------------------------------
 
-PPO_OVERRIDES = [*PPO_TEST_OVERRIDES, "ppo.checkpoint_every=2", "ppo.max_nonfinite_steps=3"]
+PPO_OVERRIDES = [
+    *PPO_TEST_OVERRIDES,
+    "ppo.checkpoint_every=2",
+    "ppo.max_nonfinite_steps=3",
+    "ppo.micro_batch_tokens=160",
+]
+"""Micro-batches by a token budget here (docs/design.md, "Token-budget micro-batches (issue 17)"): the
+shared run's micro-batches of 4 rows compute 4 x (P+R) ~ 240 slots; 160 gives a count that varies by step
+and rank before the ranks are made equal, so this run also shows the packed no-grad passes, the policy's
+and critic's varying accumulation and the skip path together on real ZeRO-3 ranks."""
 
 
 def _hashes(directory: Path) -> dict[str, tuple[str, int]]:
@@ -185,6 +194,8 @@ def test_ppo_poisoned_steps_are_skipped_counted_and_the_run_finishes(skipped_run
     assert [r["step"] for r in records] == [1, 2] and summary["ppo/iterations"] == 2
     assert [r["policy/skipped_steps"] for r in records] == [2.0, 0.0]
     assert [r["value/skipped_steps"] for r in records] == [0.0, 1.0]
+    for r in records:  # the token budget's layout: rows cut to their real columns, grouped by length
+        assert 0 <= r["policy/padding_fraction"] < 0.5 and r["policy/micro_batches"] >= 1, r
     for r in records:  # means over the applied steps only: nothing NaN leaks into the metrics
         for key in ("loss/policy", "loss/ptx", "loss/value", "policy/grad_norm", "policy/approx_kl"):
             assert r[key] is not None and math.isfinite(r[key]), (r["step"], key)

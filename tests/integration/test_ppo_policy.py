@@ -87,29 +87,47 @@ def _experience(batch, old_logprobs, advantages=None, ref_logprobs=None):
     )
 
 
-def _plans(batch, world: int, ptx_rows, pad, loss_agg: str = "token_mean"):
+def _plans(batch, world: int, ptx_rows, pad, loss_agg: str = "token_mean", budget: int = 0):
     """Each rank's plan of one optimizer step over all rows of ``batch``, split like the driver (the
-    policy loss's denominator as ``plan_training`` computes it for ``loss_agg``)."""
+    policy loss's denominator as ``plan_training`` computes it for ``loss_agg``): micro-batches of 2 rows,
+    or by the token budget ``budget`` (``ppo.micro_batch_tokens``) with one ptx slot per micro-batch."""
     from trainers.algos import agg_denominator
-    from trainers.ppo.schedule import ptx_plan, rank_plans, step_token_counts
+    from trainers.ppo.schedule import ptx_plan, rank_micro_batches, rank_plans, step_token_counts
 
     steps = [torch.arange(len(batch))]
     mask = batch.tokens.response_mask
     tokens = step_token_counts(mask, steps)
     denominators = [agg_denominator(mask, loss_agg, mask.shape[1])]
-    micro_steps = len(batch) // (2 * world)
+    micros = rank_micro_batches(steps, world, 2, budget, batch.tokens.row_lengths())
+    micro_steps = len(micros[0][0])
     ptx = None if ptx_rows is None else [ptx_plan(ptx_rows, world, micro_steps=micro_steps, pad_id=pad)]
     return rank_plans(
-        steps, world, micro_batch_size=2, step_tokens=tokens, first_step=1, ptx=ptx, denominators=denominators
+        steps,
+        world,
+        micro_batch_size=2,
+        step_tokens=tokens,
+        first_step=1,
+        ptx=ptx,
+        denominators=denominators,
+        micros=micros,
     )
 
 
 def _train(
-    ray, group, batch, old_logprobs, ptx_rows, pad, advantages=None, ref_logprobs=None, loss_agg="token_mean"
+    ray,
+    group,
+    batch,
+    old_logprobs,
+    ptx_rows,
+    pad,
+    advantages=None,
+    ref_logprobs=None,
+    loss_agg="token_mean",
+    budget=0,
 ):
     """One optimizer step over all rows of ``batch`` (zero advantages unless given), split like the driver."""
     experience = _experience(batch, old_logprobs, advantages, ref_logprobs)
-    plans = _plans(batch, len(group), ptx_rows, pad, loss_agg)
+    plans = _plans(batch, len(group), ptx_rows, pad, loss_agg, budget)
     return ray.get(group.map(lambda a, r: a.train.remote(experience, plans[r])))
 
 
@@ -147,20 +165,37 @@ def test_zero_advantages_without_ptx_leave_weights_unchanged_and_ptx_alone_moves
     assert second["ptx_sum"] < first["ptx_sum"]  # the step went down the pretraining loss
 
 
+def _rank_budget(batch, world: int) -> int:
+    """A token budget under which rank 0's rows of the step fit in one micro-batch and the last rank's
+    (longer responses) do not: rank 0 must split further to the last rank's count."""
+    from trainers.data.packing import pack, padded_size
+
+    lengths = batch.tokens.row_lengths()
+    per_rank = len(lengths) // world
+    budget = padded_size(lengths[:per_rank])
+    assert len(pack(lengths[:per_rank], budget)) == 1 and len(pack(lengths[-per_rank:], budget)) == 2
+    return budget
+
+
 @pytest.mark.parametrize(
-    ("loss_agg", "extra"),
+    ("loss_agg", "extra", "by_tokens"),
     [
-        ("token_mean", {}),
-        ("seq_mean_token_mean", {"kl_loss_coef": 0.5, "clip_eps_high": 0.28}),
-        ("token_sum_norm", {"kl_loss_coef": 0.5, "clip_eps_high": 0.28}),
+        ("token_mean", {}, False),
+        ("seq_mean_token_mean", {"kl_loss_coef": 0.5, "clip_eps_high": 0.28}, True),
+        ("token_sum_norm", {"kl_loss_coef": 0.5, "clip_eps_high": 0.28}, False),
     ],
 )
 def test_one_step_is_the_same_over_2_ranks_or_2_micro_batches(
-    ray_local, sft_model_dir, data, loss_agg, extra
+    ray_local, sft_model_dir, data, loss_agg, extra, by_tokens
 ):
     """docs/ppo_details.md item 24: each ``ppo.loss_agg`` is the same aggregate over the whole minibatch,
     whatever the split -- with the KL loss term and clip-higher on for the group-style modes. Non-zero
-    advantages and old log-probs shifted so that some ratios are clipped; ptx on."""
+    advantages and old log-probs shifted so that some ratios are clipped; ptx on.
+
+    ``by_tokens``: also 2 ranks with ``ppo.micro_batch_tokens`` (docs/design.md, "Token-budget micro-batches
+    (issue 17)"), DeepSpeed told 1 micro-batch per step while the plan has 2 (rank 0 packed to 1, split to
+    the other rank's 2; each cut to its real columns): the same log-probs from the packed no-grad pass, the
+    same step."""
     from cluster.placement import release
     from trainers.ppo.metrics import sum_over_ranks
 
@@ -172,6 +207,13 @@ def test_one_step_is_the_same_over_2_ranks_or_2_micro_batches(
     deep, deep_pg = start_policy(
         ray_local, sft_model_dir, world=1, grad_accum=2, name="test-agg-1x2", **fields
     )
+    groups = [(wide, wide_pg), (deep, deep_pg)]
+    if by_tokens:
+        budget = _rank_budget(batch, WORLD)
+        packed, packed_pg = start_policy(
+            ray_local, sft_model_dir, WORLD, 1, "test-agg-tokens", micro_batch_tokens=budget, **fields
+        )
+        groups.append((packed, packed_pg))
     try:
         g = torch.Generator().manual_seed(0)
         mask = batch.tokens.response_mask.float()
@@ -190,8 +232,20 @@ def test_one_step_is_the_same_over_2_ranks_or_2_micro_batches(
         assert wide_stats["clip_sum"] > 0  # the clipped branch is exercised
         a, b = _state(ray_local, wide), _state(ray_local, deep)
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+        if by_tokens:
+            torch.testing.assert_close(
+                _old_logprobs(ray_local, packed, batch), policy_logprobs, rtol=0, atol=1e-5
+            )
+            packed_stats = sum_over_ranks(_train(ray_local, packed, *args, budget=budget))[0]
+            assert packed_stats["skipped"] == 0
+            for key in ("max_grad_norm", *keys):
+                assert packed_stats[key] == pytest.approx(wide_stats[key], rel=1e-5), key
+            # Other shapes, other fp32 rounding; AdamW's first step moves each weight by about lr x the
+            # sign of its gradient, so where a gradient is ~0 that rounding shows: seen 8e-6 at lr 1e-3.
+            c = _state(ray_local, packed)
+            assert all(torch.allclose(c[k], a[k], rtol=0, atol=2e-5) for k in a)
     finally:
-        for group, pg in ((wide, wide_pg), (deep, deep_pg)):
+        for group, pg in groups:
             group.kill()
             release(pg)
 

@@ -138,6 +138,14 @@ def test_file_errors(tmp_path):
             "ppo.mini_batch_size=16 is not a multiple of ppo.micro_batch_size x ppo.policy_workers",
         ),
         (["ppo.critic_workers=3"], "ppo.critic_workers = 24"),
+        (
+            ["ppo.micro_batch_tokens=512", "ppo.critic_workers=3"],
+            "ppo.mini_batch_size=16 does not split evenly over ppo.critic_workers=3",
+        ),
+        (
+            ["ppo.micro_batch_tokens=512", "ppo.offload_optimizer=true", "ppo.zero_stage=2"],
+            "ppo.micro_batch_tokens with ppo.offload_optimizer needs ppo.zero_stage 3, got 2",
+        ),
         (["rollout.top_k=5"], "top_k -1 for PPO"),
         (["rollout.max_new_tokens=300", "model.max_len=256"], "must be below model.max_len"),
     ],
@@ -145,6 +153,14 @@ def test_file_errors(tmp_path):
 def test_validate_batch_arithmetic(overrides, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict({}, overrides)
+
+
+def test_micro_batch_tokens_replaces_the_micro_batch_size_arithmetic():
+    """With a token budget the micro-batch count varies by step: only the ranks must split a minibatch."""
+    cfg = config_from_dict({}, ["ppo.micro_batch_tokens=512", "ppo.micro_batch_size=3"])
+    assert cfg.ppo.micro_batch_tokens == 512
+    with pytest.raises(ConfigError, match="ppo.micro_batch_tokens"):
+        config_from_dict({}, ["ppo.micro_batch_tokens=-1"])
 
 
 def test_errors_are_user_errors_with_one_line():

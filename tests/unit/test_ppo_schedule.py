@@ -185,3 +185,56 @@ def test_plan_training_without_a_critic_plans_no_critic_ranks(estimator):
     assert plan.critic == []
     assert len(plan.policy) == 2 and all(len(r.steps) == 4 for r in plan.policy)
     assert len(schedule.plan_training(_ppo(), 0, torch.ones(8, 2), [], 0, pad_id=0).critic) == 1
+
+
+def test_plan_training_by_tokens_gives_every_rank_as_many_micro_batches_with_a_ptx_slot_each():
+    """``ppo.micro_batch_tokens``: each step's rank parts packed by length, the same count on every policy
+    rank (the critic's own), one ptx slot per policy micro-batch, every row once, token counts unchanged."""
+    g = torch.Generator().manual_seed(3)
+    n = 16
+    prompt = torch.randint(1, 6, (n,), generator=g).tolist()
+    response = torch.randint(1, 12, (n,), generator=g).tolist()
+    response[5] = 40  # one row over the budget alone
+    mask = torch.tensor([[1] * r + [0] * (40 - r) for r in response])  # (16, 40)
+    lengths = list(zip(prompt, response))
+    ptx_data = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11, 12]]
+    over = {"mini_batch_size": 8, "micro_batch_tokens": 30, "ptx_coef": 0.5, "ptx_batch_size": 2}
+    p = _ppo(**over)
+    plan = schedule.plan_training(p, 0, mask, ptx_data, 0, pad_id=0, lengths=lengths)
+    fixed = schedule.plan_training(_ppo(**over | {"micro_batch_tokens": 0}), 0, mask, ptx_data, 0, pad_id=0)
+    assert plan.step_tokens == fixed.step_tokens and plan.denominators == fixed.denominators
+    counts = []
+    for k, rows in enumerate(plan.minibatches):
+        for ranks in (plan.policy, plan.critic):
+            micros = [rank.steps[k].micro_batches for rank in ranks]
+            assert len({len(m) for m in micros}) == 1  # equal counts over the ranks of a role
+            assert all(len(m) for mb in micros for m in mb)  # none empty
+            assert sorted(torch.cat([m for mb in micros for m in mb]).tolist()) == sorted(rows.tolist())
+        # each rank keeps today's contiguous part of the minibatch
+        for rank, part in enumerate(rows.chunk(2)):
+            got = torch.cat(plan.policy[rank].steps[k].micro_batches)
+            assert sorted(got.tolist()) == sorted(part.tolist())
+        counts.append(len(plan.policy[0].steps[k].micro_batches))
+        for rank in plan.policy:
+            assert len(rank.steps[k].ptx) == counts[-1]  # one slot per micro-batch
+            assert rank.steps[k].ptx_tokens == fixed.policy[0].steps[k].ptx_tokens
+    assert counts != [4] * len(counts)  # not the fixed layout of 1-row micro-batches
+    five = [m for r in plan.policy for s in r.steps for m in s.micro_batches if 5 in m.tolist()]
+    assert all(m.tolist() == [5] for m in five)  # 5 + 40 > 30 tokens: alone
+
+
+def test_token_micro_batches_need_the_lengths():
+    with pytest.raises(ValueError, match="lengths"):
+        schedule.rank_micro_batches([torch.arange(4)], world=2, micro_batch_size=1, micro_batch_tokens=8)
+
+
+def test_padding_metrics_count_the_slots_each_layout_computes():
+    """Fixed micro-batches compute the batch's whole width P+R; trimmed ones rows x (longest prompt +
+    longest response)."""
+    from trainers.ppo.batch import build_rollout_batch
+
+    tokens = build_rollout_batch([[5], [5, 6, 7]], [[8, 2], [8, 8, 8, 2]], 0, (2,)).tokens  # P=3, R=4
+    plan = [schedule.RankPlan(1, [schedule.StepPlan([torch.tensor([0]), torch.tensor([1])], tokens=6)])]
+    fixed = schedule.padding_metrics(plan, tokens, trimmed=False)
+    assert fixed == {"padding_fraction": pytest.approx(1 - 10 / 14), "micro_batches": 2.0}  # 3 + 7 real
+    assert schedule.padding_metrics(plan, tokens, trimmed=True)["padding_fraction"] == 0.0

@@ -113,6 +113,11 @@ def test_role_specs_give_each_actor_its_model_and_batch_shape(inputs):
     assert specs["policy"].ptx_coef == 0.5 and specs["critic"].clip_eps == cfg.ppo.value_clip_eps
     assert all(s.temperature == 0.7 and s.dtype == "fp32" for s in specs.values())  # item 3
     assert specs["policy"].tokenizer_path == str((inputs["data"] / "tokenizer").resolve())
+    assert all(s.micro_batch_tokens == 0 for s in specs.values())
+    cfg.ppo.micro_batch_tokens = 300  # the plan's count varies by step: DeepSpeed is told 1
+    specs = setup.role_specs(cfg, "cpu")
+    assert all(s.micro_batch_tokens == 300 for s in specs.values())
+    assert specs["policy"].grad_accum == 1 and specs["critic"].grad_accum == 1
 
 
 def test_rollout_kwargs_cpu_uses_a_fixed_kv_cache(inputs):

@@ -60,6 +60,12 @@ class Config:
             )
         trained = [("policy", p.policy_workers)] + [("critic", p.critic_workers)] * (p.advantage == "gae")
         for role, workers in trained:  # critic-free runs have no critic to split batches for
+            if p.micro_batch_tokens > 0:  # micro-batches by tokens: only the ranks must split evenly
+                if p.mini_batch_size % workers:
+                    raise ConfigError(
+                        f"ppo.mini_batch_size={p.mini_batch_size} does not split evenly over ppo.{role}_workers={workers}"
+                    )
+                continue
             per_step = p.micro_batch_size * workers
             if p.mini_batch_size % per_step:
                 raise ConfigError(
@@ -118,6 +124,11 @@ class Config:
             )
         if p.offload_optimizer and p.zero_stage == 0:
             raise ConfigError("ppo.offload_optimizer needs ppo.zero_stage 1, 2 or 3 (ZeRO-Offload), got 0")
+        if p.micro_batch_tokens > 0 and p.offload_optimizer and p.zero_stage in (1, 2):
+            raise ConfigError(
+                f"ppo.micro_batch_tokens with ppo.offload_optimizer needs ppo.zero_stage 3, got {p.zero_stage}: "
+                "ZeRO 1/2's offload accumulates by the configured micro-batch count, which a token budget varies"
+            )
 
     def _validate_role_resources(self) -> None:
         """``cluster.role_resources`` names PPO roles (or '*') and custom resources with positive amounts:

@@ -310,6 +310,11 @@ class PPOConfig:
     ppo_epochs: int = opt(2, "Passes over each iteration's experience, reshuffled each time.", ge=1)
     mini_batch_size: int = opt(16, "Sequences per optimizer step over all policy ranks.", ge=1)
     micro_batch_size: int = opt(8, "Sequences per rank per forward/backward.", ge=1)
+    micro_batch_tokens: int = opt(
+        0,
+        "Token budget per forward/backward instead of micro_batch_size: rows x (longest prompt + longest response), rows grouped by length, as many micro-batches on every rank (0: off).",
+        ge=0,
+    )
     policy_lr: float = opt(1e-5, "Policy learning rate.", gt=0)
     critic_lr: float = opt(5e-5, "Critic learning rate.", gt=0)
     weight_decay: float = opt(0.0, "AdamW weight decay (policy and critic).", ge=0)

@@ -74,6 +74,27 @@ class TokenBatch(_Rows):
         """``(N, R)`` the response columns of ``sequences``."""
         return self.sequences[:, -self.response_len :]
 
+    def row_lengths(self) -> list[tuple[int, int]]:
+        """``(prompt, response)`` real tokens of each row: the segment lengths of
+        ``trainers.data.packing``."""
+        r_len = self.response_len
+        prompts = self.attention_mask[:, :-r_len].sum(-1).tolist()  # (N,)
+        responses = self.response_mask.sum(-1).tolist()  # (N,)
+        return list(zip(prompts, responses))
+
+    def trimmed(self) -> TokenBatch:
+        """The same rows without their all-padding columns: the prompt columns left of the longest prompt
+        and the response columns right of the longest response (at least one). Response token t stays at
+        column ``P' + t``, and positions come from the attention mask, so every real token's output is
+        unchanged (docs/design.md, "Token-budget micro-batches (issue 17)")."""
+        r_len = self.response_len
+        p_keep = int(self.attention_mask[:, :-r_len].sum(-1).max())
+        r_keep = max(1, int(self.response_mask.sum(-1).max()))
+        start, stop = self.sequences.shape[1] - r_len - p_keep, self.sequences.shape[1] - r_len + r_keep
+        return TokenBatch(
+            self.sequences[:, start:stop], self.attention_mask[:, start:stop], self.response_mask[:, :r_keep]
+        )
+
 
 @dataclass
 class Rollout(_Rows):
@@ -117,6 +138,18 @@ class Experience(_Rows):
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def trimmed(self) -> Experience:
+        """The same rows with the tokens :meth:`TokenBatch.trimmed` and every ``(N, R)`` tensor cut to
+        the kept response columns (the cut ones are padding, 0 in each)."""
+        tokens = self.tokens.trimmed()
+        r_keep = tokens.response_len
+        changes = {
+            f.name: v[:, :r_keep]
+            for f in dataclasses.fields(self)
+            if isinstance(v := getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, tokens=tokens, **changes)
 
 
 @dataclass

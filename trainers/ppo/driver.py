@@ -82,7 +82,7 @@ from trainers.ppo.recovery import (
 )
 from trainers.ppo.roles import Roles, check_resources, push_policy_weights, start_roles
 from trainers.ppo.sampling import Sampled, sample_rollouts
-from trainers.ppo.schedule import TrainPlan, plan_training
+from trainers.ppo.schedule import TrainPlan, padding_metrics, plan_training
 from trainers.ppo.scoring import RewardScorer, score_rollout
 from trainers.ppo.setup import RunData, objective_line, validate_run
 from trainers.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
@@ -234,11 +234,13 @@ def run_iteration(
             state.ptx_position,
             data.pad_id,
             cfg.rollout.max_new_tokens,
+            lengths=experience.tokens.row_lengths(),
         )
         state.ptx_position += plan.ptx_rows
         announce_poisoned_steps(plan.first_step, len(plan.minibatches))
         train_metrics, skipped = train(roles, experience, plan)
-        metrics |= train_metrics
+        layout = padding_metrics(plan.policy, experience.tokens, trimmed=cfg.ppo.micro_batch_tokens > 0)
+        metrics |= train_metrics | {f"policy/{k}": v for k, v in layout.items()}
         check_nonfinite(state, skipped, cfg.ppo.max_nonfinite_steps, checkpoints)
     with timed(timings, "sync"):
         metrics |= sync_weights(roles, memory)

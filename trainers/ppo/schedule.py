@@ -15,9 +15,9 @@ import torch
 
 from trainers import algos
 from trainers.data.collate import IGNORE_INDEX, collate_lm
+from trainers.data.packing import equal_packs, padded_size
 from trainers.data.sharding import split_sizes
-from trainers.ppo.batch import PtxBatch
-from trainers.runtime.zero import grad_accum_steps
+from trainers.ppo.batch import PtxBatch, TokenBatch
 
 if TYPE_CHECKING:  # annotations only: the actors import this module, and must not import the config
     from trainers.config import PPOConfig
@@ -77,14 +77,27 @@ def minibatches(perms: Sequence[torch.Tensor], mini_batch_size: int) -> list[tor
 
 
 def rank_micro_batches(
-    steps: Sequence[torch.Tensor], world: int, micro_batch_size: int
+    steps: Sequence[torch.Tensor],
+    world: int,
+    micro_batch_size: int,
+    micro_batch_tokens: int = 0,
+    lengths: Sequence[tuple[int, int]] | None = None,
 ) -> list[list[list[torch.Tensor]]]:
     """``out[rank][step]`` = that rank's micro-batches (row indices) of each optimizer step.
 
-    Every step's rows are split evenly over ``world`` ranks, then into micro-batches of
-    ``micro_batch_size``; config validation guarantees both divisions are exact, and then every rank runs
-    the same number of micro-batches per step (ZeRO-3 lock-step).
+    Every step's rows are split evenly over ``world`` ranks (rank r the r-th contiguous part), then into
+    micro-batches of ``micro_batch_size``; config validation guarantees both divisions are exact, and then
+    every rank runs the same number of micro-batches per step (ZeRO-3 lock-step).
+
+    With ``micro_batch_tokens`` > 0, each rank's part is instead packed by that token budget over the
+    rows' ``(prompt, response)`` ``lengths`` (:func:`trainers.data.packing.equal_packs`): grouped by
+    length, as many micro-batches on every rank (the most any rank packed to), none empty; the count may
+    differ from step to step.
     """
+    if micro_batch_tokens > 0:
+        if lengths is None:
+            raise ValueError("micro-batches by a token budget need the rows' lengths")
+        return _token_micro_batches(steps, world, micro_batch_tokens, lengths)
     plan: list[list[list[torch.Tensor]]] = [[] for _ in range(world)]
     for rows in steps:
         if rows.numel() % (world * micro_batch_size):
@@ -94,6 +107,39 @@ def rank_micro_batches(
         for rank, part in enumerate(rows.chunk(world)):
             plan[rank].append(list(part.split(micro_batch_size)))
     return plan
+
+
+def _token_micro_batches(
+    steps: Sequence[torch.Tensor], world: int, budget: int, lengths: Sequence[tuple[int, int]]
+) -> list[list[list[torch.Tensor]]]:
+    plan: list[list[list[torch.Tensor]]] = [[] for _ in range(world)]
+    for rows in steps:
+        if rows.numel() % world:
+            raise ValueError(f"minibatch of {rows.numel()} rows does not split over {world} ranks")
+        parts = rows.chunk(world)
+        packs = equal_packs([[lengths[i] for i in part.tolist()] for part in parts], budget)
+        for rank, (part, groups) in enumerate(zip(parts, packs)):
+            plan[rank].append([part[torch.tensor(g, dtype=torch.long)] for g in groups])
+    return plan
+
+
+def padding_metrics(ranks: Sequence[RankPlan], tokens: TokenBatch, trimmed: bool) -> dict[str, float]:
+    """``padding_fraction`` (padding / computed token slots) and ``micro_batches`` (per rank per step,
+    mean) of one role's plan (the driver logs the policy's as ``policy/*``): a micro-batch computes rows x
+    the batch's width ``P+R``, or -- ``trimmed`` (``ppo.micro_batch_tokens``) -- rows x (its longest prompt
+    + longest response) (``trainers.data.packing.padded_size``)."""
+    lengths = tokens.row_lengths()
+    width = tokens.sequences.shape[1]
+    real = slots = count = 0
+    for rank in ranks:
+        for step in rank.steps:
+            for idx in step.micro_batches:
+                rows = [lengths[i] for i in idx.tolist()]
+                real += sum(p + r for p, r in rows)
+                slots += padded_size(rows) if trimmed else len(rows) * width
+                count += 1
+    steps = sum(len(rank.steps) for rank in ranks)
+    return {"padding_fraction": 1.0 - real / slots if slots else 0.0, "micro_batches": count / max(steps, 1)}
 
 
 def step_token_counts(response_mask: torch.Tensor, steps: Sequence[torch.Tensor]) -> list[int]:
@@ -204,11 +250,14 @@ def rank_plans(
     first_step: int,
     ptx: Sequence[PtxStep] | None = None,
     denominators: Sequence[float] | None = None,
+    micros: list[list[list[torch.Tensor]]] | None = None,
 ) -> list[RankPlan]:
     """Each of ``world`` ranks' :class:`RankPlan` for the optimizer steps ``steps`` (and, for the policy
     with ptx on, one :class:`PtxStep` per step; ``denominators``: the policy loss's, default the token
-    counts)."""
-    micros = rank_micro_batches(steps, world, micro_batch_size)
+    counts). ``micros``: the micro-batches (:func:`rank_micro_batches`) when already laid out, else those
+    of ``micro_batch_size``."""
+    if micros is None:
+        micros = rank_micro_batches(steps, world, micro_batch_size)
     plans = []
     for rank in range(world):
         step_plans = [
@@ -233,11 +282,14 @@ def plan_training(
     ptx_position: int,
     pad_id: int,
     norm_length: int = 0,
+    lengths: Sequence[tuple[int, int]] | None = None,
 ) -> TrainPlan:
     """The :class:`TrainPlan` of (0-based) ``iteration``: fresh permutations per PPO epoch cut into
     minibatches, their global token counts, each rank's micro-batches and -- with ``ppo.ptx_coef > 0`` --
-    the pretraining rows of every step, taken from ``ptx_data`` at ``ptx_position`` on. ``norm_length``:
-    ``rollout.max_new_tokens``, the constant of ``ppo.loss_agg=token_sum_norm``."""
+    the pretraining rows of every step, taken from ``ptx_data`` at ``ptx_position`` on, one slot per
+    policy micro-batch. ``norm_length``: ``rollout.max_new_tokens``, the constant of
+    ``ppo.loss_agg=token_sum_norm``; ``lengths``: each row's ``(prompt, response)`` real tokens
+    (``TokenBatch.row_lengths``), needed with ``ppo.micro_batch_tokens``."""
     perms = epoch_permutations(response_mask.shape[0], p.ppo_epochs, p.seed, iteration)
     steps = minibatches(perms, p.mini_batch_size)
     first_step = iteration * len(steps) + 1
@@ -245,26 +297,39 @@ def plan_training(
     denominators = [
         algos.agg_denominator(response_mask.index_select(0, rows), p.loss_agg, norm_length) for rows in steps
     ]
+    layout = {"micro_batch_tokens": p.micro_batch_tokens, "lengths": lengths}
+    policy = rank_micro_batches(steps, p.policy_workers, p.micro_batch_size, **layout)
     ptx: list[PtxStep] | None = None
     ptx_rows = 0
     if p.ptx_coef > 0:
         per_step = p.policy_workers * p.ptx_batch_size
-        micro_steps = grad_accum_steps(p.mini_batch_size, p.micro_batch_size, p.policy_workers)
         ptx = []
-        for _ in steps:
+        for k in range(len(steps)):
             rows = take_rows(ptx_position + ptx_rows, per_step, len(ptx_data), derived_seed(p.seed, 1))
             ptx_rows += per_step
+            micro_steps = len(policy[0][k])  # the same on every rank
             ptx.append(ptx_plan([ptx_data[i] for i in rows], p.policy_workers, micro_steps, pad_id))
+    critic = []
+    if p.advantage == "gae":
+        micros = rank_micro_batches(steps, p.critic_workers, p.micro_batch_size, **layout)
+        critic = rank_plans(
+            steps, p.critic_workers, p.micro_batch_size, step_tokens, first_step, micros=micros
+        )
     return TrainPlan(
         first_step=first_step,
         minibatches=steps,
         step_tokens=step_tokens,
         policy=rank_plans(
-            steps, p.policy_workers, p.micro_batch_size, step_tokens, first_step, ptx, denominators
+            steps,
+            p.policy_workers,
+            p.micro_batch_size,
+            step_tokens,
+            first_step,
+            ptx,
+            denominators,
+            micros=policy,
         ),
-        critic=rank_plans(steps, p.critic_workers, p.micro_batch_size, step_tokens, first_step)
-        if p.advantage == "gae"
-        else [],
+        critic=critic,
         ptx_tokens=[s.tokens for s in ptx] if ptx is not None else None,
         denominators=denominators,
         ptx_rows=ptx_rows,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from actors.specs import ModelSpec, TrainSpec
 from cluster.resources import RoleRequest, role_bundles
-from trainers.config import Config, tokenizer_dir
+from trainers.config import Config, PPOConfig, tokenizer_dir
 from trainers.data import kind_paths, read_conversations
 from trainers.data.chat import ChatFormat, open_chat_format
 from trainers.data.collate import text_windows
@@ -158,6 +158,7 @@ def role_specs(cfg: Config, device: str) -> dict:
         "dtype": resolve_dtype(cfg.model.dtype, device),
         "zero_stage": p.zero_stage,
         "micro_batch_size": p.micro_batch_size,
+        "micro_batch_tokens": p.micro_batch_tokens,
         "temperature": cfg.rollout.temperature,
         "torch_threads": cfg.cluster.torch_threads,
         "seed": p.seed,
@@ -177,7 +178,7 @@ def role_specs(cfg: Config, device: str) -> dict:
         "policy": TrainSpec(
             model_path=sft,
             lr=p.policy_lr,
-            grad_accum=grad_accum_steps(p.mini_batch_size, p.micro_batch_size, p.policy_workers),
+            grad_accum=_grad_accum(p, p.policy_workers),
             clip_eps=p.clip_eps,
             ptx_coef=p.ptx_coef,
             clip_eps_high=p.clip_eps_high,
@@ -194,7 +195,7 @@ def role_specs(cfg: Config, device: str) -> dict:
         specs["critic"] = TrainSpec(
             model_path=rm,
             lr=p.critic_lr,
-            grad_accum=grad_accum_steps(p.mini_batch_size, p.micro_batch_size, p.critic_workers),
+            grad_accum=_grad_accum(p, p.critic_workers),
             clip_eps=p.value_clip_eps,
             **train,
             **common,
@@ -202,6 +203,15 @@ def role_specs(cfg: Config, device: str) -> dict:
     if rm is not None:
         specs["reward"] = ModelSpec(model_path=rm, **common)
     return specs
+
+
+def _grad_accum(p: PPOConfig, workers: int) -> int:
+    """DeepSpeed's accumulation steps of a trained role: micro-batches per rank per step, or 1 with
+    ``ppo.micro_batch_tokens``, whose count varies by step (the actors then mark each step's last
+    micro-batch as DeepSpeed's boundary themselves)."""
+    if p.micro_batch_tokens > 0:
+        return 1
+    return grad_accum_steps(p.mini_batch_size, p.micro_batch_size, workers)
 
 
 def tokenizer_dir_of(cfg: Config) -> Path:

@@ -73,13 +73,23 @@ def barrier() -> None:
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few floats over all ranks (float64, one collective); the input itself without a group."""
+    return _all_reduce(values, "SUM")
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """The largest of a few floats over all ranks (float64, one collective); the input itself without a
+    group."""
+    return _all_reduce(values, "MAX")
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.cpu().tolist()
 
 
