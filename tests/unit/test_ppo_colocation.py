@@ -97,7 +97,9 @@ def fake_phases(monkeypatch, engines: list[FakeEngine], log: list) -> None:
     def make_experience(roles, cfg, data, sampled, scorer, kl_coef, iteration):
         assert all(not e.held for e in engines), "experience passes while the engines hold GPU memory"
         log.append(("driver", "experience"))
-        return SimpleNamespace(tokens=SimpleNamespace(response_mask=None)), {"objective/kl": 0.0}
+        return SimpleNamespace(tokens=SimpleNamespace(response_mask=None, row_lengths=list)), {
+            "objective/kl": 0.0
+        }
 
     def train(roles, experience, plan):
         assert all(not e.held for e in engines), "training while the engines hold GPU memory"
@@ -115,10 +117,11 @@ def fake_phases(monkeypatch, engines: list[FakeEngine], log: list) -> None:
             e.use("evaluate", {"weights", "kv_cache"})
         return {}
 
-    plan = SimpleNamespace(ptx_rows=0, first_step=0, minibatches=[])
+    plan = SimpleNamespace(ptx_rows=0, first_step=0, minibatches=[], policy=None)
     monkeypatch.setattr(driver, "sample_rollouts", sample_rollouts)
     monkeypatch.setattr(driver, "make_experience", make_experience)
-    monkeypatch.setattr(driver, "plan_training", lambda *args: plan)
+    monkeypatch.setattr(driver, "plan_training", lambda *args, **kwargs: plan)
+    monkeypatch.setattr(driver, "padding_metrics", lambda *args, **kwargs: {})
     monkeypatch.setattr(driver, "announce_poisoned_steps", lambda *args: None)
     monkeypatch.setattr(driver, "train", train)
     monkeypatch.setattr(driver, "check_nonfinite", lambda *args: None)
@@ -184,7 +187,9 @@ def test_dedicated_iteration_never_sleeps_the_engines(monkeypatch, tmp_path):
 
     def experience_awake(roles, cfg, data, sampled, scorer, kl_coef, iteration):
         assert engines[0].held == {"weights", "kv_cache"}
-        return SimpleNamespace(tokens=SimpleNamespace(response_mask=None)), {"objective/kl": 0.0}
+        return SimpleNamespace(tokens=SimpleNamespace(response_mask=None, row_lengths=list)), {
+            "objective/kl": 0.0
+        }
 
     def train_awake(roles, experience, plan):
         return {}, {}
