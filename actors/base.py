@@ -176,11 +176,12 @@ class ModelWorker(DistributedWorker):
 
     # --- weights and state ------------------------------------------------------------------------
 
-    def named_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_full_params(self, every_rank: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, full CPU tensor)`` for every parameter, gathered one at a time.
 
         Collective under ZeRO-3: every rank must run through the whole iterator in the same order;
         only rank 0 gets the pairs (other ranks iterate to take part in each gather and get nothing).
+        ``every_rank``: every rank gets each pair, as a copy on its own device (the CUDA-IPC weight sync).
         Tied parameters come once per name (``lm_head.weight`` and ``model.embed_tokens.weight``): vLLM's
         weight reload unties them, and an ``lm_head`` that receives nothing keeps its old values (seen:
         log-prob mismatch 1.6 after one perturbed update without the alias, 1e-6 with it).
@@ -188,7 +189,10 @@ class ModelWorker(DistributedWorker):
         module = self.model.module
         for name, param in module.named_parameters(remove_duplicate=False):
             with gathered([param]):
-                full = param.detach().to("cpu", copy=True) if self.rank == 0 else None
+                if every_rank:
+                    full = param.detach().clone()
+                else:
+                    full = param.detach().to("cpu", copy=True) if self.rank == 0 else None
             if full is not None:
                 yield name, full
 

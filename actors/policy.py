@@ -2,7 +2,7 @@
 
     logprobs(shard)                                   old log-probs, no grad, by the trained model
     train(experience, plan)                           PPO clip + ptx_coef x LM loss, one step per minibatch
-    sync_weights(engines)                             gathered weights -> every vLLM engine
+    sync_weights(engines, epoch)                      gathered weights -> every vLLM engine
     save_state(dir) / load_state(dir) / save_model(dir)
 
 Loss aggregation (docs/ppo_details.md item 24): the driver sends, for every optimizer step, the global number
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import ray
 import torch
 
 from actors.base import TrainableWorker
 from actors.specs import TrainSpec
-from cluster.weight_sync import CpuBlobSync
+from cluster.weight_sync import make_sync
 from trainers.algos import (
     agg_weights,
     entropy_from_logits,
@@ -152,18 +153,35 @@ class PolicyWorker(TrainableWorker):
 
     # --- weights out --------------------------------------------------------------------------------
 
-    def sync_weights(self, engines: list) -> dict | None:
+    def sync_weights(self, engines: list, engines_epoch: int = 0) -> dict | None:
         """Push the full current weights into every rollout engine (collective over the policy ranks:
-        all take part in each parameter's gather; rank 0 sends). Returns rank 0's transfer stats."""
-        named = self.named_full_params()
-        if self.rank != 0:
+        all take part in each parameter's gather; rank 0 sends, or every rank with CUDA IPC). Returns
+        rank 0's transfer stats.
+
+        The transport is the spec's ``weight_sync`` (``cluster.weight_sync.choose_transport``), built at
+        the first call. ``engines_epoch`` counts the engine restarts the driver saw: when it changed, a
+        restarted engine has lost its broadcast group membership and the group is formed anew.
+        """
+        ipc = self.spec.weight_sync == "ipc"
+        named = self.named_full_params(every_rank=ipc)
+        if self.rank != 0 and not ipc:
             for _ in named:  # take part in every gather
                 pass
             return None
         if getattr(self, "_sync", None) is None:
-            self._sync = CpuBlobSync(engines)
-            self._sync.setup()
-        return self._sync.push(named)
+            self._sync = make_sync(
+                self.spec.weight_sync,
+                engines if self.rank == 0 else [],
+                device=self.spec.device,
+                master_addr=ray.util.get_node_ip_address(),
+                tensor_parallel_size=self.spec.rollout_tensor_parallel_size,
+            )
+            self._sync_epoch = engines_epoch
+        if engines_epoch != self._sync_epoch:
+            self._sync.reset()
+            self._sync_epoch = engines_epoch
+        stats = self._sync.push(named)
+        return {**stats, "transport": self.spec.weight_sync} if self.rank == 0 else None
 
     def save_model(self, out_dir: str) -> str | None:
         """The policy as a Hugging Face directory (safetensors + tokenizer, dropout 0) at ``out_dir``,

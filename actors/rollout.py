@@ -142,6 +142,7 @@ class RolloutEngine:
         self.startup_s = time.perf_counter() - start
         self.sleeping = False
         self.weight_updates = 0  # updates started in this process (fault injection counts them)
+        self.weight_groups = 0  # broadcast groups this process joined
 
     def _params(self, sampling: dict, seed: int | None):
         """vLLM SamplingParams from our sampling dict (keys ``SAMPLING_KEYS``, n defaults to 1)."""
@@ -230,19 +231,33 @@ class RolloutEngine:
         return self._on_workers(WeightReceiver.rlhf_load_weight_blob, blob)[0]
 
     def init_weight_broadcast(
-        self, master_addr: str, master_port: int, rank_offset: int, world_size: int
+        self,
+        master_addr: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 120.0,
     ) -> None:
-        """Join the trainer's NCCL group (GPU transport, untested on CPU)."""
+        """Join (or re-join) the trainer's weight broadcast group (``cluster.weight_sync.BroadcastSync``)."""
         self._on_workers(
-            WeightReceiver.rlhf_init_weight_broadcast, master_addr, master_port, rank_offset, world_size
+            WeightReceiver.rlhf_init_weight_broadcast,
+            master_addr,
+            master_port,
+            rank_offset,
+            world_size,
+            backend,
+            timeout_s,
         )
+        self.weight_groups += 1
 
-    def receive_weight_broadcast(self, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> int:
-        """Receive one bucket broadcast by the trainer (GPU transport, untested on CPU)."""
-        return self._on_workers(WeightReceiver.rlhf_receive_weight_broadcast, names, dtypes, shapes)[0]
+    def receive_weight_broadcast(self, layout: dict) -> int:
+        """Receive one bucket broadcast by the trainer; returns its tensor count."""
+        injector().kill_engine_at(f"weights:{self.weight_updates}")
+        return self._on_workers(WeightReceiver.rlhf_receive_weight_broadcast, layout)[0]
 
     def update_weights_ipc(self, names: list[str], handles: list[dict]) -> int:
-        """Load one bucket shared through CUDA IPC (colocated GPU transport, untested on CPU)."""
+        """Load one bucket shared through CUDA IPC (colocated GPU transport, not run on CPU)."""
         return self._on_workers(WeightReceiver.rlhf_load_weight_ipc, names, handles)[0]
 
     def finish_weight_update(self) -> None:
@@ -279,5 +294,6 @@ class RolloutEngine:
             "startup_s": round(self.startup_s, 2),
             "sleeping": self.sleeping,
             "weight_updates": self.weight_updates,
+            "weight_groups": self.weight_groups,
             "eos_token_ids": self.eos_token_ids,
         }

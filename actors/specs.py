@@ -73,3 +73,8 @@ class TrainSpec(ModelSpec):
     """Recompute each decoder layer's activations in backward (``model.gradient_checkpointing``)."""
     offload_optimizer: bool = False
     """fp32 master weights and AdamW state in CPU memory, the step run there (ZeRO-Offload)."""
+    weight_sync: str = "blob"
+    """Policy only: the weight transport into the rollout engines, as ``cluster.weight_sync.choose_transport``
+    resolved it ('blob', 'broadcast' or 'ipc')."""
+    rollout_tensor_parallel_size: int = 1
+    """Policy only: workers per rollout engine (the broadcast group's world is 1 + engines x this)."""

@@ -14,9 +14,9 @@ tensors arrived, so a bucket may end in the middle of a layer. Calling ``load_we
 bracket fails (``'Parameter' object has no attribute 'weight_loader'``).
 
 Three transports feed the loads:
-- ``rlhf_load_weight_blob``: a safetensors byte string (CPU transport; tested on CPU);
-- ``rlhf_init_weight_broadcast`` + ``rlhf_receive_weight_broadcast``: an NCCL group with the trainer (GPU,
-  dedicated placement; NOT run in this project's CPU tests);
+- ``rlhf_load_weight_blob``: a safetensors byte string (tested on CPU);
+- ``rlhf_init_weight_broadcast`` + ``rlhf_receive_weight_broadcast``: a broadcast group with the trainer's
+  rank 0, gloo on CPU (tested on CPU, the CPU default) or NCCL on dedicated GPUs (the same code);
 - ``rlhf_load_weight_ipc``: CUDA IPC handles of tensors living on the same GPU (GPU, colocated placement;
   NOT run in this project's CPU tests).
 """
@@ -59,38 +59,44 @@ class WeightReceiver:
 
         return self._load(list(load(blob).items()))
 
-    # --- GPU transport, dedicated placement: NCCL broadcast from the trainer --------------------
+    # --- broadcast from the trainer's rank 0: gloo on CPU, NCCL on GPU ---------------------------
 
     def rlhf_init_weight_broadcast(
-        self, master_addr: str, master_port: int, rank_offset: int, world_size: int
+        self,
+        master_addr: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
     ) -> None:
-        """Join the trainer's NCCL group as rank ``rank_offset + tensor-parallel rank`` (trainer = rank 0).
+        """Join the trainer's weight group as rank ``rank_offset + tensor-parallel rank`` (trainer = 0),
+        replacing any earlier group of this worker (a rebuild after an engine restart).
 
-        Uses vLLM's ``StatelessProcessGroup`` so the group is separate from vLLM's own
-        torch.distributed world. Untested on CPU.
+        The group has its own ``TCPStore`` (``cluster.weight_broadcast``), apart from vLLM's own
+        torch.distributed world in this process.
         """
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
+        from cluster.weight_broadcast import join_group
 
+        self._weight_group = None  # the old group's sockets go before the new rendezvous
         rank = rank_offset + self.rank
-        group = StatelessProcessGroup.create(
-            host=master_addr, port=master_port, rank=rank, world_size=world_size
-        )
-        self._weight_comm = PyNcclCommunicator(group, device=self.device)
+        self._weight_group = join_group(backend, master_addr, master_port, rank, world_size, timeout_s)
+        self._weight_device = self.device if backend == "nccl" else "cpu"
 
-    def rlhf_receive_weight_broadcast(
-        self, names: list[str], dtypes: list[str], shapes: list[list[int]]
-    ) -> int:
-        """Receive one bucket, tensor by tensor in ``names`` order, from NCCL rank 0. Untested on CPU."""
-        import torch
+    def rlhf_receive_weight_broadcast(self, layout: dict) -> int:
+        """Receive one bucket (one flat buffer per dtype, ``layout`` from
+        ``cluster.weight_broadcast.BucketLayout.as_dict``) and load its tensors; returns their count."""
+        from cluster.weight_broadcast import BucketLayout, empty_buffers, unflatten_bucket
 
-        received = []
-        for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
-            buf = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._weight_comm.broadcast(buf, src=0, stream=torch.cuda.current_stream())
-            received.append((name, buf))
-        torch.cuda.current_stream().synchronize()
-        return self._load(received)
+        group = getattr(self, "_weight_group", None)
+        if group is None:
+            raise RuntimeError("no weight broadcast group: rlhf_init_weight_broadcast was not called")
+        bucket = BucketLayout.from_dict(layout)
+        buffers = empty_buffers(bucket, self._weight_device)
+        for work in [group.broadcast(b) for b in buffers]:
+            work.wait()
+        # Views of fresh buffers: a layer split over buckets keeps its tensors past this call.
+        return self._load(unflatten_bucket(bucket, buffers))
 
     # --- GPU transport, colocated placement: CUDA IPC -------------------------------------------
 

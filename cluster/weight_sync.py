@@ -3,9 +3,11 @@
 One interface, one path per transport (runs inside the policy's rank-0 actor, which holds the
 rollout engines' actor handles):
 
-    sync = CpuBlobSync(engines)             # or NcclBroadcastSync(engines, ...) / CudaIpcSync(engines)
-    sync.setup()                            # once (the NCCL group handshake; nothing for the others)
+    sync = BroadcastSync(engines, node_ip, 0, backend="gloo")   # or CpuBlobSync(engines) / CudaIpcSync(engines)
     stats = sync.push(state_dict.items())   # every iteration; returns when all engines hold the weights
+
+:func:`choose_transport` is the one place that picks the transport (``rollout.weight_sync``, device,
+placement) and :func:`make_sync` builds it; the policy actor only calls these.
 
 ``push`` takes ``(name, tensor)`` pairs with Hugging Face names, already gathered to full tensors (the
 ZeRO-3 gather is the policy actor's job). An iterator lets the policy gather layer by layer; the gather
@@ -19,13 +21,14 @@ Names: vLLM's Llama/Qwen2 ``load_weights`` takes Hugging Face checkpoint names a
 q/k/v and gate/up itself); :func:`vllm_name` only strips wrapper prefixes such as DeepSpeed's
 ``module.`` and :func:`vllm_named_weights` drops buffers vLLM does not load (rotary ``inv_freq``).
 
-Transports:
-- :class:`CpuBlobSync` — safetensors bytes through the Ray object store. Works everywhere; the CPU path.
-- :class:`NcclBroadcastSync` — NCCL broadcast from the trainer GPU to all engine workers (dedicated
-  GPUs). Not run by this project's tests (no GPU); written against vLLM's ``StatelessProcessGroup``
-  and ``PyNcclCommunicator``.
+Transports (docs/design.md, "Weight transport (issue 17)"):
+- :class:`BroadcastSync` — a broadcast from the policy's rank 0 to every engine worker over a process
+  group of their own (``cluster.weight_broadcast``): gloo on CPU (the CPU default; tested on CPU, and
+  every CPU PPO run uses it), NCCL on dedicated GPUs (the same code; run by tests/gpu only).
+- :class:`CpuBlobSync` — safetensors bytes through the Ray object store. Works everywhere, needs no
+  group; tested on CPU (tests/integration/test_rollout.py).
 - :class:`CudaIpcSync` — CUDA IPC handles when the engine shares the trainer's GPU (colocated).
-  Not run by this project's tests (no GPU).
+  Not run by this project's CPU tests.
 """
 
 from __future__ import annotations
@@ -38,6 +41,16 @@ from typing import Any
 
 import ray
 import torch
+from ray.exceptions import RayActorError
+
+from cluster.weight_broadcast import (
+    BACKENDS,
+    DEFAULT_TIMEOUT_S,
+    WeightGroup,
+    flatten_bucket,
+    host_store,
+    join_group,
+)
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -116,6 +129,10 @@ class WeightSync(ABC):
         """One-time handshake with the engines (nothing to do unless the transport needs a group)."""
         return None
 
+    def reset(self) -> None:
+        """An engine was restarted: forget what it lost (a group membership); nothing for most transports."""
+        return None
+
     @abstractmethod
     def _send(self, bucket: list[tuple[str, torch.Tensor]]) -> list[ray.ObjectRef]:
         """Start sending one bucket to every engine; refs resolve to the tensor count each engine loaded."""
@@ -162,13 +179,17 @@ class WeightSync(ABC):
             stats["tensors"] += len(bucket)
             stats["bytes"] += sum(tensor_bytes(t) for _, t in bucket)
             if len(inflight) >= self.max_inflight_buckets:
-                loaded = [a + b for a, b in zip(loaded, ray.get(inflight.pop(0)), strict=True)]
+                loaded = [a + b for a, b in zip(loaded, self._wait(inflight.pop(0)), strict=True)]
         for refs in inflight:
-            loaded = [a + b for a, b in zip(loaded, ray.get(refs), strict=True)]
+            loaded = [a + b for a, b in zip(loaded, self._wait(refs), strict=True)]
         ray.get([e.finish_weight_update.remote() for e in self.engines])
         if any(count != stats["tensors"] for count in loaded):
             raise RuntimeError(f"weight sync sent {stats['tensors']} tensors but engines loaded {loaded}")
         return {**stats, "seconds": time.perf_counter() - start}
+
+    def _wait(self, refs: list[ray.ObjectRef]) -> list[int]:
+        """Block until every engine loaded one bucket; the tensor count of each."""
+        return ray.get(refs)
 
     def close(self) -> None:
         """Release transport resources (process groups)."""
@@ -185,55 +206,132 @@ class CpuBlobSync(WeightSync):
         return [e.update_weights.remote(ref) for e in self.engines]
 
 
-class NcclBroadcastSync(WeightSync):
-    """NCCL broadcast from the trainer's GPU (rank 0) to every worker of every engine (dedicated GPUs).
+ENGINE_LOSS_GRACE_S = 10.0
+"""How long a failed collective waits for the other engines' calls to resolve (a lost engine's call fails
+with ``RayActorError`` within a second or two, which the driver's recovery needs to see)."""
 
-    NOT RUN in this project's tests (they run on CPU). World: rank 0 = this process, then engine i's
-    tensor-parallel workers at ranks ``1 + i * tp .. i * tp + tp``. Every engine must be on a GPU other
-    than the trainer's (NCCL refuses two ranks on one device); colocated engines use :class:`CudaIpcSync`.
+
+def raise_engine_loss(refs: list[ray.ObjectRef], timeout_s: float) -> None:
+    """Raise the ``RayActorError`` of the first of ``refs`` (engine calls) that failed with one within
+    ``timeout_s``; return if none did."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except RayActorError:
+            raise
+        except Exception:  # noqa: S112 (another engine's own failure: keep looking for a lost one)
+            continue
+
+
+class BroadcastSync(WeightSync):
+    """Broadcast from the policy's rank 0 to every worker of every engine, over a group of their own.
+
+    ``backend`` 'gloo' (CPU tensors) or 'nccl' (rank 0's current GPU; every engine on other GPUs: NCCL
+    refuses two ranks on one device, colocated engines use :class:`CudaIpcSync`) -- the same code, the
+    backend the only difference. World: rank 0 = this process, engine i's tensor-parallel workers at
+    ranks ``1 + i * tp + r``. The group is formed at the first push (or :meth:`setup`) on ``master_addr``
+    (this process's node IP: engines may be on other nodes) and ``master_port`` (0: a free port the OS
+    picks); a rebuild always takes a fresh port.
+
+    Each bucket becomes one flat buffer per dtype (``cluster.weight_broadcast``); the layout goes with
+    the Ray call that makes the engines receive, and up to ``max_inflight_buckets`` buckets are on the
+    wire before waiting for the oldest. A push that fails tears the group down (a gloo group with a
+    failed collective is not reusable, and a restarted engine is no member), so the next push forms a
+    new one with every engine; :meth:`reset` does the same when the caller knows an engine restarted.
     """
+
+    max_inflight_buckets = 2
 
     def __init__(
         self,
         engines: list[Any],
         master_addr: str,
-        master_port: int,
+        master_port: int = 0,
+        backend: str = "gloo",
         tensor_parallel_size: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ):
         super().__init__(engines, bucket_bytes)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.master_addr, self.master_port, self.tp = master_addr, master_port, tensor_parallel_size
-        self.comm = None
+        self.backend, self.timeout_s = backend, timeout_s
+        self.device = "cuda" if backend == "nccl" else "cpu"
+        self.group: WeightGroup | None = None
+        self.setups = 0  # groups formed by this object (a rebuild after an engine restart counts)
+        self._works: list[tuple[list, list[torch.Tensor]]] = []  # per bucket in flight: works, buffers
 
     def setup(self) -> None:
-        """Create the group: engines join in the background while this process joins as rank 0."""
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
+        """Form the group: engines join in the background while this process joins as rank 0."""
+        self.close()
         world = 1 + len(self.engines) * self.tp
+        port = self.master_port if self.setups == 0 else 0
+        store = host_store(self.master_addr, port, world, self.timeout_s)
         refs = [
-            e.init_weight_broadcast.remote(self.master_addr, self.master_port, 1 + i * self.tp, world)
+            e.init_weight_broadcast.remote(
+                self.master_addr, store.port, 1 + i * self.tp, world, self.backend, self.timeout_s
+            )
             for i, e in enumerate(self.engines)
         ]
-        group = StatelessProcessGroup.create(
-            host=self.master_addr, port=self.master_port, rank=0, world_size=world
+        self.group = join_group(
+            self.backend, self.master_addr, store.port, 0, world, self.timeout_s, store=store
         )
-        self.comm = PyNcclCommunicator(group, device=torch.cuda.current_device())
         ray.get(refs)
+        self.setups += 1
+
+    def reset(self) -> None:
+        """Drop the group: the next push forms a new one (an engine restarted and lost its membership)."""
+        self.close()
+
+    def push(self, named: Iterable[tuple[str, torch.Tensor]]) -> dict:
+        """:meth:`WeightSync.push`, forming the group first if there is none; the stats say
+        ``group_setup`` (1 if this push formed it) and ``group_setups`` (so far)."""
+        formed = self.group is None
+        if formed:
+            try:
+                self.setup()
+            except BaseException:
+                self.close()
+                for _ in named:  # the other policy ranks' gathers
+                    pass
+                raise
+        return {**super().push(named), "group_setup": int(formed), "group_setups": self.setups}
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]]) -> list[ray.ObjectRef]:
-        names = [n for n, _ in bucket]
-        dtypes = [str(t.dtype).removeprefix("torch.") for _, t in bucket]
-        shapes = [list(t.shape) for _, t in bucket]
-        refs = [e.receive_weight_broadcast.remote(names, dtypes, shapes) for e in self.engines]
-        stream = torch.cuda.current_stream()
-        for _, tensor in bucket:
-            self.comm.broadcast(tensor.detach().to("cuda").contiguous(), src=0, stream=stream)
-        stream.synchronize()
+        layout, buffers = flatten_bucket(bucket, self.device)
+        refs = [e.receive_weight_broadcast.remote(layout.as_dict()) for e in self.engines]
+        self._works.append(([self.group.broadcast(b) for b in buffers], buffers))
         return refs
 
+    def _wait(self, refs: list[ray.ObjectRef]) -> list[int]:
+        """Engines' counts as they finish (an engine lost shows at once as its ``RayActorError``,
+        even while another still waits on its collective), then rank 0's side of the bucket."""
+        counts = dict.fromkeys(refs)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                counts[ready[0]] = ray.get(ready[0])
+            except RayActorError:
+                raise
+            except Exception:  # a peer's collective failed: if an engine died, that is the error to report
+                raise_engine_loss(pending, ENGINE_LOSS_GRACE_S)
+                raise
+        works, _ = self._works.pop(0)
+        for work in works:
+            work.wait()
+        return [counts[r] for r in refs]
+
+    def _abandon(self, named: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self.close()
+        super()._abandon(named)
+
     def close(self) -> None:
-        self.comm = None
+        """Drop the group (gloo's destructor waits for any collective still pending, up to its timeout)."""
+        self._works.clear()
+        self.group = None
 
 
 class CudaIpcSync(WeightSync):
@@ -269,3 +367,66 @@ class CudaIpcSync(WeightSync):
             dist.barrier()  # ... before any rank frees its tensors
         del alive
         return refs
+
+
+TRANSPORTS = ("auto", "blob", "broadcast", "ipc")
+CPU_DEFAULT = "broadcast"
+"""What ``auto`` picks on CPU: gloo broadcast measured faster than the blob transport
+(tests/bench/results/weight_sync_cpu.json)."""
+
+
+def choose_transport(device: str, placement: str, requested: str = "auto") -> str:
+    """The weight transport for engines on ``device`` ('cpu'/'cuda') placed ``placement``
+    ('dedicated'/'colocated'): ``requested`` if it works there, else ValueError; ``auto``:
+
+    ==========  ===========  =========================================
+    device      placement    transport
+    ==========  ===========  =========================================
+    cuda        colocated    ipc (engine and trainer share the GPU)
+    cuda        dedicated    broadcast (NCCL)
+    cpu         any          :data:`CPU_DEFAULT` (gloo broadcast)
+    ==========  ===========  =========================================
+    """
+    if requested not in TRANSPORTS:
+        raise ValueError(f"rollout.weight_sync must be one of {TRANSPORTS}, got {requested!r}")
+    gpu, colocated = device == "cuda", placement == "colocated"
+    if requested == "auto":
+        return ("ipc" if colocated else "broadcast") if gpu else CPU_DEFAULT
+    if requested == "ipc" and not (gpu and colocated):
+        raise ValueError(
+            f"rollout.weight_sync=ipc needs engines sharing the trainer's GPU (cluster.device=cuda, "
+            f"cluster.placement=colocated), got device {device!r}, placement {placement!r}"
+        )
+    if requested == "broadcast" and gpu and colocated:
+        raise ValueError(
+            "rollout.weight_sync=broadcast on colocated GPUs: NCCL refuses two ranks on one GPU "
+            "(use ipc or auto)"
+        )
+    return requested
+
+
+def make_sync(
+    transport: str,
+    engines: list[Any],
+    *,
+    device: str,
+    master_addr: str,
+    tensor_parallel_size: int = 1,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> WeightSync:
+    """The :class:`WeightSync` of a transport :func:`choose_transport` returned (not 'auto')."""
+    if transport == "blob":
+        return CpuBlobSync(engines, bucket_bytes)
+    if transport == "broadcast":
+        backend = "nccl" if device == "cuda" else "gloo"
+        return BroadcastSync(
+            engines,
+            master_addr,
+            0,
+            backend,
+            tensor_parallel_size=tensor_parallel_size,
+            bucket_bytes=bucket_bytes,
+        )
+    if transport == "ipc":
+        return CudaIpcSync(engines, bucket_bytes)
+    raise ValueError(f"no weight transport {transport!r} (choose_transport resolves 'auto')")

@@ -56,9 +56,9 @@ def reference(ppo_reference) -> list[dict]:
 def test_lost_engine_is_restarted_resynced_and_the_phase_retried(
     ray_local, cfg, reference, tmp_path, monkeypatch, capsys
 ):
-    """Engine 0 crashes at the start of iteration 2's generate, and again while loading the weights of
+    """Engine 0 crashes at the start of iteration 2's generate, and again while receiving the weights of
     iteration 3's sync. Both times Ray restarts it (SFT weights from disk), the driver pushes the current
-    policy weights and redoes the phase: all iterations run, each lost engine is counted, vLLM's log-probs
+    policy weights (over a new broadcast group) and redoes the phase: all iterations run, each lost engine is counted, vLLM's log-probs
     match the policy's as closely as ever, and every metric equals the uninterrupted run's."""
     from trainers.ppo.driver import run_ppo
     from trainers.ppo.schedule import derived_seed
@@ -79,6 +79,10 @@ def test_lost_engine_is_restarted_resynced_and_the_phase_retried(
     assert [r["rollout/engine_restarts"] for r in records] == [0.0, 1.0, 1.0, 0.0]
     lines = [line for line in printed.splitlines() if "rollout engine 0 lost" in line]
     assert len(lines) == 2 and "generate of iteration 2" in lines[0] and "weight sync" in lines[1], printed
+    # The CPU default transport is the gloo broadcast: its group is formed at the first push, and formed
+    # anew with the restarted engine after each loss (the push after recovery), never otherwise.
+    setups = [line for line in printed.splitlines() if "weight sync formed its broadcast group" in line]
+    assert [line.split("(setup ")[1].split(",")[0] for line in setups] == ["1", "2", "3"], printed
     for record in records:  # the restarted engine samples with the current policy, not with SFT's weights
         assert record["rollout/vllm_logprob_diff_max"] < 1e-3, record["step"]
     for step in (2, 4):  # the first samples after each restart

@@ -2,7 +2,8 @@
 
 One engine serves the whole module (start-up is the expensive part). It is started from model A;
 the weight-sync test then pushes model B (A with perturbed weights) through ``CpuBlobSync`` and
-checks vLLM's log-probs against a transformers forward of B (docs/ppo_details.md item 26).
+checks vLLM's log-probs against a transformers forward of B (docs/ppo_details.md item 26). A second
+engine joins it for the broadcast transport's test (``BroadcastSync``, gloo: a group of three ranks).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from actors.rollout import RolloutEngine, request_seeds
 from cluster.actor_group import ActorGroup
 from cluster.placement import place_roles, release
-from cluster.weight_sync import CpuBlobSync
+from cluster.weight_sync import BroadcastSync, CpuBlobSync, iter_buckets, tensor_bytes
 from trainers.algos.logprobs import logprobs_from_logits, shift_for_lm
 from trainers.data.collate import left_pad, position_ids_from_mask
 from trainers.data.tokenizer import train_tokenizer
@@ -53,15 +54,14 @@ def model_dirs(tmp_path_factory):
     return {"a": root / "a", "b": root / "b", "vocab": len(tok)}
 
 
-@pytest.fixture(scope="module")
-def engine(ray_local, model_dirs):
-    """One RolloutEngine actor (CPU bundle, named ``test-rollout-0``), started from model A, stopping on
-    ``STOP_IDS`` as the PPO driver's engines stop on the run's stop set."""
-    placements = place_roles({"rollout": [{"CPU": 1.0}]}, colocated=False, timeout_s=60)
+def start_engine(run_name: str, model_dirs) -> tuple:
+    """One RolloutEngine actor (CPU bundle, named ``<run_name>-rollout-0``) started from model A; with its
+    placement groups. Returns (actor, group, placements)."""
+    placements = place_roles({"rollout": [{"CPU": 1.0}]}, colocated=False, timeout_s=60, name=run_name)
     group = ActorGroup(
         RolloutEngine,
         placements["rollout"],
-        run_name="test",
+        run_name=run_name,
         init_args=(str(model_dirs["a"]),),
         init_kwargs={
             "device": "cpu",
@@ -73,8 +73,25 @@ def engine(ray_local, model_dirs):
         rank_kwargs=lambda rank: {"seed": 1000 + rank},
     )
     health = ray.get(group.actors[0].health.remote())
-    print(f"vLLM engine start-up: {health['startup_s']} s")
-    yield group.actors[0]
+    print(f"vLLM engine start-up ({run_name}): {health['startup_s']} s")
+    return group.actors[0], group, placements
+
+
+@pytest.fixture(scope="module")
+def engine(ray_local, model_dirs):
+    """One RolloutEngine actor (CPU bundle, named ``test-rollout-0``), started from model A, stopping on
+    ``STOP_IDS`` as the PPO driver's engines stop on the run's stop set."""
+    actor, group, placements = start_engine("test", model_dirs)
+    yield actor
+    group.kill()
+    release(placements)
+
+
+@pytest.fixture(scope="module")
+def second_engine(ray_local, model_dirs):
+    """A second engine like :func:`engine` (``test2-rollout-0``): the broadcast test's group of two."""
+    actor, group, placements = start_engine("test2", model_dirs)
+    yield actor
     group.kill()
     release(placements)
 
@@ -203,6 +220,58 @@ def test_weight_sync_then_logprobs_match_transformers(engine, model_dirs):
     hf = logprobs_from_logits(*shift_for_lm(logits, ids))  # (B, W-1), T = 1
     hf_rows = [hf[b, ids.shape[1] - len(s) :] for b, s in enumerate(sequences)]
     assert max_abs_diff(hf_rows, prompt_lp) < 1e-3
+
+
+def bf16_exact(model: torch.nn.Module, names: set[str]) -> None:
+    """Round the named parameters of an fp32 model to bfloat16 values in place: sending them as bf16
+    then loses nothing, so log-probs after a mixed-dtype sync must still match the fp32 model exactly."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in names:
+                p.copy_(p.to(torch.bfloat16).float())
+
+
+def test_broadcast_sync_into_two_engines_with_mixed_dtypes_then_logprobs_match_transformers(
+    engine, second_engine, model_dirs
+):
+    """The gloo broadcast transport, as the policy's rank 0 uses it: model C (B + noise; norms and layer
+    0's MLP rounded to bf16 and sent as bf16) into two engines at once -- one already updated by the blob
+    test, one fresh -- in 256 KiB buckets, several in flight, buckets mixing fp32 and bf16 buffers. Both
+    engines' log-probs then equal a transformers forward of C, and a second push reuses the group."""
+    model_c = AutoModelForCausalLM.from_pretrained(model_dirs["b"], dtype=torch.float32).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model_c.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = model_c.state_dict()
+    as_bf16 = {n for n in state if "norm" in n or "layers.0.mlp" in n}
+    bf16_exact(model_c, as_bf16)
+    named = [(n, t.to(torch.bfloat16) if n in as_bf16 else t) for n, t in model_c.state_dict().items()]
+    buckets = list(iter_buckets(named, 256 * 1024))
+    assert sum(len({t.dtype for _, t in b}) > 1 for b in buckets) >= 2  # mixed-dtype buckets
+
+    sync = BroadcastSync(
+        [engine, second_engine], ray.util.get_node_ip_address(), 0, backend="gloo", bucket_bytes=256 * 1024
+    )
+    stats = sync.push(named)
+    print(f"broadcast sync: {stats}")
+    assert stats["tensors"] == len(state) and stats["buckets"] == len(buckets) > sync.max_inflight_buckets
+    assert stats["group_setup"] == 1 and stats["bytes"] == sum(tensor_bytes(t) for _, t in named)
+
+    prompts = make_prompts(model_dirs["vocab"], 6, seed=4, lengths=(33, 50))
+    params = sampling(max_new_tokens=24, n=2, temperature=TEMPERATURE)
+    for actor in (engine, second_engine):
+        out = ray.get(actor.generate.remote(prompts, params, 6))
+        diff = max_abs_diff(
+            hf_response_logprobs(model_c, prompts, out, TEMPERATURE), [o["logprobs"] for o in out]
+        )
+        print(f"max |vLLM - HF| log-prob after broadcast sync: {diff:.2e}")
+        assert diff < 1e-3
+
+    again = sync.push(named)  # the same group carries the next push
+    assert again["group_setup"] == 0 and again["group_setups"] == 1 and again["tensors"] == len(state)
+    assert [ray.get(a.health.remote())["weight_groups"] for a in (engine, second_engine)] == [1, 1]
+    sync.close()
 
 
 def test_sleep_and_wake_are_no_ops_on_cpu(engine):

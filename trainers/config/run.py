@@ -85,6 +85,7 @@ class Config:
                 f"cluster.placement=colocated needs rollout.tensor_parallel_size=1, got "
                 f"{self.rollout.tensor_parallel_size}: each engine shares one GPU with the training ranks"
             )
+        self._validate_weight_sync()
         if self.rollout.max_new_tokens >= self.model.max_len:
             raise ConfigError(
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be below model.max_len={self.model.max_len}"
@@ -95,6 +96,21 @@ class Config:
         self._validate_role_resources()
         check_wandb(self.logging.wandb_project)  # finds the package without importing it
         return self
+
+    def _validate_weight_sync(self) -> None:
+        """rollout.weight_sync against the placement (and the device, when it is not 'auto')."""
+        from cluster.weight_sync import choose_transport
+
+        c = self.cluster
+        devices = ("cpu", "cuda") if c.device == "auto" else (c.device,)
+        errors = []
+        for device in devices:
+            try:
+                choose_transport(device, c.placement, self.rollout.weight_sync)
+            except ValueError as err:
+                errors.append(str(err))
+        if len(errors) == len(devices):  # fits no device this run could resolve to
+            raise ConfigError(errors[0])
 
     def _validate_estimator(self) -> None:
         """Rules of ``ppo.advantage`` and dynamic sampling (docs/ppo_details.md item 31)."""

@@ -241,6 +241,11 @@ class RolloutConfig:
         1.0, "Nucleus sampling; must stay 1.0 for PPO so log-probs match the sampler.", gt=0, le=1
     )
     top_k: int = opt(-1, "Top-k sampling; must stay -1 (off) for PPO.", ge=-1)
+    weight_sync: str = opt(
+        "auto",
+        "Policy -> engine weight transport: 'broadcast' (gloo on CPU, NCCL on GPU), 'blob' (safetensors through the object store), 'ipc' (CUDA IPC, colocated GPU only); 'auto': ipc on colocated GPUs, else broadcast.",
+        choices=("auto", "blob", "broadcast", "ipc"),
+    )
 
 
 @dataclass

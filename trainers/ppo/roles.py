@@ -91,9 +91,20 @@ class Roles:
 
 
 def push_policy_weights(roles: Roles) -> dict:
-    """The gathered policy weights into every engine (collective over the policy ranks); rank 0's stats."""
-    engines = roles.engines()
-    return ray.get(roles.policy.map(lambda a, _r: a.sync_weights.remote(engines)))[0]
+    """The gathered policy weights into every engine (collective over the policy ranks); rank 0's stats.
+
+    The engine restarts so far go with it: after one, the broadcast transport forms its group anew (a
+    restarted engine is no member); a line says when a push formed a group.
+    """
+    engines, epoch = roles.engines(), roles.engine_restarts
+    stats = ray.get(roles.policy.map(lambda a, _r: a.sync_weights.remote(engines, epoch)))[0]
+    if stats.get("group_setup"):
+        print(
+            f"ppo: weight sync formed its {stats['transport']} group (setup {stats['group_setups']}, "
+            f"{len(engines)} engines)",
+            flush=True,
+        )
+    return stats
 
 
 def role_classes(cfg: Config) -> dict[str, type]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from actors.specs import ModelSpec, TrainSpec
 from cluster.resources import RoleRequest, role_bundles
+from cluster.weight_sync import choose_transport
 from trainers.config import Config, PPOConfig, tokenizer_dir
 from trainers.data import kind_paths, read_conversations
 from trainers.data.chat import ChatFormat, open_chat_format
@@ -186,6 +187,8 @@ def role_specs(cfg: Config, device: str) -> dict:
             kl_loss_estimator=p.kl_loss_estimator,
             loss_agg=p.loss_agg,
             tokenizer_path=str(tokenizer_dir_of(cfg)),
+            weight_sync=weight_transport(cfg, device),
+            rollout_tensor_parallel_size=cfg.rollout.tensor_parallel_size,
             **train,
             **common,
         ),
@@ -212,6 +215,14 @@ def _grad_accum(p: PPOConfig, workers: int) -> int:
     if p.micro_batch_tokens > 0:
         return 1
     return grad_accum_steps(p.mini_batch_size, p.micro_batch_size, workers)
+
+
+def weight_transport(cfg: Config, device: str) -> str:
+    """``rollout.weight_sync`` resolved for the run's device and placement (``cluster.weight_sync``)."""
+    try:
+        return choose_transport(device, cfg.cluster.placement, cfg.rollout.weight_sync)
+    except ValueError as err:  # cluster.device=auto resolved to a device the choice does not fit
+        raise ConfigError(str(err)) from None
 
 
 def tokenizer_dir_of(cfg: Config) -> Path:
