@@ -164,22 +164,23 @@ def join_group(
     """
     if backend not in BACKENDS:
         raise ValueError(f"weight broadcast backend must be one of {BACKENDS}, got {backend!r}")
-    timeout = datetime.timedelta(seconds=rendezvous_timeout_s(timeout_s))
+    joining = datetime.timedelta(seconds=rendezvous_timeout_s(timeout_s))
+    collective = datetime.timedelta(seconds=timeout_s)
     if store is None:
         store = torch.distributed.TCPStore(
-            master_addr, master_port, world_size, is_master=False, timeout=timeout
+            master_addr, master_port, world_size, is_master=False, timeout=joining
         )
     if backend == "gloo":
         opts = torch.distributed.ProcessGroupGloo._Options()
-        opts._timeout = timeout
+        opts._timeout = joining  # gloo's connect waits this long for every peer ...
         host = master_addr if rank == 0 else local_ip_towards(master_addr)
         opts._devices = [torch.distributed.ProcessGroupGloo.create_device(hostname=host)]
         group = torch.distributed.ProcessGroupGloo(store, rank, world_size, opts)
+        group._set_default_timeout(collective)  # ... each collective after it this long
     else:
         opts = torch.distributed.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
+        opts._timeout = collective  # NCCL rendezvouses at the first collective, through the store
         group = torch.distributed.ProcessGroupNCCL(store, rank, world_size, opts)
-    group._set_default_timeout(datetime.timedelta(seconds=timeout_s))
     return WeightGroup(store=store, group=group, rank=rank, world_size=world_size, port=master_port)
 
 
