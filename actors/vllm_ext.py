@@ -16,7 +16,7 @@ bracket fails (``'Parameter' object has no attribute 'weight_loader'``).
 Three transports feed the loads:
 - ``rlhf_load_weight_blob``: a safetensors byte string (tested on CPU);
 - ``rlhf_init_weight_broadcast`` + ``rlhf_receive_weight_broadcast``: a broadcast group with the trainer's
-  rank 0, gloo on CPU (tested on CPU, the CPU default) or NCCL on dedicated GPUs (the same code);
+  rank 0, NCCL on dedicated GPUs (the GPU default) or gloo on CPU (the same code; tested on CPU);
 - ``rlhf_load_weight_ipc``: CUDA IPC handles of tensors living on the same GPU (GPU, colocated placement;
   NOT run in this project's CPU tests).
 """

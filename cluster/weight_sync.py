@@ -23,10 +23,11 @@ q/k/v and gate/up itself); :func:`vllm_name` only strips wrapper prefixes such a
 
 Transports (docs/design.md, "Weight transport (issue 17)"):
 - :class:`BroadcastSync` — a broadcast from the policy's rank 0 to every engine worker over a process
-  group of their own (``cluster.weight_broadcast``): gloo on CPU (the CPU default; tested on CPU, and
-  every CPU PPO run uses it), NCCL on dedicated GPUs (the same code; run by tests/gpu only).
+  group of their own (``cluster.weight_broadcast``): NCCL on dedicated GPUs (the GPU default; run by
+  tests/gpu only), gloo on CPU (the same code; tested on CPU: tests/integration/test_rollout.py and the
+  engine-loss fault test).
 - :class:`CpuBlobSync` — safetensors bytes through the Ray object store. Works everywhere, needs no
-  group; tested on CPU (tests/integration/test_rollout.py).
+  group; the CPU default (measured faster there than gloo over loopback TCP); tested on CPU.
 - :class:`CudaIpcSync` — CUDA IPC handles when the engine shares the trainer's GPU (colocated).
   Not run by this project's CPU tests.
 """
@@ -370,9 +371,9 @@ class CudaIpcSync(WeightSync):
 
 
 TRANSPORTS = ("auto", "blob", "broadcast", "ipc")
-CPU_DEFAULT = "broadcast"
-"""What ``auto`` picks on CPU: gloo broadcast measured faster than the blob transport
-(tests/bench/results/weight_sync_cpu.json)."""
+CPU_DEFAULT = "blob"
+"""What ``auto`` picks on CPU: the blob transport measured 1.4x as fast as the gloo broadcast on one
+machine, 2 engines (shared-memory object store against loopback TCP; tests/bench/results/weight_sync_cpu.json)."""
 
 
 def choose_transport(device: str, placement: str, requested: str = "auto") -> str:
@@ -384,7 +385,7 @@ def choose_transport(device: str, placement: str, requested: str = "auto") -> st
     ==========  ===========  =========================================
     cuda        colocated    ipc (engine and trainer share the GPU)
     cuda        dedicated    broadcast (NCCL)
-    cpu         any          :data:`CPU_DEFAULT` (gloo broadcast)
+    cpu         any          :data:`CPU_DEFAULT` (blob)
     ==========  ===========  =========================================
     """
     if requested not in TRANSPORTS:

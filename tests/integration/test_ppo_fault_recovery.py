@@ -13,6 +13,7 @@ the policy rank is killed with ``ray.kill`` from a thread as soon as the first c
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from pathlib import Path
@@ -58,8 +59,10 @@ def test_lost_engine_is_restarted_resynced_and_the_phase_retried(
 ):
     """Engine 0 crashes at the start of iteration 2's generate, and again while receiving the weights of
     iteration 3's sync. Both times Ray restarts it (SFT weights from disk), the driver pushes the current
-    policy weights (over a new broadcast group) and redoes the phase: all iterations run, each lost engine is counted, vLLM's log-probs
-    match the policy's as closely as ever, and every metric equals the uninterrupted run's."""
+    policy weights and redoes the phase: all iterations run, each lost engine is counted, vLLM's log-probs
+    match the policy's as closely as ever, and every metric equals the uninterrupted run's. This run sends
+    the weights by the gloo broadcast (the reference run by the CPU default, the blob transport: the same
+    bytes arrive), whose group is formed anew after each loss."""
     from trainers.ppo.driver import run_ppo
     from trainers.ppo.schedule import derived_seed
     from trainers.runs.metrics import read_metrics
@@ -70,6 +73,8 @@ def test_lost_engine_is_restarted_resynced_and_the_phase_retried(
     spec = f"generate:{derived_seed(cfg.ppo.seed, 1, 0)}@{generate_marker};weights:3@{sync_marker}"
     monkeypatch.setenv("RLHF_FAULT_KILL_ENGINE", spec)
     out = tmp_path / "run"
+    cfg = copy.deepcopy(cfg)
+    cfg.rollout.weight_sync = "broadcast"
     summary = run_ppo(cfg, out)
     printed = capsys.readouterr().out
 
@@ -79,8 +84,8 @@ def test_lost_engine_is_restarted_resynced_and_the_phase_retried(
     assert [r["rollout/engine_restarts"] for r in records] == [0.0, 1.0, 1.0, 0.0]
     lines = [line for line in printed.splitlines() if "rollout engine 0 lost" in line]
     assert len(lines) == 2 and "generate of iteration 2" in lines[0] and "weight sync" in lines[1], printed
-    # The CPU default transport is the gloo broadcast: its group is formed at the first push, and formed
-    # anew with the restarted engine after each loss (the push after recovery), never otherwise.
+    # The gloo broadcast's group is formed at the first push, and formed anew with the restarted engine
+    # after each loss (the push after recovery), never otherwise.
     setups = [line for line in printed.splitlines() if "weight sync formed its broadcast group" in line]
     assert [line.split("(setup ")[1].split(",")[0] for line in setups] == ["1", "2", "3"], printed
     for record in records:  # the restarted engine samples with the current policy, not with SFT's weights

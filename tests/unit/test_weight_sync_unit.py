@@ -136,9 +136,9 @@ def test_choose_transport_table_and_refusals():
 
     assert choose_transport("cuda", "colocated") == "ipc"
     assert choose_transport("cuda", "dedicated") == "broadcast"
-    assert choose_transport("cpu", "dedicated") == CPU_DEFAULT == "broadcast"
+    assert choose_transport("cpu", "dedicated") == CPU_DEFAULT == "blob"
     assert choose_transport("cpu", "colocated") == CPU_DEFAULT
-    assert choose_transport("cpu", "dedicated", "blob") == "blob"
+    assert choose_transport("cpu", "dedicated", "broadcast") == "broadcast"
     assert choose_transport("cuda", "colocated", "blob") == "blob"
     for device, placement in (("cpu", "colocated"), ("cuda", "dedicated")):
         with pytest.raises(ValueError, match="ipc needs"):

@@ -243,7 +243,7 @@ class RolloutConfig:
     top_k: int = opt(-1, "Top-k sampling; must stay -1 (off) for PPO.", ge=-1)
     weight_sync: str = opt(
         "auto",
-        "Policy -> engine weight transport: 'broadcast' (gloo on CPU, NCCL on GPU), 'blob' (safetensors through the object store), 'ipc' (CUDA IPC, colocated GPU only); 'auto': ipc on colocated GPUs, else broadcast.",
+        "Policy -> engine weight transport: 'broadcast' (gloo on CPU, NCCL on GPU), 'blob' (safetensors through the object store), 'ipc' (CUDA IPC, colocated GPU only); 'auto': ipc on colocated GPUs, broadcast on dedicated GPUs, blob on CPU (measured faster there).",
         choices=("auto", "blob", "broadcast", "ipc"),
     )
 
