@@ -158,7 +158,7 @@ class PolicyWorker(TrainableWorker):
         all take part in each parameter's gather; rank 0 sends, or every rank with CUDA IPC). Returns
         rank 0's transfer stats.
 
-        The transport is the spec's ``weight_sync`` (``cluster.weight_sync.choose_transport``), built at
+        The transport is the spec's ``weight_sync`` (``trainers.config.transport.choose_transport``), built at
         the first call. ``engines_epoch`` counts the engine restarts the driver saw: when it changed, a
         restarted engine has lost its broadcast group membership and the group is formed anew.
         """

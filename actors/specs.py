@@ -74,7 +74,7 @@ class TrainSpec(ModelSpec):
     offload_optimizer: bool = False
     """fp32 master weights and AdamW state in CPU memory, the step run there (ZeRO-Offload)."""
     weight_sync: str = "blob"
-    """Policy only: the weight transport into the rollout engines, as ``cluster.weight_sync.choose_transport``
+    """Policy only: the weight transport into the rollout engines, as ``trainers.config.transport.choose_transport``
     resolved it ('blob', 'broadcast' or 'ipc')."""
     rollout_tensor_parallel_size: int = 1
     """Policy only: workers per rollout engine (the broadcast group's world is 1 + engines x this)."""

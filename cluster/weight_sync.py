@@ -6,8 +6,9 @@ rollout engines' actor handles):
     sync = BroadcastSync(engines, node_ip, 0, backend="gloo")   # or CpuBlobSync(engines) / CudaIpcSync(engines)
     stats = sync.push(state_dict.items())   # every iteration; returns when all engines hold the weights
 
-:func:`choose_transport` is the one place that picks the transport (``rollout.weight_sync``, device,
-placement) and :func:`make_sync` builds it; the policy actor only calls these.
+``trainers.config.transport.choose_transport`` is the one place that picks the transport
+(``rollout.weight_sync``, device, placement; pure, so the config check uses it too) and :func:`make_sync`
+builds it in the policy actor.
 
 ``push`` takes ``(name, tensor)`` pairs with Hugging Face names, already gathered to full tensors (the
 ZeRO-3 gather is the policy actor's job). An iterator lets the policy gather layer by layer; the gather
@@ -370,43 +371,6 @@ class CudaIpcSync(WeightSync):
         return refs
 
 
-TRANSPORTS = ("auto", "blob", "broadcast", "ipc")
-CPU_DEFAULT = "blob"
-"""What ``auto`` picks on CPU: the blob transport, measured 1.8x as fast as the gloo broadcast for a 14 MB
-model into 2 engines on one machine (shared-memory object store against loopback TCP; the broadcast led
-only for a 2 MB model; tests/bench/results/weight_sync_cpu.json, docs/design.md)."""
-
-
-def choose_transport(device: str, placement: str, requested: str = "auto") -> str:
-    """The weight transport for engines on ``device`` ('cpu'/'cuda') placed ``placement``
-    ('dedicated'/'colocated'): ``requested`` if it works there, else ValueError; ``auto``:
-
-    ==========  ===========  =========================================
-    device      placement    transport
-    ==========  ===========  =========================================
-    cuda        colocated    ipc (engine and trainer share the GPU)
-    cuda        dedicated    broadcast (NCCL)
-    cpu         any          :data:`CPU_DEFAULT` (blob)
-    ==========  ===========  =========================================
-    """
-    if requested not in TRANSPORTS:
-        raise ValueError(f"rollout.weight_sync must be one of {TRANSPORTS}, got {requested!r}")
-    gpu, colocated = device == "cuda", placement == "colocated"
-    if requested == "auto":
-        return ("ipc" if colocated else "broadcast") if gpu else CPU_DEFAULT
-    if requested == "ipc" and not (gpu and colocated):
-        raise ValueError(
-            f"rollout.weight_sync=ipc needs engines sharing the trainer's GPU (cluster.device=cuda, "
-            f"cluster.placement=colocated), got device {device!r}, placement {placement!r}"
-        )
-    if requested == "broadcast" and gpu and colocated:
-        raise ValueError(
-            "rollout.weight_sync=broadcast on colocated GPUs: NCCL refuses two ranks on one GPU "
-            "(use ipc or auto)"
-        )
-    return requested
-
-
 def make_sync(
     transport: str,
     engines: list[Any],
@@ -416,7 +380,8 @@ def make_sync(
     tensor_parallel_size: int = 1,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 ) -> WeightSync:
-    """The :class:`WeightSync` of a transport :func:`choose_transport` returned (not 'auto')."""
+    """The :class:`WeightSync` of a transport ``trainers.config.transport.choose_transport`` returned
+    (not 'auto')."""
     if transport == "blob":
         return CpuBlobSync(engines, bucket_bytes)
     if transport == "broadcast":

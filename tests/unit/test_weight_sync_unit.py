@@ -132,7 +132,7 @@ def test_flatten_is_one_buffer_per_dtype_and_unflatten_gives_every_tensor_back()
 
 
 def test_choose_transport_table_and_refusals():
-    from cluster.weight_sync import CPU_DEFAULT, choose_transport
+    from trainers.config.transport import CPU_DEFAULT, choose_transport
 
     assert choose_transport("cuda", "colocated") == "ipc"
     assert choose_transport("cuda", "dedicated") == "broadcast"

@@ -22,6 +22,7 @@ from trainers.config.sections import (
     SFTConfig,
     TrainStageConfig,
 )
+from trainers.config.transport import choose_transport
 from trainers.errors import ConfigError
 from trainers.runs.sinks import check_wandb
 
@@ -99,8 +100,6 @@ class Config:
 
     def _validate_weight_sync(self) -> None:
         """rollout.weight_sync against the placement (and the device, when it is not 'auto')."""
-        from cluster.weight_sync import choose_transport
-
         c = self.cluster
         devices = ("cpu", "cuda") if c.device == "auto" else (c.device,)
         errors = []

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainers.config.transport import TRANSPORTS
+
 
 def opt(
     default: Any,
@@ -244,7 +246,7 @@ class RolloutConfig:
     weight_sync: str = opt(
         "auto",
         "Policy -> engine weight transport: 'broadcast' (gloo on CPU, NCCL on GPU), 'blob' (safetensors through the object store), 'ipc' (CUDA IPC, colocated GPU only); 'auto': ipc on colocated GPUs, broadcast on dedicated GPUs, blob on CPU (measured faster there).",
-        choices=("auto", "blob", "broadcast", "ipc"),
+        choices=TRANSPORTS,
     )
 
 

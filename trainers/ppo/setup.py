@@ -11,8 +11,8 @@ from pathlib import Path
 
 from actors.specs import ModelSpec, TrainSpec
 from cluster.resources import RoleRequest, role_bundles
-from cluster.weight_sync import choose_transport
 from trainers.config import Config, PPOConfig, tokenizer_dir
+from trainers.config.transport import choose_transport
 from trainers.data import kind_paths, read_conversations
 from trainers.data.chat import ChatFormat, open_chat_format
 from trainers.data.collate import text_windows
