@@ -117,11 +117,12 @@ class Reference:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def train_policy(self, experience, plan) -> None:
-        """Every policy optimizer step of ``plan`` (all ranks' micro-batches of a step here, world size 1)."""
+    def train_policy(self, experience, plan, ranks: int | None = None) -> None:
+        """Every policy optimizer step of ``plan`` (all ranks' micro-batches of a step here, world size 1;
+        ``ranks``: only the first ``ranks`` ranks' micro-batches)."""
         p = self.p
         for k in range(len(plan.minibatches)):
-            steps = [rank.steps[k] for rank in plan.policy]
+            steps = [rank.steps[k] for rank in plan.policy[:ranks]]
             sp = steps[0]
             norm = loss_normaliser(max(sp.denominator, 1), 1)
             ptx_norm = loss_normaliser(max(sp.ptx_tokens, 1), 1) if sp.ptx is not None else 1.0
@@ -179,37 +180,52 @@ def time_generation(engine, calls: Sequence[tuple[list[list[int]], dict, int]]) 
     return time.perf_counter() - clock, tokens
 
 
-def reference_iterations(cfg, captured: Sequence[Captured], engine, threads: int) -> list[dict]:
-    """The one-process iteration for each captured iteration of ours: per-phase seconds and token counts.
+def reference_iteration(ref: Reference, cap: Captured, engine, threads: int) -> dict[str, float]:
+    """The one-process iteration of one captured iteration of ours: per-phase seconds and token counts.
 
-    ``engine``: an in-process :class:`actors.rollout.RolloutEngine` (already warm). One untimed warm-up
-    iteration (on the first captured data) comes first, as our run had its own."""
-    ref = Reference(cfg, threads)
-    rows = []
-    for i, cap in enumerate([captured[0], *captured]):
-        row: dict[str, float] = {}
-        row["generate"], row["gen_tokens"] = time_generation(engine, cap.calls)
-        tokens = cap.experience.tokens
-        clock = time.perf_counter()
-        passes = ref.passes(tokens)
-        row["passes"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        ref.advantages(tokens, passes, cap.kl_coef)
-        row["advantages"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        ref.train_policy(cap.experience, cap.plan)
-        row["train_policy"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        if cap.plan.critic:
-            ref.train_critic(cap.experience, cap.plan)
-        row["train_critic"] = time.perf_counter() - clock
-        row["sync_bytes"], row["copy"] = ref.copy_weights()
-        row["experience"] = row["passes"] + row["advantages"]
-        row["train"] = row["train_policy"] + row["train_critic"]
-        row["iteration"] = row["generate"] + row["experience"] + row["train"] + row["copy"]
-        if i > 0:
-            rows.append(row)
-    return rows
+    ``engine``: an in-process :class:`actors.rollout.RolloutEngine`; ``threads``: torch threads here."""
+    torch.set_num_threads(threads)
+    row: dict[str, float] = {}
+    row["generate"], row["gen_tokens"] = time_generation(engine, cap.calls)
+    tokens = cap.experience.tokens
+    clock = time.perf_counter()
+    passes = ref.passes(tokens)
+    row["passes"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    ref.advantages(tokens, passes, cap.kl_coef)
+    row["advantages"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    ref.train_policy(cap.experience, cap.plan)
+    row["train_policy"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    if cap.plan.critic:
+        ref.train_critic(cap.experience, cap.plan)
+    row["train_critic"] = time.perf_counter() - clock
+    row["sync_bytes"], row["copy"] = ref.copy_weights()
+    row["experience"] = row["passes"] + row["advantages"]
+    row["train"] = row["train_policy"] + row["train_critic"]
+    row["iteration"] = row["generate"] + row["experience"] + row["train"] + row["copy"]
+    return row | layout_bound(ref, cap, threads)
+
+
+def layout_bound(ref: Reference, cap: Captured, threads: int) -> dict[str, float]:
+    """What our actor layout could reach on this machine with no framework cost: one policy rank's share
+    (its micro-batches) and the critic's, each timed here in plain torch on one thread (as each actor
+    has), and the train phase they bound: the slower of the two, or, when the ranks outnumber the cores,
+    their total work spread over the cores (``threads``)."""
+    torch.set_num_threads(1)
+    clock = time.perf_counter()
+    ref.train_policy(cap.experience, cap.plan, ranks=1)
+    rank = time.perf_counter() - clock
+    clock = time.perf_counter()
+    if cap.plan.critic:
+        ref.train_critic(cap.experience, cap.plan)
+    critic = time.perf_counter() - clock
+    torch.set_num_threads(threads)
+    workers = len(cap.plan.policy)
+    total = workers * rank + critic
+    bound = max(rank, critic, total / threads)
+    return {"policy_rank_1thread": rank, "critic_1thread": critic, "train_layout_bound": bound}
 
 
 def train_tokens(experience, plan) -> int:

@@ -7,7 +7,7 @@ its own limit on this machine.
 For each preset (``model.preset``; ``trainers/configs/tiny.yaml``'s PPO settings otherwise) one child
 process runs our iteration -- real Ray actors, DeepSpeed ZeRO-3 over gloo, a vLLM engine actor -- for
 ``--warmup`` + ``--iterations`` iterations, timing each (the driver's ``timing/*`` phases and the whole
-``run_iteration`` call), then, with Ray shut down, the same work in that one process
+``run_iteration`` call), and after each, while the actors idle, the same work in that one process
 (``_iteration_reference.py``):
 
 - (a) generation: vLLM in-process, the same prompts, sampling settings and request seeds -> gen tokens/s;
@@ -29,7 +29,8 @@ Decisions:
 - **Same data**: the reference repeats our engine calls (captured from ``trainers.ppo.sampling.generate``)
   and trains on our iteration's experience and plan (captured from ``trainers.ppo.driver.train``), so
   both sides do the same work on the same shapes.
-- **Medians** over the measured iterations; a run holds ``/tmp/rlhf_itest.lock`` while it measures (the
+- **Side by side**: each reference iteration runs right after the iteration of ours it repeats, so a
+  change of the shared machine's load hits both alike. **Medians** over the measured iterations; a run holds ``/tmp/rlhf_itest.lock`` while it measures (the
   machine is shared), and the load average at start is recorded.
 """
 
@@ -106,19 +107,21 @@ def bench_config(preset: str, world: Path, sft: Path, rm: Path, iterations: int,
 # --------------------------------------------------------------------------------------------------
 
 
-def run_ours(cfg, out: Path, warmup: int, iterations: int):
-    """``warmup + iterations`` iterations of our PPO on real actors; ``(rows, captured, stop_ids)``: per
-    measured iteration the driver's phase times, the whole call and token/byte counts, and what each did
-    (:class:`Captured`) for the reference."""
+def run_side_by_side(cfg, out: Path, warmup: int, iterations: int, threads: int):
+    """``warmup + iterations`` iterations of our PPO on real actors, each followed by the one-process
+    reference of the same work in this process (the actors idle meanwhile), so that a change of the
+    machine's load hits both alike; ``(ours, reference)`` rows of the measured iterations."""
     import ray
 
-    from tests.bench._iteration_reference import Captured, train_tokens
+    from actors.rollout import RolloutEngine
+    from tests.bench._iteration_reference import Captured, Reference, reference_iteration, train_tokens
     from trainers import algos
     from trainers.ppo import driver, sampling
     from trainers.ppo.checkpoint import DriverState, run_shape
     from trainers.ppo.roles import check_resources, start_roles
+    from trainers.ppo.schedule import derived_seed
     from trainers.ppo.scoring import RewardScorer
-    from trainers.ppo.setup import validate_run
+    from trainers.ppo.setup import rollout_kwargs, validate_run
 
     calls: list = []
     trained: list = []
@@ -143,11 +146,17 @@ def run_ours(cfg, out: Path, warmup: int, iterations: int):
     kl_ctl = algos.make_kl_controller("fixed", p.kl_coef, p.kl_target, p.kl_horizon)
     state = DriverState(kl_controller=kl_ctl.state_dict(), shape=run_shape(cfg))
     scorer = RewardScorer(cfg, roles, data.stop_ids, data.tokenizer, out / "checkpoints")
-    rows, captured = [], []
+    ours, reference = [], []
     try:
+        clock = time.perf_counter()
+        seed = derived_seed(p.seed, 10_000)
+        engine = RolloutEngine(cfg.model.path, seed=seed, **rollout_kwargs(cfg, "cpu", data.stop_ids))
+        ref = Reference(cfg, threads)
+        print(f"{TAG}: in-process vLLM and reference models ready in {time.perf_counter() - clock:.1f}s")
         for i in range(warmup + iterations):
             calls.clear()
             kl = kl_ctl.value
+            torch_threads(cfg.cluster.torch_threads)  # the driver's own setting during our iteration
             clock = time.perf_counter()
             m = driver.run_iteration(roles, cfg, data, state, kl_ctl, out / "checkpoints", scorer)
             total = time.perf_counter() - clock
@@ -158,19 +167,25 @@ def run_ours(cfg, out: Path, warmup: int, iterations: int):
             row["gen_tokens"] = int(experience.tokens.response_mask.sum())
             row["train_tokens"] = train_tokens(experience, plan)
             row["sync_bytes"] = m["sync/bytes"]
-            print(
-                f"{TAG}: iteration {i + 1}{' (warm-up)' if i < warmup else ''}: " + phase_line(row),
-                flush=True,
-            )
+            ref_row = reference_iteration(ref, Captured(list(calls), experience, plan, kl), engine, threads)
+            what = f"iteration {i + 1}{' (warm-up)' if i < warmup else ''}"
+            print(f"{TAG}: {what}: ours: {phase_line(row)}", flush=True)
+            print(f"{TAG}: {what}: reference: {phase_line(ref_row)}", flush=True)
             if i >= warmup:
-                rows.append(row)
-                captured.append(Captured(list(calls), experience, plan, kl))
+                ours.append(row)
+                reference.append(ref_row)
     finally:
         scorer.close()
         roles.shutdown()
         ray.shutdown()
         sampling.generate, driver.train = real_generate, real_train
-    return rows, captured, data.stop_ids
+    return ours, reference
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def phase_line(row) -> str:
@@ -184,25 +199,14 @@ def phase_line(row) -> str:
 
 
 def measure_preset(preset: str, root: Path, warmup: int, iterations: int, extra: Sequence[str]) -> dict:
-    """Ours then the one-process reference for ``preset``; the preset's results entry."""
-    from actors.rollout import RolloutEngine
-    from tests.bench._iteration_reference import medians, reference_iterations
-    from trainers.ppo.schedule import derived_seed
-    from trainers.ppo.setup import rollout_kwargs
+    """Ours and the one-process reference side by side for ``preset``; the preset's results entry."""
+    from tests.bench._iteration_reference import medians
 
     world, sft, rm = build_inputs(root, preset)
     cfg = bench_config(preset, world, sft, rm, warmup + iterations, extra)
     started = time.perf_counter()
-    ours, captured, stop_ids = run_ours(cfg, root / f"{preset}_run", warmup, iterations)
-    clock = time.perf_counter()
-    engine = RolloutEngine(
-        str(sft), seed=derived_seed(cfg.ppo.seed, 10_000), **rollout_kwargs(cfg, "cpu", stop_ids)
-    )
-    print(f"{TAG}: in-process vLLM ready in {time.perf_counter() - clock:.1f}s", flush=True)
     threads = os.cpu_count() or 1
-    ref = reference_iterations(cfg, captured, engine, threads)
-    for row in ref:
-        print(f"{TAG}: reference: " + phase_line(row), flush=True)
+    ours, ref = run_side_by_side(cfg, root / f"{preset}_run", warmup, iterations, threads)
     return summarize(preset, cfg, ours, ref, threads, medians, time.perf_counter() - started)
 
 
@@ -216,6 +220,7 @@ def summarize(preset, cfg, ours, ref, threads, medians, wall_s) -> dict:
         "sync_bytes_per_s_vs_plain_copy": (o["sync_bytes"] / o["sync"]) / (r["sync_bytes"] / r["copy"]),
         "driver_overhead_fraction": statistics.median(x["other"] / x["iteration"] for x in ours),
         "iteration_vs_one_process_reference": o["iteration"] / r["iteration"],
+        "train_vs_layout_bound": o["train"] / r["train_layout_bound"],
     }
     return {
         "preset": preset,
