@@ -38,7 +38,14 @@ from trainers.runtime.device import disable_cudnn_attention
 from trainers.runtime.dist import all_reduce_max, all_reduce_sum, init_distributed
 from trainers.runtime.models import forward_logits, prepare_for_training
 from trainers.runtime.step_guard import StepGuard
-from trainers.runtime.zero import CHECKPOINT_TAG, ds_config, gathered, hf_deepspeed_context, init_deepspeed
+from trainers.runtime.zero import (
+    CHECKPOINT_TAG,
+    ds_config,
+    gathered,
+    hf_deepspeed_context,
+    init_deepspeed,
+    persists_whole,
+)
 
 
 def response_slice(per_position: torch.Tensor, r_len: int) -> torch.Tensor:
@@ -77,6 +84,7 @@ class ModelWorker(DistributedWorker):
             offload_params=self.spec.offload_params,
             offload_optimizer=offload_optimizer,
             pin_memory=self.device.type == "cuda",
+            persist_params=persists_whole(self.spec.model_path),
         )
 
     def _load_model(self) -> torch.nn.Module:

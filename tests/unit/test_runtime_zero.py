@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainers.runtime.zero import ds_config, grad_accum_steps, lr_lambda, param_groups, warmup_steps_for
+from trainers.runtime.zero import (
+    PERSIST_ALL_BELOW_BYTES,
+    PERSIST_ALL_THRESHOLD,
+    ds_config,
+    grad_accum_steps,
+    lr_lambda,
+    param_groups,
+    persists_whole,
+    warmup_steps_for,
+)
 
 
 def test_lr_warmup_is_linear_and_starts_above_zero():
@@ -99,3 +108,21 @@ def test_ds_config_offload_keys():
 def test_ds_config_refuses_offload_its_stage_would_ignore(stage, flags, message):
     with pytest.raises(ValueError, match=message):
         ds_config(stage, "fp32", 2, 1, 1, 1.0, **flags)
+
+
+def test_ds_config_persists_every_parameter_only_when_asked_and_not_offloaded():
+    base = ds_config(3, "fp32", 2, 1, 2, 1.0)["zero_optimization"]
+    assert "stage3_param_persistence_threshold" not in base  # DeepSpeed's default (1e5 elements)
+    whole = ds_config(3, "fp32", 2, 1, 2, 1.0, persist_params=True)["zero_optimization"]
+    assert whole["stage3_param_persistence_threshold"] == PERSIST_ALL_THRESHOLD
+    offloaded = ds_config(3, "fp32", 2, 1, 2, 1.0, persist_params=True, offload_params=True)
+    assert "stage3_param_persistence_threshold" not in offloaded["zero_optimization"]
+
+
+def test_persists_whole_by_the_size_of_the_weight_files(tmp_path):
+    assert not persists_whole(None) and not persists_whole(tmp_path / "absent")
+    assert not persists_whole(tmp_path)  # no weights at all
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1024)
+    assert persists_whole(tmp_path)
+    (tmp_path / "model-2.safetensors").write_bytes(b"\0" * PERSIST_ALL_BELOW_BYTES)
+    assert not persists_whole(tmp_path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,12 @@ import torch
 ADAM_BETAS = (0.9, 0.95)
 """AdamW betas (GPT-3 / InstructGPT-era LM training; 0.95 reacts faster than 0.999 to loss spikes)."""
 ADAM_EPS = 1e-8
+PERSIST_ALL_BELOW_BYTES = 64 * 2**20
+"""A model whose weight files are smaller than this keeps every parameter whole on every ZeRO-3 rank
+(:func:`persists_whole`): partitioning it saves a few MB per rank and costs an all-gather over the network
+for each partitioned parameter at every use (docs/design.md, "Iteration benchmark (issue 17)")."""
+PERSIST_ALL_THRESHOLD = 2**62
+"""``stage3_param_persistence_threshold`` (in elements) that no parameter reaches: all persist."""
 CHECKPOINT_TAG = "engine"
 """DeepSpeed checkpoint tag (the folder under a checkpoint directory) of the stages and the PPO actors. The
 value is DeepSpeed's word and stays so, or older checkpoints would not load."""
@@ -53,6 +60,7 @@ def ds_config(
     offload_params: bool = False,
     offload_optimizer: bool = False,
     pin_memory: bool = False,
+    persist_params: bool = False,
 ) -> dict:
     """The DeepSpeed config dict of one engine.
 
@@ -75,6 +83,8 @@ def ds_config(
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         zero |= {"stage3_gather_16bit_weights_on_model_save": False}
+        if persist_params and not offload_params:
+            zero["stage3_param_persistence_threshold"] = PERSIST_ALL_THRESHOLD
     offload = {"device": "cpu", "pin_memory": bool(pin_memory)}
     if offload_params:
         zero["offload_param"] = dict(offload)
@@ -93,6 +103,16 @@ def ds_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def persists_whole(model_dir: str | Path | None) -> bool:
+    """Whether the model in ``model_dir`` is small enough (its ``*.safetensors`` files below
+    :data:`PERSIST_ALL_BELOW_BYTES`) to keep every parameter whole on every ZeRO-3 rank; False without a
+    directory (a preset built at random: the stages decide for themselves)."""
+    if model_dir is None or not Path(model_dir).is_dir():
+        return False
+    size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    return 0 < size < PERSIST_ALL_BELOW_BYTES
 
 
 def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
