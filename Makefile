@@ -39,6 +39,11 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests/integration
 
+# The iteration benchmark (issue 17): our PPO-ptx iteration against a one-process reference, tiny and small
+# presets, ~5 min on 2 cores -> tests/bench/results/iteration_cpu.json (docs/design.md, "Iteration benchmark")
+bench: install
+	$(PY) tests/bench/iteration.py
+
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 

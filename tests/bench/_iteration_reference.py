@@ -21,6 +21,7 @@ which is what our actors share).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,10 @@ from trainers.runtime.models import (
     token_values,
 )
 from trainers.runtime.zero import ADAM_BETAS, ADAM_EPS, param_groups
+
+set_threads = torch.set_num_threads
+"""torch's own: vLLM's CPU worker replaces ``torch.set_num_threads`` in its process with a function that
+only warns once it has bound its threads, and the in-process engine starts after this import."""
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Reference:
     """The four models of a PPO iteration as plain torch modules in this process, with the two optimizers."""
 
     def __init__(self, cfg, threads: int):
-        torch.set_num_threads(threads)
+        set_threads(threads)
         p = cfg.ppo
         self.p, self.temperature, self.chunk = p, cfg.rollout.temperature, p.logprob_chunk_size
         self.policy = build_causal_lm(path=cfg.model.path, seed=p.seed).eval()
@@ -184,8 +189,8 @@ def reference_iteration(ref: Reference, cap: Captured, engine, threads: int) -> 
     """The one-process iteration of one captured iteration of ours: per-phase seconds and token counts.
 
     ``engine``: an in-process :class:`actors.rollout.RolloutEngine`; ``threads``: torch threads here."""
-    torch.set_num_threads(threads)
-    row: dict[str, float] = {}
+    set_threads(threads)
+    row: dict[str, float] = {"threads": torch.get_num_threads(), "cpus_usable": len(os.sched_getaffinity(0))}
     row["generate"], row["gen_tokens"] = time_generation(engine, cap.calls)
     tokens = cap.experience.tokens
     clock = time.perf_counter()
@@ -213,7 +218,7 @@ def layout_bound(ref: Reference, cap: Captured, threads: int) -> dict[str, float
     (its micro-batches) and the critic's, each timed here in plain torch on one thread (as each actor
     has), and the train phase they bound: the slower of the two, or, when the ranks outnumber the cores,
     their total work spread over the cores (``threads``)."""
-    torch.set_num_threads(1)
+    set_threads(1)
     clock = time.perf_counter()
     ref.train_policy(cap.experience, cap.plan, ranks=1)
     rank = time.perf_counter() - clock
@@ -221,7 +226,7 @@ def layout_bound(ref: Reference, cap: Captured, threads: int) -> dict[str, float
     if cap.plan.critic:
         ref.train_critic(cap.experience, cap.plan)
     critic = time.perf_counter() - clock
-    torch.set_num_threads(threads)
+    set_threads(threads)
     workers = len(cap.plan.policy)
     total = workers * rank + critic
     bound = max(rank, critic, total / threads)

@@ -183,9 +183,9 @@ def run_side_by_side(cfg, out: Path, warmup: int, iterations: int, threads: int)
 
 
 def torch_threads(n: int) -> None:
-    import torch
+    from tests.bench._iteration_reference import set_threads
 
-    torch.set_num_threads(n)
+    set_threads(n)
 
 
 def phase_line(row) -> str:
