@@ -58,6 +58,28 @@ def write_prompts(data_dir: Path, n: int = 64, seed: int = 0) -> Path:
     return data_dir
 
 
+def start_engine(ray, policy_dir: Path, kv_cache_bytes: int, **options):
+    """A :class:`actors.rollout.RolloutEngine` actor on a GPU of its own Ray bundle, serving ``policy_dir``
+    as the GPU tests run it (bf16, eager, a fixed KV cache, 1,024 positions); ``options`` go to the engine
+    (e.g. ``enable_sleep_mode=True``). Returns the handle at once; its first call waits for the start."""
+    from actors.rollout import RolloutEngine
+
+    return (
+        ray.remote(RolloutEngine)
+        .options(num_gpus=1, num_cpus=1)
+        .remote(
+            str(policy_dir),
+            seed=0,
+            device="cuda",
+            dtype="bfloat16",
+            kv_cache_memory_bytes=kv_cache_bytes,
+            max_model_len=1024,
+            enforce_eager=True,
+            **options,
+        )
+    )
+
+
 def load_model(model_dir: Path, device: str = "cuda"):
     """The causal LM of ``model_dir`` in bfloat16 on ``device``, eval mode."""
     from transformers import AutoModelForCausalLM

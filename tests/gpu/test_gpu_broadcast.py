@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.gpu.gpu_models import mean_abs_diff, random_sequences, record
+from tests.gpu.gpu_models import mean_abs_diff, random_sequences, record, start_engine
 
 pytestmark = [
     pytest.mark.timeout(600),
@@ -52,23 +52,10 @@ class SyncTrainer:
 
 
 def test_nccl_broadcast_sync_matches_the_trainers_logprobs(gpu_ray, policy_dir):
-    from actors.rollout import RolloutEngine
     from tests.conftest import free_port
 
     gpu_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    engine = (
-        gpu_ray.remote(RolloutEngine)
-        .options(num_gpus=1, num_cpus=1)
-        .remote(
-            str(policy_dir),
-            seed=0,
-            device="cuda",
-            dtype="bfloat16",
-            kv_cache_memory_bytes=2 * 2**30,
-            max_model_len=1024,
-            enforce_eager=True,
-        )
-    )
+    engine = start_engine(gpu_ray, policy_dir, 2 * 2**30)
     trainer = gpu_ray.remote(SyncTrainer).options(num_gpus=1, num_cpus=1).remote(str(policy_dir))
     try:
         seqs = random_sequences(4, 64, TOKENS, seed=2)

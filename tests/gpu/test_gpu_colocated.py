@@ -19,6 +19,7 @@ from tests.gpu.gpu_models import (
     random_sequences,
     record,
     sharpen,
+    start_engine,
 )
 
 pytestmark = pytest.mark.timeout(600)
@@ -32,22 +33,7 @@ TOKENS = 1000
 @pytest.fixture(scope="module")
 def engine(gpu_ray, policy_dir):
     """A RolloutEngine actor on this process's GPU, started with sleep mode (as colocated runs start it)."""
-    from actors.rollout import RolloutEngine
-
-    handle = (
-        gpu_ray.remote(RolloutEngine)
-        .options(num_gpus=1, num_cpus=1)
-        .remote(
-            str(policy_dir),
-            seed=0,
-            device="cuda",
-            dtype="bfloat16",
-            kv_cache_memory_bytes=KV_CACHE_BYTES,
-            max_model_len=1024,
-            enforce_eager=True,
-            enable_sleep_mode=True,
-        )
-    )
+    handle = start_engine(gpu_ray, policy_dir, KV_CACHE_BYTES, enable_sleep_mode=True)
     gpu_ray.get(handle.health.remote(), timeout=600)
     yield handle
     gpu_ray.kill(handle)
