@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import socket
 from collections.abc import Sequence
 
@@ -98,10 +99,7 @@ def unflatten_bucket(layout: BucketLayout, buffers: Sequence[torch.Tensor]) -> l
     for name, shape, dtype, offset in zip(
         layout.names, layout.shapes, layout.dtypes, layout.offsets, strict=True
     ):
-        numel = 1
-        for s in shape:
-            numel *= s
-        out.append((name, by_dtype[dtype][offset : offset + numel].view(shape)))
+        out.append((name, by_dtype[dtype][offset : offset + math.prod(shape)].view(shape)))
     return out
 
 

@@ -218,7 +218,9 @@ def _grad_accum(p: PPOConfig, workers: int) -> int:
 
 
 def weight_transport(cfg: Config, device: str) -> str:
-    """``rollout.weight_sync`` resolved for the run's device and placement (``cluster.weight_sync``)."""
+    """``rollout.weight_sync`` resolved for the run's device and placement
+    (``trainers.config.transport.choose_transport``); a choice that does not fit the device ``auto``
+    resolved to is a :class:`ConfigError`."""
     try:
         return choose_transport(device, cfg.cluster.placement, cfg.rollout.weight_sync)
     except ValueError as err:  # cluster.device=auto resolved to a device the choice does not fit
