@@ -19,7 +19,9 @@ The rerun must say it resumes, and its metrics.jsonl must hold every step once w
 as the uninterrupted session fixture run (same config; checkpointing and max_steps do not change the
 maths: the LR schedule always spans all epochs). Tolerance: loss and grad_norm rel 1e-6 (they come out
 bit-identical: a checkpoint holds the DeepSpeed fp32 state, step counters and each rank's RNG), lr
-1e-12, unit counts exact. `--fresh` then starts over and matches the same reference from step 1.
+1e-12, unit counts exact. `--fresh` then starts over and matches the same reference from step 1; it runs
+only ``FRESH_STEPS`` steps (`max_steps` is no part of a checkpoint's run shape, and steps 1-4 are what
+tell a fresh start from a resume after step 2 or later), not all 16 again.
 """
 
 from __future__ import annotations
@@ -44,13 +46,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180
 MAX_STEPS = 16
 """Long enough that workers outliving the killed driver by a few steps cannot finish the run."""
 FATE_SHARE_TIMEOUT_S = 60
-EXTRA = [f"max_steps={MAX_STEPS}", "checkpoint_every=2", "keep_checkpoints=10"]
+EXTRA = ["checkpoint_every=2", "keep_checkpoints=10"]
+FRESH_STEPS = 4
+"""The ``--fresh`` rerun's max_steps: past the registered checkpoint (step 2 or later) it ignores."""
 RUN_TIMEOUT_S = 420
 
 
-def stage_command(stage: str, out: Path, world_dir: Path, model_dir: Path, fresh: bool = False) -> list[str]:
+def stage_command(
+    stage: str, out: Path, world_dir: Path, model_dir: Path, fresh: bool = False, max_steps: int = MAX_STEPS
+) -> list[str]:
     """``rlhf STAGE`` with the session fixture's overrides plus max_steps/checkpoint_every."""
-    overrides = stage_overrides(stage, world_dir, model_dir, [f"{stage}.{e}" for e in EXTRA])
+    extra = [f"max_steps={max_steps}", *EXTRA]
+    overrides = stage_overrides(stage, world_dir, model_dir, [f"{stage}.{e}" for e in extra])
     cmd = [sys.executable, "-m", "trainers.cli", stage, "--config", str(TINY_CONFIG), "--out", str(out)]
     return cmd + overrides + (["--fresh"] if fresh else [])
 
@@ -158,11 +165,13 @@ def reference_records(run) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run.out / "metrics.jsonl") if r["step"] <= MAX_STEPS}
 
 
-def assert_same_as_reference(out: Path, reference: dict[int, dict], units: str) -> None:
+def assert_same_as_reference(
+    out: Path, reference: dict[int, dict], units: str, steps: int = MAX_STEPS
+) -> None:
     from trainers.runs.metrics import read_metrics
 
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, MAX_STEPS + 1))  # every step once, in order
+    assert [r["step"] for r in records] == list(range(1, steps + 1))  # every step once, in order
     for r in records:
         ref = reference[r["step"]]
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-6), r["step"]
@@ -191,11 +200,12 @@ def sft_kill_resume_fresh(sft_run, base_model_dir: Path, world_dir: Path, tmp: P
         "sft", "target_tokens", out, stage_command("sft", out, world_dir, base_model_dir), reference
     )
 
-    text = run_to_end(stage_command("sft", out, world_dir, base_model_dir, fresh=True), tmp / "fresh.log")
+    fresh = stage_command("sft", out, world_dir, base_model_dir, fresh=True, max_steps=FRESH_STEPS)
+    text = run_to_end(fresh, tmp / "fresh.log")
     assert "resuming" not in text
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["sft/resumed_from_step"] is None and summary["sft/steps"] == MAX_STEPS
-    assert_same_as_reference(out, reference, "target_tokens")  # started over: every step again
+    assert summary["sft/resumed_from_step"] is None and summary["sft/steps"] == FRESH_STEPS
+    assert_same_as_reference(out, reference, "target_tokens", FRESH_STEPS)  # started over: from step 1
 
 
 def rm_kill_resume(rm_run, sft_model_dir: Path, world_dir: Path, tmp: Path) -> None:
